@@ -1,0 +1,30 @@
+# Each target creates .venv when it is missing and installs what it needs into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test demo bench clean
+
+$(VENV)/.base: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	# torch first and pinned, so nothing later resolves to a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.base
+	$(PY) -m specjax.demo
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/decode.py --out bench_decode.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,34 @@
+"""specjax: language-specific drafters and speculative decoding in JAX/Flax NNX."""
+import setuptools
+
+setuptools.setup(
+    name="specjax",
+    version="0.1.0",
+    description="Multilingual speculative decoding with specialized drafters, in JAX/Flax NNX.",
+    packages=setuptools.find_packages(include=["specjax", "specjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # The design card's packages.
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets",
+        "seqio",
+        "transformers>=4.46",
+        "ml-collections",
+        # What the code needs besides.
+        "numpy",
+        "ml_dtypes",  # bfloat16 for numpy: safetensors shards are read and written with it.
+        "absl-py",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # torch==2.13.0: its CPU build is what the test machines have; another
+        # version pulls several GB of CUDA packages.
+        "test": ["pytest", "scipy", "torch==2.13.0", "safetensors"],
+        "tpu": ["jax[tpu]"],
+        "dev": ["pytest", "scipy", "ruff"],
+    },
+)

@@ -1,0 +1,195 @@
+"""Hugging Face checkpoints in and out: `config.json` + safetensors shards <-> a specjax Llama.
+
+Loading maps each shard and lets every device pull only its slice of each weight
+(`jax.make_array_from_callback`), so a 7B model loads straight into a mesh on a host with
+less free memory than twice its size. Exported directories load in transformers'
+`LlamaForCausalLM` (and so serve as `assistant_model` or as a vLLM draft model).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specjax import sharding as shd
+from specjax.errors import SpecjaxError
+from specjax.models import safetensors_io
+from specjax.models.config import LlamaConfig, get_preset
+from specjax.models.llama import Llama, abstract_model, init_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+  """Our parameter path -> (Hugging Face tensor name, whether the stored matrix is transposed)."""
+  parts = [str(p) for p in path]
+  transposed = parts[-1] == "kernel"
+  parts[-1] = "weight"
+  if parts[0] == "lm_head":
+    return "lm_head.weight", transposed
+  return "model." + ".".join(parts), transposed
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """Tensor name -> safetensors file, from the shard index or the files themselves."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise SpecjaxError(f"{index}: malformed shard index ({e!r}); it needs a 'weight_map' object") from None
+    for file in sorted(set(weight_map.values())):
+      if not os.path.exists(os.path.join(path, file)):
+        raise SpecjaxError(f"{index}: names weight file {file!r}, which is missing from {path}")
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not files:
+    legacy = glob.glob(os.path.join(path, "pytorch_model*.bin"))
+    hint = (" It has PyTorch .bin weights: convert them once with transformers "
+            "(`LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)."
+            if legacy else "")
+    raise SpecjaxError(f"{path}: no weight file (expected model.safetensors or sharded *.safetensors "
+                       f"with model.safetensors.index.json).{hint}")
+  out = {}
+  for file in files:
+    for name in safetensors_io.read_header(file)[0]:
+      out[name] = file
+  return out
+
+
+def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Llama, LlamaConfig]:
+  """Reads a local Hugging Face Llama checkpoint directory into a specjax model.
+
+  dtype: the weights' and activations' dtype ("float32", "bfloat16", "float16").
+  mesh: a (data, fsdp, tensor) mesh to place weights on by the sharding rules; None = default device.
+  """
+  if not os.path.isdir(path):
+    raise SpecjaxError(f"{path}: checkpoint directory not found")
+  config = LlamaConfig.from_hf_json(os.path.join(path, "config.json"), dtype=dtype, param_dtype=dtype)
+  files = _weight_files(path)
+  graphdef, abstract_state = nnx.split(abstract_model(config))
+  mapped: dict[str, dict[str, np.ndarray]] = {}
+  target_dtype = np.dtype(jnp.dtype(dtype))
+
+  def load_one(path_key, abstract):
+    name, transposed = hf_name(path_key)
+    if name not in files:
+      raise SpecjaxError(f"{path}: weight {name!r} is missing from the checkpoint's files "
+                         f"({', '.join(sorted({os.path.basename(f) for f in files.values()}))})")
+    file = files[name]
+    if file not in mapped:
+      mapped[file] = safetensors_io.open_tensors(file)
+    if name not in mapped[file]:
+      raise SpecjaxError(f"{file}: the shard index places {name!r} here, but the file does not hold it")
+    source = mapped[file][name]
+    source = source.T if transposed else source
+    if source.shape != abstract.shape:
+      stored = list(source.T.shape if transposed else source.shape)
+      expected = list(abstract.shape[::-1] if transposed else abstract.shape)
+      raise SpecjaxError(
+          f"{file}: weight {name!r} has shape {stored}, but config.json implies {expected} "
+          f"(hidden_size={config.hidden_size}, intermediate_size={config.intermediate_size}, "
+          f"num_attention_heads={config.num_heads}, num_key_value_heads={config.num_kv_heads}, "
+          f"head_dim={config.head_dim}, vocab_size={config.vocab_size})")
+    if mesh is None:
+      return jnp.asarray(np.asarray(source).astype(target_dtype))
+    sharding = shd.logical_sharding(abstract.shape, shd.param_logical_axes(shd.path_str(path_key),
+                                                                           len(abstract.shape)), mesh)
+    return jax.make_array_from_callback(abstract.shape, sharding,
+                                        lambda index: np.asarray(source[index]).astype(target_dtype))
+
+  flat = nnx.to_flat_state(abstract_state)
+  loaded = [(key, variable.replace(load_one(key, variable))) for key, variable in flat]
+  state = nnx.from_flat_state(loaded)
+  return nnx.merge(graphdef, state), config
+
+
+def load_tokenizer(path: str):
+  """The checkpoint directory's tokenizer, through transformers, without network access."""
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise SpecjaxError(f"{path}: no usable tokenizer ({e})") from None
+
+
+def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=None,
+                       max_shard_bytes: int = 4 << 30) -> None:
+  """Writes `config.json`, `generation_config.json` and safetensors shards (with an index when
+  there are several) that transformers' LlamaForCausalLM loads with the same logits.
+
+  tokenizer: a transformers tokenizer to save beside, or a directory to copy tokenizer files from.
+  Every process must call this (weights are gathered); only process 0 writes.
+  """
+  state = nnx.state(model, nnx.Param)
+  tensors: dict[str, np.ndarray] = {}
+  for key, variable in nnx.to_flat_state(state):
+    name, transposed = hf_name(key)
+    value = variable[...]
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      value = multihost_utils.process_allgather(value, tiled=True)
+    array = np.asarray(jax.device_get(value))
+    tensors[name] = np.ascontiguousarray(array.T if transposed else array)
+  if jax.process_index() != 0:
+    return
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config.to_hf_dict(), f, indent=2)
+  with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+               "pad_token_id": config.pad_token_id}, f, indent=2)
+  shards, current, size = [], {}, 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if current and size + nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = tensors[name]
+    size += nbytes
+  shards.append(current)
+  for stale in glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.index.json")):
+    os.remove(stale)
+  if len(shards) == 1:
+    safetensors_io.save_file(shards[0], os.path.join(path, "model.safetensors"))
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      safetensors_io.save_file(shard, os.path.join(path, file))
+      weight_map.update({name: file for name in shard})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": weight_map}, f, indent=2)
+  if isinstance(tokenizer, str):
+    for file in TOKENIZER_FILES:
+      if os.path.exists(os.path.join(tokenizer, file)):
+        shutil.copy(os.path.join(tokenizer, file), os.path.join(path, file))
+  elif tokenizer is not None:
+    tokenizer.save_pretrained(path)
+
+
+def load_model(spec: str, dtype: str = "float32", mesh=None, seed: int = 0) -> tuple[Llama, LlamaConfig]:
+  """A model from a config string: a Hugging Face checkpoint directory, or `preset:NAME`
+  (random weights, for tests and smoke runs)."""
+  if spec.startswith("preset:"):
+    config = get_preset(spec[len("preset:"):]).replace(dtype=dtype, param_dtype=dtype)
+    model = init_model(config, seed)
+    if mesh is not None:
+      shd.shard_model(model, mesh)
+    return model, config
+  if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
+    return load_hf_checkpoint(spec, dtype=dtype, mesh=mesh)
+  if os.path.isdir(spec):
+    raise SpecjaxError(f"{spec}: not a model directory (no config.json); expected a Hugging Face "
+                       "checkpoint directory or preset:NAME")
+  raise SpecjaxError(f"model {spec!r}: no such directory; expected a Hugging Face checkpoint directory "
+                     "or preset:NAME")

@@ -1,0 +1,155 @@
+"""Device mesh over (data, fsdp, tensor), one table of logical-axis rules, and multi-host start.
+
+Parameters, activations and KV caches name their dimensions with logical axes
+(`batch, length, embed, mlp, heads, kv_heads, head_dim, vocab, ...`, as in t5x/maxtext);
+`LOGICAL_RULES` maps them onto mesh axes. A mesh axis that does not divide a dimension is
+dropped for that array (replicated) instead of failing, so tiny test models shard too.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from specjax.errors import SpecjaxError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "length": (),
+    "cache_length": (),
+    "head_dim": (),
+    "norm": (),
+    "layers": (),
+}
+
+# Parameter path (a regex over "a/b/c") -> logical axes of its dimensions. Kernels are [in, out].
+PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
+    (r"self_attn/(k|v)_proj/kernel$", ("embed", "kv_heads")),
+    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
+    (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
+    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"(layernorm|norm)/weight$", ("norm",)),
+)
+
+KV_CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types; one -1 takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != 3:
+    raise SpecjaxError(f"mesh shape {tuple(shape)}: expected 3 sizes for axes {MESH_AXES}")
+  if shape.count(-1) > 1:
+    raise SpecjaxError(f"mesh shape {tuple(shape)}: at most one -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise SpecjaxError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise SpecjaxError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                       f"{len(devices)} are available")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh) -> P:
+  """PartitionSpec for an array whose dimensions carry `logical_axes`."""
+  if len(shape) != len(logical_axes):
+    raise ValueError(f"shape {tuple(shape)} has {len(shape)} dims, logical axes {tuple(logical_axes)}")
+  used: set[str] = set()
+  spec = []
+  for dim, name in zip(shape, logical_axes):
+    chosen, size = [], 1
+    for axis in LOGICAL_RULES.get(name, ()) if name else ():
+      n = mesh.shape[axis]
+      if axis in used or n == 1 or dim % (size * n):
+        continue
+      chosen.append(axis)
+      size *= n
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return P(*spec)
+
+
+def logical_sharding(shape, logical_axes, mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, logical_spec(shape, logical_axes, mesh))
+
+
+def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+  for pattern, axes in PARAM_LOGICAL_AXES:
+    if re.search(pattern, path):
+      return axes
+  return (None,) * ndim
+
+
+def path_str(path: Sequence[Any]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def state_shardings(state, mesh: Mesh):
+  """NamedShardings for every leaf of an nnx.State (or a pytree keyed like one)."""
+  def one(key_path, leaf):
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path]
+    keys = [k for k in keys if k != "value"]
+    return logical_sharding(leaf.shape, param_logical_axes(path_str(keys), leaf.ndim), mesh)
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard_model(model, mesh: Mesh):
+  """Places a model's weights on `mesh` by the rules table (in place) and returns it."""
+  from flax import nnx
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+  return model
+
+
+def cache_sharding(cache, mesh: Mesh):
+  """Shardings for a KVCache: [layers, batch, cache_length, kv_heads, head_dim] and lengths [batch]."""
+  return type(cache)(logical_sharding(cache.k_LBSKE.shape, KV_CACHE_AXES, mesh),
+                     logical_sharding(cache.v_LBSKE.shape, KV_CACHE_AXES, mesh),
+                     logical_sharding(cache.lengths_B.shape, ("batch",), mesh))
+
+
+def batch_sharding(shape, mesh: Mesh) -> NamedSharding:
+  """Arrays whose leading dimension is the batch."""
+  return logical_sharding(shape, ("batch",) + (None,) * (len(shape) - 1), mesh)
+
+
+def maybe_initialize_distributed() -> bool:
+  """Joins a multi-host run when the environment asks for it (big_vision's habit).
+
+  SPECJAX_DISTRIBUTED=1: `jax.distributed.initialize()` with auto-detection (Cloud TPU pods).
+  SPECJAX_COORDINATOR=host:port with SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID: explicit values.
+  Returns whether it initialised.
+  """
+  coordinator = os.environ.get("SPECJAX_COORDINATOR")
+  if coordinator:
+    try:
+      num_processes = int(os.environ["SPECJAX_NUM_PROCESSES"])
+      process_id = int(os.environ["SPECJAX_PROCESS_ID"])
+    except (KeyError, ValueError) as e:
+      raise SpecjaxError("SPECJAX_COORDINATOR is set, so SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID "
+                         f"must be set to integers too ({e})") from None
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+  if os.environ.get("SPECJAX_DISTRIBUTED", "0") not in ("", "0", "false", "False"):
+    jax.distributed.initialize()
+    return True
+  return False
