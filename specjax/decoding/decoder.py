@@ -1,0 +1,194 @@
+"""`Decoder`: prompts in, tokens and acceptance statistics out, through the compiled loops of
+`engine.py`. Pads prompts to length buckets and batches to a fixed size so a new prompt length
+does not recompile, validates what the user gave, and fetches results in one transfer."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specjax import sharding as shd
+from specjax.decoding import engine
+from specjax.decoding.sampling import SamplingMode
+from specjax.errors import SpecjaxError
+from specjax.models.llama import KVCache, Llama
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, multiple * math.ceil(n / multiple))
+
+
+@dataclasses.dataclass
+class DecodeResult:
+  """Per-row outputs of one call (numpy), in the order of the prompts given."""
+  new_tokens: list[list[int]]
+  steps: np.ndarray  # verification rounds per row (= target forwards for that row)
+  accepted: np.ndarray
+  proposed: np.ndarray
+  accept_hist: np.ndarray  # [rows, G+1]
+  pos_proposed: np.ndarray  # [rows, G]
+  pos_accepted: np.ndarray  # [rows, G]
+  target_calls: int
+  drafter_calls: int
+  wall_s: float
+
+  @property
+  def num_new(self) -> np.ndarray:
+    return np.array([len(t) for t in self.new_tokens])
+
+
+class Decoder:
+  """Plain (`ar`), drafter-model speculative (`sps`) or prompt-lookup (`pld`) decoding.
+
+  gamma: drafts per round; with dynamic_gamma it is the ceiling of transformers' schedule
+  (start `gamma_start`, +2 after a fully accepted draft, -1 otherwise), with no recompiles.
+  batch_size: the static batch; calls with fewer prompts are padded, more are split.
+  max_cache_len: cache positions available (default: the target's max_position_embeddings).
+  """
+
+  def __init__(self, target: Llama, drafter: Llama | None = None, *, method: str = "sps", gamma: int = 5,
+               dynamic_gamma: bool = False, gamma_start: int = 5, max_new_tokens: int = 128,
+               batch_size: int = 1, mesh=None, max_cache_len: int | None = None, prompt_bucket: int = 64,
+               ngram_max: int = 3, ngram_min: int = 1):
+    if method not in engine.METHODS:
+      raise SpecjaxError(f"method={method!r}: expected one of {engine.METHODS}")
+    if method != "ar" and (not isinstance(gamma, int) or gamma < 1):
+      raise SpecjaxError(f"gamma={gamma!r}: the draft length must be an integer >= 1")
+    if method == "sps" and drafter is None:
+      raise SpecjaxError("method='sps' needs a drafter model (config field `drafter`)")
+    if method == "sps" and drafter.config.vocab_size != target.config.vocab_size:
+      raise SpecjaxError(f"the drafter's vocabulary ({drafter.config.vocab_size} tokens) differs from the "
+                         f"target's ({target.config.vocab_size}); a drafter must share the target's tokenizer")
+    if max_new_tokens < 1:
+      raise SpecjaxError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if batch_size < 1:
+      raise SpecjaxError(f"batch_size={batch_size}: must be >= 1")
+    if not 1 <= ngram_min <= ngram_max:
+      raise SpecjaxError(f"prompt lookup n-gram sizes min={ngram_min}, max={ngram_max}: need 1 <= min <= max")
+    self.method = method
+    self.gamma = 1 if method == "ar" else gamma
+    self.dynamic_gamma = dynamic_gamma and method == "sps"
+    self.gamma_start = gamma_start
+    self.max_new_tokens = max_new_tokens
+    self.batch_size = batch_size
+    self.mesh = mesh
+    self.prompt_bucket = prompt_bucket
+    self.ngram = (ngram_max, ngram_min)
+    self.max_cache_len = max_cache_len or target.config.max_position_embeddings
+    if drafter is not None and method == "sps":
+      self.max_cache_len = min(self.max_cache_len, max_cache_len or drafter.config.max_position_embeddings)
+    self.target_graph, self.target_state = nnx.split(target)
+    self.target_config = target.config
+    self.drafter_config = drafter.config if method == "sps" else None
+    self.drafter_graph, self.drafter_state = nnx.split(drafter) if method == "sps" else (None, None)
+    self._compiled = {}
+
+  # --- compile cache --------------------------------------------------------------------
+
+  def _program(self, spec: engine.LoopSpec):
+    if spec not in self._compiled:
+      cache_sharding = None
+      if self.mesh is not None:
+        def sharding_of(config):
+          shape = (config.num_layers, self.batch_size, spec.buffer_len, config.num_kv_heads, config.head_dim)
+          dummy = KVCache(jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
+                          jax.ShapeDtypeStruct((self.batch_size,), jnp.int32))
+          return shd.cache_sharding(dummy, self.mesh)
+        cache_sharding = (sharding_of(self.target_config),
+                          sharding_of(self.drafter_config) if self.drafter_config else None)
+      self._compiled[spec] = jax.jit(
+          lambda ts, ds, x: engine.decode_loop(self.target_graph, ts, self.drafter_graph, ds, x, spec,
+                                               cache_sharding))
+    return self._compiled[spec]
+
+  def _spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
+    need = prompt_len + self.max_new_tokens + self.gamma + 2
+    return engine.LoopSpec(method=self.method, mode=mode, buffer_len=min(_round_up(need, 64), self.max_cache_len),
+                           gamma=self.gamma, dynamic_gamma=self.dynamic_gamma, gamma_start=self.gamma_start,
+                           ngram_max=self.ngram[0], ngram_min=self.ngram[1])
+
+  # --- calls ----------------------------------------------------------------------------
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, row_ids: Sequence[int] | None = None,
+               eos_id: int | None = None, max_new_tokens: int | Sequence[int] | None = None,
+               names: Sequence[str] | None = None) -> DecodeResult:
+    """Decodes every prompt (token id lists); batches of `batch_size`, one transfer per batch.
+
+    row_ids: each prompt's stable id (default: its index); sampled outputs depend on (seed,
+    row id, position) only. names: labels for error messages (e.g. question ids).
+    """
+    if len(prompts) == 0:
+      raise SpecjaxError("no prompts to decode")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+      raise SpecjaxError(f"sampling values temperature={temperature}, top_k={top_k}, top_p={top_p}: need "
+                         "temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1")
+    names = list(names) if names is not None else [f"prompt {i}" for i in range(len(prompts))]
+    row_ids = list(row_ids) if row_ids is not None else list(range(len(prompts)))
+    budgets = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) or max_new_tokens is None
+               else list(max_new_tokens))
+    budgets = [self.max_new_tokens if b is None else min(int(b), self.max_new_tokens) for b in budgets]
+    vocab = self.target_config.vocab_size
+    for name, p in zip(names, prompts):
+      if len(p) == 0:
+        raise SpecjaxError(f"{name}: empty prompt")
+      if len(p) + self.gamma + 2 > self.max_cache_len:
+        raise SpecjaxError(f"{name}: the prompt has {len(p)} tokens, longer than the cache allows "
+                           f"({self.max_cache_len} positions, {self.gamma + 2} kept for drafting); "
+                           "shorten it or raise max_cache_len")
+      if min(p) < 0 or max(p) >= vocab:
+        raise SpecjaxError(f"{name}: token id {max(p) if max(p) >= vocab else min(p)} is outside the "
+                           f"vocabulary [0, {vocab})")
+    mode = SamplingMode.from_values(temperature, top_k, top_p)
+    eos = self.target_config.eos_token_id if eos_id is None else eos_id
+    outputs = []
+    start = time.perf_counter()
+    for lo in range(0, len(prompts), self.batch_size):
+      outputs.append(self._generate_batch(prompts[lo:lo + self.batch_size], row_ids[lo:lo + self.batch_size],
+                                          budgets[lo:lo + self.batch_size], temperature, top_k, top_p,
+                                          seed, eos, mode))
+    wall = time.perf_counter() - start
+    cat = lambda name: np.concatenate([o[name] for o in outputs])
+    return DecodeResult(
+        new_tokens=[t for o in outputs for t in o["new_tokens"]], steps=cat("steps"), accepted=cat("accepted"),
+        proposed=cat("proposed"), accept_hist=cat("hist"), pos_proposed=cat("pos_proposed"),
+        pos_accepted=cat("pos_accepted"), target_calls=int(sum(o["target_calls"] for o in outputs)),
+        drafter_calls=int(sum(o["drafter_calls"] for o in outputs)), wall_s=wall)
+
+  def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode):
+    n, B = len(prompts), self.batch_size
+    P = _round_up(max(len(p) for p in prompts), self.prompt_bucket)
+    spec = self._spec(P, mode)
+    P = min(P, spec.buffer_len - self.gamma - 2)
+    prompt_BP = np.zeros((B, P), np.int32)
+    lens_B = np.ones((B,), np.int32)
+    for i, p in enumerate(prompts):
+      prompt_BP[i, :len(p)] = p
+      lens_B[i] = len(p)
+    pad = B - n
+    x = engine.Inputs(
+        prompt_BP=prompt_BP, prompt_lens_B=lens_B,
+        row_ids_B=np.array(list(row_ids) + [0] * pad, np.int32),
+        active_B=np.arange(B) < n,
+        max_new_B=np.array(list(budgets) + [0] * pad, np.int32),
+        temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
+        top_k_B=np.full((B,), top_k, np.int32), top_p_B=np.full((B,), top_p, np.float32),
+        seed=np.int32(seed), eos_id=np.int32(eos))
+    if self.mesh is not None:
+      x = jax.tree.map(lambda a: jax.device_put(a, shd.batch_sharding(a.shape, self.mesh)
+                                                if np.ndim(a) else shd.logical_sharding((), (), self.mesh)), x)
+    s = self._program(spec)(self.target_state, self.drafter_state, x)
+    out = jax.device_get({  # the one device-to-host transfer of the call
+        "tokens": s.tokens_BN, "lengths": s.lengths_B, "steps": s.steps_B, "accepted": s.accepted_B,
+        "proposed": s.proposed_B, "hist": s.hist_BH, "pos_proposed": s.pos_proposed_BG,
+        "pos_accepted": s.pos_accepted_BG, "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})
+    out["new_tokens"] = [out["tokens"][i, lens_B[i]:out["lengths"][i]].tolist() for i in range(n)]
+    for key in ("steps", "accepted", "proposed", "hist", "pos_proposed", "pos_accepted"):
+      out[key] = out[key][:n]
+    return out

@@ -1,0 +1,293 @@
+"""Plain and speculative decoding, each one jitted `lax.while_loop` over static-shape buffers.
+
+Invariants per row b (DESIGN.md): committed tokens are `tokens_BN[b, :lengths_B[b]]` (prompt and
+output). The target cache holds keys/values of every committed token but the last; the drafter's
+too, but for at most one token that the next round's two-token chunk rewrites. A round drafts
+d1..dg from the last committed token, verifies [last, d1..dG] in one target forward at positions
+L-1..L+G-1, accepts n drafts, emits one more token (residual or bonus) and commits n+1 tokens.
+Rejected entries stay in the caches beyond the new length; the position mask hides them and the
+next round overwrites them. Rows keep their own lengths, γ and counters; a finished row commits
+nothing more. Prompt length, sampling values, budgets and seeds are arrays (no recompiles);
+the batch bucket, buffer length, maximum γ and greedy/sampling are static.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specjax.decoding import sampling as smp
+from specjax.models.llama import KVCache
+
+METHODS = ("ar", "sps", "pld")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """Everything static about one compiled decoding program."""
+  method: str  # "ar" plain, "sps" drafter model, "pld" prompt lookup
+  mode: smp.SamplingMode
+  buffer_len: int  # N: prompt bucket + max_new + γ + 2, or the cache limit
+  gamma: int = 1  # G: drafts verified per round (maximum under the dynamic schedule)
+  dynamic_gamma: bool = False
+  gamma_start: int = 5
+  ngram_max: int = 3
+  ngram_min: int = 1
+
+
+@flax.struct.dataclass
+class Inputs:
+  prompt_BP: jax.Array  # int32, right-padded
+  prompt_lens_B: jax.Array
+  row_ids_B: jax.Array  # the prompt's id: keys derive from it, not from the batch slot
+  active_B: jax.Array  # bool: False for rows that only fill the batch bucket
+  max_new_B: jax.Array
+  temperature_B: jax.Array
+  top_k_B: jax.Array
+  top_p_B: jax.Array
+  seed: jax.Array  # int32 scalar
+  eos_id: jax.Array  # int32 scalar
+
+
+@flax.struct.dataclass
+class State:
+  tokens_BN: jax.Array
+  lengths_B: jax.Array
+  num_new_B: jax.Array
+  done_B: jax.Array
+  target_cache: KVCache
+  drafter_cache: KVCache | None
+  gamma_B: jax.Array
+  steps_B: jax.Array  # verification rounds (target forwards) while the row was active
+  accepted_B: jax.Array  # drafts accepted by verification
+  proposed_B: jax.Array  # drafts proposed
+  hist_BH: jax.Array  # rounds by number of accepted drafts, 0..G
+  pos_proposed_BG: jax.Array  # rounds in which draft position i was proposed
+  pos_accepted_BG: jax.Array  # rounds whose first i+1 drafts were all accepted
+  target_calls: jax.Array
+  drafter_calls: jax.Array
+
+
+def _gather_B(tokens_BN, index_B):
+  return jnp.take_along_axis(tokens_BN, index_B[:, None], axis=1)[:, 0]
+
+
+def prefill(model, prompt_BP, prompt_lens_B, buffer_len: int) -> KVCache:
+  """Keys/values of the prompt (padding too, masked later); length = prompt length - 1."""
+  B, P = prompt_BP.shape
+  cache = KVCache.zeros(model.config, B, buffer_len)
+  positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  _, cache = model.hidden_states(prompt_BP, cache, positions_BP)
+  return cache.replace(lengths_B=prompt_lens_B - 1)
+
+
+def _commit(s: State, x: Inputs, candidates_BT, available_B, spec: LoopSpec):
+  """Appends up to available_B of candidates_BT per row, stopping after EOS or at the budget."""
+  T = candidates_BT.shape[1]
+  t_T = jnp.arange(T)
+  is_eos_BT = (candidates_BT == x.eos_id) & (t_T[None] < available_B[:, None])
+  has_eos_B = jnp.any(is_eos_BT, axis=1)
+  upto_eos_B = jnp.where(has_eos_B, jnp.argmax(is_eos_BT, axis=1) + 1, available_B)
+  count_B = jnp.minimum(upto_eos_B, x.max_new_B - s.num_new_B)
+  count_B = jnp.where(s.done_B, 0, jnp.maximum(count_B, 0))
+  write_BT = s.lengths_B[:, None] + t_T[None]
+  write_BT = jnp.where(t_T[None] < count_B[:, None], write_BT, spec.buffer_len)  # out of range: dropped
+  rows_BT = jnp.broadcast_to(jnp.arange(candidates_BT.shape[0])[:, None], write_BT.shape)
+  tokens_BN = s.tokens_BN.at[rows_BT, write_BT].set(candidates_BT, mode="drop")
+  lengths_B = s.lengths_B + count_B
+  num_new_B = s.num_new_B + count_B
+  full_B = lengths_B + spec.gamma + 1 > spec.buffer_len  # no room for another round
+  done_B = s.done_B | (has_eos_B & (upto_eos_B <= count_B)) | (num_new_B >= x.max_new_B) | full_B
+  return s.replace(tokens_BN=tokens_BN, lengths_B=lengths_B, num_new_B=num_new_B, done_B=done_B)
+
+
+def _init_state(x: Inputs, spec: LoopSpec, target, drafter) -> State:
+  B, P = x.prompt_BP.shape
+  N, G = spec.buffer_len, spec.gamma
+  tokens_BN = jnp.zeros((B, N), jnp.int32).at[:, :P].set(x.prompt_BP)
+  zeros_B = jnp.zeros((B,), jnp.int32)
+  return State(
+      tokens_BN=tokens_BN, lengths_B=x.prompt_lens_B, num_new_B=zeros_B,
+      done_B=~x.active_B | (x.max_new_B <= 0),
+      target_cache=prefill(target, x.prompt_BP, x.prompt_lens_B, N),
+      drafter_cache=None if drafter is None else prefill(drafter, x.prompt_BP, x.prompt_lens_B, N),
+      gamma_B=jnp.full((B,), min(spec.gamma_start, G) if spec.dynamic_gamma else G, jnp.int32),
+      steps_B=zeros_B, accepted_B=zeros_B, proposed_B=zeros_B,
+      hist_BH=jnp.zeros((B, G + 1), jnp.int32),
+      pos_proposed_BG=jnp.zeros((B, G), jnp.int32), pos_accepted_BG=jnp.zeros((B, G), jnp.int32),
+      target_calls=jnp.zeros((), jnp.int32), drafter_calls=jnp.zeros((), jnp.int32))
+
+
+# --- plain decoding ------------------------------------------------------------------------
+
+
+def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
+  last_B = _gather_B(s.tokens_BN, s.lengths_B - 1)
+  logits_B1V, cache = target(last_B[:, None], s.target_cache, (s.lengths_B - 1)[:, None])
+  keys_B = smp.row_keys(x.seed, x.row_ids_B, s.lengths_B, smp.TAG_SAMPLE)
+  next_B, _ = smp.choose_tokens(logits_B1V[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+  active_B = ~s.done_B
+  s = s.replace(target_cache=cache.replace(lengths_B=s.lengths_B), target_calls=s.target_calls + 1,
+                steps_B=s.steps_B + active_B)
+  return _commit(s, x, next_B[:, None], jnp.ones_like(s.lengths_B), spec)
+
+
+# --- drafting ------------------------------------------------------------------------------
+
+
+def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter, gamma_B):
+  """Drafts up to max(gamma_B) tokens with the drafter; returns (drafts_BG, q_BGV or None, cache, steps)."""
+  B, G, L_B = s.lengths_B.shape[0], spec.gamma, s.lengths_B
+  # Catch-up and first draft in one two-token chunk: after a fully accepted round the drafter
+  # has not seen the last draft; otherwise the first token rewrites identical keys/values.
+  pos_B2 = jnp.stack([jnp.maximum(L_B - 2, 0), L_B - 1], axis=1)
+  chunk_B2 = jnp.take_along_axis(s.tokens_BN, pos_B2, axis=1)
+  logits_B2V, cache = drafter(chunk_B2, s.drafter_cache, pos_B2)
+
+  def choose(logits_BV, i):
+    keys_B = smp.row_keys(x.seed, x.row_ids_B, L_B + i, smp.TAG_DRAFT)
+    return smp.choose_tokens(logits_BV, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+
+  d_B, q_BV = choose(logits_B2V[:, 1], 0)
+  drafts_BG = jnp.zeros((B, G), jnp.int32).at[:, 0].set(d_B)
+  q_BGV = None if q_BV is None else jnp.zeros((B, G, q_BV.shape[-1]), jnp.float32).at[:, 0].set(q_BV)
+  steps = jnp.maximum(jnp.max(gamma_B), 1)
+
+  def body(carry):
+    i, drafts_BG, q_BGV, cache = carry
+    prev_B = jax.lax.dynamic_index_in_dim(drafts_BG, i - 1, axis=1, keepdims=False)
+    logits_B1V, cache = drafter(prev_B[:, None], cache, (L_B - 1 + i)[:, None])
+    d_B, q_BV = choose(logits_B1V[:, 0], i)
+    drafts_BG = jax.lax.dynamic_update_index_in_dim(drafts_BG, d_B, i, axis=1)
+    if q_BGV is not None:
+      q_BGV = jax.lax.dynamic_update_index_in_dim(q_BGV, q_BV, i, axis=1)
+    return i + 1, drafts_BG, q_BGV, cache
+
+  _, drafts_BG, q_BGV, cache = jax.lax.while_loop(lambda c: c[0] < steps, body, (1, drafts_BG, q_BGV, cache))
+  return drafts_BG, q_BGV, cache, steps
+
+
+def _draft_prompt_lookup(s: State, spec: LoopSpec, gamma_B):
+  """Prompt lookup: the continuation of the latest earlier occurrence of the last n-gram
+  (longest n first) in the row's committed tokens. Returns (drafts_BG, available_B)."""
+  B, N = s.tokens_BN.shape
+  G, L_B = spec.gamma, s.lengths_B
+  j_N = jnp.arange(N)
+  found_B = jnp.zeros((B,), bool)
+  start_B = jnp.zeros((B,), jnp.int32)
+  for n in range(spec.ngram_max, spec.ngram_min - 1, -1):
+    match_BN = jnp.ones((B, N), bool)
+    for k in range(n):
+      suffix_B = _gather_B(s.tokens_BN, jnp.maximum(L_B - n + k, 0))
+      shifted_BN = jnp.roll(s.tokens_BN, -k, axis=1)  # shifted[j] = tokens[j + k]
+      match_BN &= shifted_BN == suffix_B[:, None]
+    # A match must end before the suffix itself starts, and the suffix must exist.
+    match_BN &= (j_N[None] + n <= L_B[:, None] - 1) & (L_B[:, None] >= n + 1)
+    latest_B = jnp.max(jnp.where(match_BN, j_N[None], -1), axis=1)
+    use_B = ~found_B & (latest_B >= 0)
+    start_B = jnp.where(use_B, latest_B + n, start_B)
+    found_B |= use_B
+  index_BG = jnp.minimum(start_B[:, None] + jnp.arange(G)[None], N - 1)
+  drafts_BG = jnp.take_along_axis(s.tokens_BN, index_BG, axis=1)
+  available_B = jnp.where(found_B, jnp.clip(L_B - start_B, 0, G), 0)
+  return drafts_BG, jnp.minimum(available_B, gamma_B)
+
+
+# --- verification --------------------------------------------------------------------------
+
+
+def _accept(s: State, x: Inputs, spec: LoopSpec, logits_BTV, drafts_BG, q_BGV, gamma_B):
+  """(n_B accepted drafts, next_B token): prefix matching for greedy, rejection sampling else.
+
+  q_BGV None with sampling means a deterministic drafter (prompt lookup): q is one-hot.
+  """
+  G = spec.gamma
+  i_G = jnp.arange(G)
+  proposed_BG = i_G[None] < gamma_B[:, None]
+  if spec.mode.greedy:
+    target_BT = jnp.argmax(logits_BTV, axis=-1).astype(jnp.int32)
+    ok_BG = (drafts_BG == target_BT[:, :G]) & proposed_BG
+    n_B = jnp.sum(jnp.cumprod(ok_BG.astype(jnp.int32), axis=1), axis=1)
+    return n_B, _gather_B(target_BT, n_B)
+  p_BTV = smp.processed_probs(logits_BTV, x.temperature_B[:, None], x.top_k_B[:, None], x.top_p_B[:, None],
+                              spec.mode)
+  p_draft_BG = jnp.take_along_axis(p_BTV[:, :G], drafts_BG[..., None], axis=-1)[..., 0]
+  q_draft_BG = (jnp.ones_like(p_draft_BG) if q_BGV is None
+                else jnp.take_along_axis(q_BGV, drafts_BG[..., None], axis=-1)[..., 0])
+  draft_pos_BG = s.lengths_B[:, None] + i_G[None]
+  u_BG = jax.vmap(lambda pos_B: jax.vmap(jax.random.uniform)(
+      smp.row_keys(x.seed, x.row_ids_B, pos_B, smp.TAG_ACCEPT)), in_axes=1, out_axes=1)(draft_pos_BG)
+  ok_BG = (u_BG * q_draft_BG < p_draft_BG) & proposed_BG  # u < min(1, p/q)
+  n_B = jnp.sum(jnp.cumprod(ok_BG.astype(jnp.int32), axis=1), axis=1)
+  p_next_BV = jnp.take_along_axis(p_BTV, n_B[:, None, None], axis=1)[:, 0]
+  rejected_B = n_B < gamma_B
+  n_clip_B = jnp.minimum(n_B, G - 1)
+  if q_BGV is None:
+    d_next_B = _gather_B(drafts_BG, n_clip_B)
+    q_next_BV = jax.nn.one_hot(d_next_B, p_next_BV.shape[-1], dtype=jnp.float32)
+  else:
+    q_next_BV = jnp.take_along_axis(q_BGV, n_clip_B[:, None, None], axis=1)[:, 0]
+  residual_BV = jnp.where(rejected_B[:, None], jnp.maximum(p_next_BV - q_next_BV, 0.0), p_next_BV)
+  residual_BV = jnp.where(jnp.sum(residual_BV, -1, keepdims=True) > 0, residual_BV, p_next_BV)
+  keys_B = smp.row_keys(x.seed, x.row_ids_B, s.lengths_B + n_B, smp.TAG_RESIDUAL)
+  return n_B, smp.sample_from_probs(keys_B, residual_BV)
+
+
+def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
+  G, L_B = spec.gamma, s.lengths_B
+  active_B = ~s.done_B
+  gamma_B = jnp.where(active_B, s.gamma_B, 0)
+  if spec.method == "sps":
+    drafts_BG, q_BGV, dcache, steps = _draft_with_model(s, x, spec, drafter, gamma_B)
+    s = s.replace(drafter_cache=dcache, drafter_calls=s.drafter_calls + steps)
+  else:
+    drafts_BG, gamma_B = _draft_prompt_lookup(s, spec, gamma_B)
+    q_BGV = None
+  last_B = _gather_B(s.tokens_BN, L_B - 1)
+  verify_BT = jnp.concatenate([last_B[:, None], drafts_BG], axis=1)
+  positions_BT = (L_B - 1)[:, None] + jnp.arange(G + 1)[None]
+  logits_BTV, tcache = target(verify_BT, s.target_cache, positions_BT)
+  n_B, next_B = _accept(s, x, spec, logits_BTV, drafts_BG, q_BGV, gamma_B)
+
+  t_T = jnp.arange(G + 1)
+  candidates_BT = jnp.where(t_T[None] < n_B[:, None], jnp.pad(drafts_BG, ((0, 0), (0, 1))), next_B[:, None])
+  i_G = jnp.arange(G)
+  act = active_B.astype(jnp.int32)
+  s = s.replace(
+      target_calls=s.target_calls + 1,
+      steps_B=s.steps_B + act,
+      accepted_B=s.accepted_B + act * n_B,
+      proposed_B=s.proposed_B + act * gamma_B,
+      hist_BH=s.hist_BH + act[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
+      pos_proposed_BG=s.pos_proposed_BG + act[:, None] * (i_G[None] < gamma_B[:, None]),
+      pos_accepted_BG=s.pos_accepted_BG + act[:, None] * (i_G[None] < n_B[:, None]))
+  if spec.dynamic_gamma:  # transformers' schedule: +2 after a fully accepted draft, -1 otherwise
+    grown_B = jnp.where(n_B >= gamma_B, jnp.minimum(gamma_B + 2, G), jnp.maximum(gamma_B - 1, 1))
+    s = s.replace(gamma_B=jnp.where(active_B, grown_B, s.gamma_B))
+  s = _commit(s, x, candidates_BT, n_B + 1, spec)
+  # Roll back by moving lengths: both caches hold every committed token but the last.
+  s = s.replace(target_cache=tcache.replace(lengths_B=s.lengths_B - 1))
+  if s.drafter_cache is not None:
+    s = s.replace(drafter_cache=s.drafter_cache.replace(lengths_B=s.lengths_B - 1))
+  return s
+
+
+def decode_loop(target_graph, target_state, drafter_graph, drafter_state, x: Inputs, spec: LoopSpec,
+                cache_sharding=None) -> State:
+  """The whole generation: prefill, then one `lax.while_loop` until every row is done."""
+  target = nnx.merge(target_graph, target_state)
+  drafter = None if drafter_graph is None else nnx.merge(drafter_graph, drafter_state)
+  s = _init_state(x, spec, target, drafter)
+  if cache_sharding is not None:
+    s = s.replace(target_cache=jax.lax.with_sharding_constraint(s.target_cache, cache_sharding[0]))
+    if drafter is not None and cache_sharding[1] is not None:
+      s = s.replace(drafter_cache=jax.lax.with_sharding_constraint(s.drafter_cache, cache_sharding[1]))
+  if spec.method == "ar":
+    body = functools.partial(_ar_round, x=x, spec=spec, target=target)
+  else:
+    body = functools.partial(_spec_round, x=x, spec=spec, target=target, drafter=drafter)
+  return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, s)
