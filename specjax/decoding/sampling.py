@@ -39,13 +39,13 @@ def processed_logits(logits_NV: jax.Array, temperature_N, top_k_N, top_p_N, mode
   vocab = logits.shape[-1]
   sorted_desc = -jnp.sort(-logits, axis=-1)
   if mode.use_top_k:
-    k = jnp.asarray(top_k_N, jnp.int32)
+    k = jnp.broadcast_to(jnp.asarray(top_k_N, jnp.int32), logits.shape[:-1])
     k = jnp.where(k <= 0, vocab, jnp.minimum(k, vocab))
     kth = jnp.take_along_axis(sorted_desc, (k - 1)[..., None], axis=-1)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
     sorted_desc = jnp.where(jnp.arange(vocab) < k[..., None], sorted_desc, -jnp.inf)
   if mode.use_top_p:
-    p = jnp.asarray(top_p_N, jnp.float32)[..., None]
+    p = jnp.broadcast_to(jnp.asarray(top_p_N, jnp.float32), logits.shape[:-1])[..., None]
     probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
     keep = (mass_before < p) | (jnp.arange(vocab) == 0)  # the top token always stays
