@@ -1,0 +1,138 @@
+"""Greedy speculative decoding is lossless: token for token the output of plain greedy decoding,
+for a drafter model and prompt lookup, several γ, batch 1 and 8, ragged prompts; plus the
+edge cases of a round (EOS or the token budget inside a draft) and input validation."""
+import jax
+import numpy as np
+import pytest
+
+from specjax.decoding import Decoder
+from specjax.errors import SpecjaxError
+from specjax.models import get_preset, init_model
+
+MAX_NEW = 24
+NO_EOS = -1
+
+
+def noisy_copy(model, scale, seed):
+  """A drafter that agrees with the target often but not always."""
+  copy = init_model(model.config, seed)
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  from flax import nnx
+  noisy = jax.tree.map(lambda w: w + scale * jax.random.normal(next(keys), w.shape, w.dtype),
+                       nnx.state(model, nnx.Param))
+  nnx.update(copy, noisy)
+  return copy
+
+
+@pytest.fixture(scope="module")
+def target():
+  return init_model(get_preset("tiny"), 0)
+
+
+@pytest.fixture(scope="module")
+def drafter(target):
+  return noisy_copy(target, 0.01, 7)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  """50 prompts of ragged lengths; some repeat a phrase so that prompt lookup finds matches."""
+  rng = np.random.RandomState(0)
+  out = []
+  for i in range(50):
+    p = rng.randint(3, 256, size=rng.randint(1, 40)).tolist()
+    if i % 3 == 0:
+      p = p + p[: len(p) // 2]
+    out.append(p)
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference(target, prompts):
+  return Decoder(target, method="ar", max_new_tokens=MAX_NEW, batch_size=8).generate(prompts, eos_id=NO_EOS)
+
+
+def test_plain_batching_does_not_change_greedy_output(target, prompts, reference):
+  single = Decoder(target, method="ar", max_new_tokens=MAX_NEW, batch_size=1).generate(prompts[:12], eos_id=NO_EOS)
+  assert single.new_tokens == reference.new_tokens[:12]
+
+
+@pytest.mark.parametrize("method,gamma,batch_size,dynamic", [
+    ("sps", 1, 8, False), ("sps", 3, 1, False), ("sps", 5, 8, False), ("sps", 8, 8, True),
+    ("pld", 3, 8, False), ("pld", 5, 1, False)])
+def test_greedy_speculative_equals_plain(target, drafter, prompts, reference, method, gamma, batch_size, dynamic):
+  decoder = Decoder(target, drafter if method == "sps" else None, method=method, gamma=gamma,
+                    dynamic_gamma=dynamic, max_new_tokens=MAX_NEW, batch_size=batch_size)
+  result = decoder.generate(prompts, eos_id=NO_EOS)
+  assert result.new_tokens == reference.new_tokens
+  assert all(len(t) == MAX_NEW for t in result.new_tokens)
+  # Partial acceptance actually happened (otherwise the test would prove little).
+  hist = result.accept_hist.sum(0)
+  assert hist[0] > 0 and hist[1:].sum() > 0, hist
+
+
+def test_drafter_equal_to_target_accepts_everything(target, prompts):
+  gamma = 4
+  result = Decoder(target, target, method="sps", gamma=gamma, max_new_tokens=MAX_NEW, batch_size=8).generate(
+      prompts, eos_id=NO_EOS)
+  assert (result.accept_hist[:, gamma] == result.steps).all()
+  assert (result.accepted == gamma * result.steps).all()
+  # τ = γ+1 for every round; the last round commits only what the budget allows.
+  assert (result.steps == -(-MAX_NEW // (gamma + 1))).all()
+  batches = -(-len(prompts) // 8)
+  assert result.target_calls == batches * (-(-MAX_NEW // (gamma + 1)))
+
+
+def test_eos_inside_a_draft(target, prompts, reference):
+  """EOS at a position inside a fully accepted draft: output stops right after it."""
+  gamma = 4
+  row = 5
+  eos = reference.new_tokens[row][6]  # new token 7: the second token of round 2's draft
+  plain = Decoder(target, method="ar", max_new_tokens=MAX_NEW, batch_size=8).generate(prompts, eos_id=eos)
+  spec = Decoder(target, target, method="sps", gamma=gamma, max_new_tokens=MAX_NEW, batch_size=8).generate(
+      prompts, eos_id=eos)
+  assert spec.new_tokens == plain.new_tokens
+  first = reference.new_tokens[row].index(eos)
+  assert spec.new_tokens[row] == reference.new_tokens[row][:first + 1]
+
+
+@pytest.mark.parametrize("max_new", [1, 7, 11])
+def test_token_budget_reached_inside_a_draft(target, prompts, reference, max_new):
+  spec = Decoder(target, target, method="sps", gamma=4, max_new_tokens=max_new, batch_size=8).generate(
+      prompts[:8], eos_id=NO_EOS)
+  assert spec.new_tokens == [t[:max_new] for t in reference.new_tokens[:8]]
+
+
+def test_per_prompt_budgets(target, drafter, prompts, reference):
+  budgets = [3, 9, 24, 1, 17, 5, 12, 2]
+  spec = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=MAX_NEW, batch_size=4).generate(
+      prompts[:8], eos_id=NO_EOS, max_new_tokens=budgets)
+  assert spec.new_tokens == [t[:b] for t, b in zip(reference.new_tokens[:8], budgets)]
+
+
+def test_new_prompt_length_in_bucket_does_not_recompile(target, drafter):
+  decoder = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=8, batch_size=2)
+  decoder.generate([[5, 6, 7]], eos_id=NO_EOS)
+  decoder.generate([list(range(3, 40)), [9] * 20], eos_id=NO_EOS)
+  assert len(decoder._compiled) == 1
+  (program,) = decoder._compiled.values()
+  assert program._cache_size() == 1
+
+
+def test_bad_input_is_a_clear_error(target):
+  other_vocab = init_model(get_preset("tiny").replace(vocab_size=300), 0)
+  with pytest.raises(SpecjaxError, match="gamma=0"):
+    Decoder(target, target, method="sps", gamma=0)
+  with pytest.raises(SpecjaxError, match="vocabulary"):
+    Decoder(target, other_vocab, method="sps")
+  with pytest.raises(SpecjaxError, match="needs a drafter"):
+    Decoder(target, method="sps")
+  with pytest.raises(SpecjaxError, match="method="):
+    Decoder(target, method="beam")
+  decoder = Decoder(target, target, method="sps", gamma=3, max_new_tokens=8, max_cache_len=64)
+  with pytest.raises(SpecjaxError, match="q7: the prompt has 70 tokens, longer than the cache"):
+    decoder.generate([[1] * 5, [1] * 70], names=["q6", "q7"])
+  with pytest.raises(SpecjaxError, match="empty prompt"):
+    decoder.generate([[]])
+  with pytest.raises(SpecjaxError, match="outside the vocabulary"):
+    decoder.generate([[1, 999]])
