@@ -1,0 +1,82 @@
+r"""Generate answers to Spec-Bench prompts and measure speed and acceptance (the paper's evaluation).
+
+Writes WORKDIR/answers.jsonl (one line per prompt turn) and WORKDIR/metrics.json (tokens/s,
+τ, acceptance rate, per-position acceptance, by category, compile time, hardware, this config).
+
+Smoke run on a CPU (tiny random-weight models built into the workdir, no network, no data):
+
+  python -m specjax.main --config configs/generate.py:runlocal --workdir /tmp/specjax_generate
+
+The paper's setting (Vicuna 7B v1.3 target, a 68M drafter, greedy, five languages):
+
+  python -m specjax.main --config configs/generate.py:method=sps \
+      --config.target=/ckpt/vicuna-7b-v1.3 --config.drafter=/ckpt/vicuna-68m-deen \
+      --workdir /tmp/specjax_sps_deen
+
+Plain decoding on the same prompts (the speedup's denominator) and prompt lookup:
+
+  python -m specjax.main --config configs/generate.py:method=ar --config.target=... --workdir ...
+  python -m specjax.main --config configs/generate.py:method=pld,gamma=4 --config.target=... --workdir ...
+
+Config string arguments (comma-separated): runlocal, method, gamma, temperature, seed,
+batch_size, max_new_tokens. Any field can also be set with --config.FIELD=VALUE.
+Paths in target, drafter, tokenizer and prompts may contain {workdir}.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from specjax.config_utils import parse_arg
+
+
+def get_config(arg=None):
+  # Numbers left at 0 take the variant's default (runlocal's are small).
+  arg = parse_arg(arg, source="configs/generate.py", runlocal=False, method="sps", gamma=0, temperature=0.0,
+                  seed=0, batch_size=0, max_new_tokens=0)
+  c = ml_collections.ConfigDict()
+  c.job = "generate"
+
+  # Models: a Hugging Face checkpoint directory (with its tokenizer), or preset:NAME (random
+  # weights; then `tokenizer` must name a directory with a tokenizer).
+  c.target = config_dict.placeholder(str)
+  c.drafter = config_dict.placeholder(str)  # needed by method=sps only
+  c.tokenizer = config_dict.placeholder(str)  # default: the target's directory
+  c.dtype = "bfloat16"  # weights and activations: float32, bfloat16 or float16
+
+  # Decoding: ar (plain), sps (drafter model), pld (prompt lookup).
+  c.method = arg.method
+  c.gamma = arg.gamma or 10  # drafts per round; with dynamic_gamma the ceiling of the schedule
+  c.dynamic_gamma = True  # transformers' schedule, as in the paper: start gamma_start, +2 / -1
+  c.gamma_start = 5
+  c.temperature = arg.temperature  # 0 = greedy
+  c.top_k = 0  # 0 = off
+  c.top_p = 1.0
+  c.max_new_tokens = arg.max_new_tokens or 1024
+  c.batch_size = arg.batch_size or 1
+  c.seed = arg.seed
+  c.max_cache_len = config_dict.placeholder(int)  # default: the models' max_position_embeddings
+  c.prompt_bucket = 64  # prompts are padded to a multiple of this: one compile per bucket
+
+  # Prompts: Spec-Bench question.jsonl files (a path, a glob, or a comma-separated list).
+  c.prompts = "../shared/data/multilingual-specbench/*_question.jsonl"
+  c.max_prompts = 0  # 0 = all; otherwise the first N questions
+  c.template = "vicuna_v1.1"  # vicuna_v1.1, llama-2 or plain
+  c.system_prompt = config_dict.placeholder(str)  # default: the template's own
+
+  c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor); used when there is more than one device
+  c.warmup = True  # compile before timing, so tokens/s excludes compile time
+
+  # local_assets: build target, drafter and prompts when absent: random-weight checkpoints of
+  # the `tiny` and `tiny-drafter` presets sharing a tokenizer trained on a few built-in
+  # sentences, and a question file made from them (specjax/local_assets.py). runlocal uses it.
+  c.local_assets = False
+  if arg.runlocal:
+    c.local_assets = True
+    c.target = "{workdir}/local_assets/target"
+    c.drafter = "{workdir}/local_assets/drafter"
+    c.prompts = "{workdir}/local_assets/question.jsonl"
+    c.dtype = "float32"
+    c.gamma = arg.gamma or 4
+    c.max_new_tokens = arg.max_new_tokens or 16
+    c.batch_size = arg.batch_size or 4
+    c.prompt_bucket = 128
+  return c

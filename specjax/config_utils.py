@@ -1,0 +1,48 @@
+"""Config-string parsing for `configs/*.py:get_config(arg)` (big_vision's `parse_arg`).
+
+`configs/generate.py:runlocal,method=pld,gamma=4` passes "runlocal,method=pld,gamma=4" to
+get_config; this turns it into a ConfigDict typed by the defaults the config file declares, and
+names the config file in every error, so a typo fails before anything loads.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from specjax.errors import SpecjaxError
+
+
+def _convert(key: str, value: str, default, source: str):
+  kind = type(default)
+  if kind is bool:
+    if value.lower() in ("1", "true", "yes", ""):
+      return True
+    if value.lower() in ("0", "false", "no"):
+      return False
+    raise SpecjaxError(f"{source}: {key}={value!r}: expected true or false")
+  if kind in (int, float):
+    try:
+      return kind(value)
+    except ValueError:
+      raise SpecjaxError(f"{source}: {key}={value!r}: expected {'an integer' if kind is int else 'a number'}") from None
+  return value
+
+
+def parse_arg(arg: str | None, source: str = "config", **defaults) -> ml_collections.ConfigDict:
+  """Parses "key=value,flag,..." against `defaults`; a bare key sets a boolean to True.
+
+  Values take the type of their default (bool, int, float, str). Unknown keys raise
+  SpecjaxError listing the known ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise SpecjaxError(f"{source}: unknown argument {key!r} in {arg!r}; known: {', '.join(sorted(defaults))}")
+    if not has_value and type(defaults[key]) is not bool:
+      raise SpecjaxError(f"{source}: argument {key!r} needs a value ({key}=...)")
+    out[key] = _convert(key, value.strip(), defaults[key], source)
+  return out

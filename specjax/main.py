@@ -1,0 +1,83 @@
+"""Entry point: `python -m specjax.main --config configs/JOB.py[:ARGS] --workdir DIR`.
+
+Dispatches on `config.job`. A SpecjaxError (a mistake in a file, field or value the user gave)
+ends the run with its message and exit code 2; a traceback would only bury the message.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from specjax.errors import SpecjaxError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/generate.py:runlocal.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# job name -> "module:function" taking (config, workdir). Jobs still to come: distill_data
+# (target generations for self-distillation, specjax.data), pretrain and finetune (specjax.train).
+JOBS = {
+    "generate": "specjax.decoding.generate_job:run",
+}
+PLANNED_JOBS = ("distill_data", "pretrain", "finetune")
+
+
+def _fail(message: str) -> None:
+  print(f"specjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _specjax_error(e: BaseException) -> SpecjaxError | None:
+  """The innermost SpecjaxError behind an exception (config_flags wraps get_config's errors)."""
+  found = None
+  while e is not None:
+    if isinstance(e, SpecjaxError):
+      found = e
+    e = e.__cause__ or e.__context__
+  return found
+
+
+def _parse_flags(argv):
+  """absl's parsing, with mistakes reported like every other SpecjaxError (exit code 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    cause = _specjax_error(e)
+    _fail(str(cause) if cause is not None else f"{e} (--helpfull lists the flags)")
+
+
+def run_job(config, workdir: str):
+  """Runs `config.job`; raises SpecjaxError for a job that does not exist (yet)."""
+  job = config.get("job")
+  if job not in JOBS:
+    if job in PLANNED_JOBS:
+      raise SpecjaxError(f"config field `job`={job!r}: job {job!r} is not available yet; "
+                         f"available: {', '.join(JOBS)}")
+    raise SpecjaxError(f"config field `job`={job!r}: unknown job; available: {', '.join(JOBS)}")
+  module, function = JOBS[job].split(":")
+  return getattr(importlib.import_module(module), function)(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; use --config and --workdir")
+  try:
+    config = _CONFIG.value
+    config.get("job")  # a config file that failed to load raises here
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    _fail(f"{config_flags.get_config_filename(flags.FLAGS['config'])}: cannot load the config file ({reason})")
+  try:
+    from specjax.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    run_job(config, _WORKDIR.value)
+  except SpecjaxError as e:
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
