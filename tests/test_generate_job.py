@@ -124,7 +124,7 @@ def _result():
       new_tokens=[[5] * 7, [6] * 6], steps=np.array([3, 2]), accepted=np.array([4, 4]),
       proposed=np.array([9, 6]), accept_hist=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]),
       pos_proposed=np.array([[3, 3, 3], [2, 2, 2]]), pos_accepted=np.array([[2, 1, 1], [2, 2, 0]]),
-      target_calls=3, drafter_calls=9, wall_s=2.0)
+      pos_reached=np.array([[3, 2, 1], [2, 2, 2]]), target_calls=3, drafter_calls=9, wall_s=2.0)
 
 
 def test_metrics_by_hand():
@@ -151,7 +151,7 @@ def test_metrics_aggregate_sums_counters_then_divides():
   plain = DecodeResult(new_tokens=[[1] * 4], steps=np.array([4]), accepted=np.array([0]),
                        proposed=np.array([0]), accept_hist=np.zeros((1, 2), int),
                        pos_proposed=np.zeros((1, 1), int), pos_accepted=np.zeros((1, 1), int),
-                       target_calls=4, drafter_calls=0, wall_s=1.0)
+                       pos_reached=np.zeros((1, 1), int), target_calls=4, drafter_calls=0, wall_s=1.0)
   m = metrics.aggregate([_result(), _result()], [["de", "fr"], ["de", "de"]])
   assert m["tau"] == pytest.approx(1 + 16 / 10) and m["new_tokens"] == 26
   assert m["tokens_per_second"] == pytest.approx(26 / 4.0)

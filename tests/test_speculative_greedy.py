@@ -136,3 +136,19 @@ def test_bad_input_is_a_clear_error(target):
     decoder.generate([[]])
   with pytest.raises(SpecjaxError, match="outside the vocabulary"):
     decoder.generate([[1, 999]])
+
+
+def test_per_position_counters_with_dynamic_gamma(target, drafter, prompts):
+  """Under the dynamic schedule a round may propose fewer drafts; the counters stay consistent."""
+  r = Decoder(target, drafter, method="sps", gamma=8, dynamic_gamma=True, max_new_tokens=MAX_NEW,
+              batch_size=8).generate(prompts[:16], eos_id=NO_EOS)
+  assert (r.pos_accepted <= r.pos_reached).all() and (r.pos_reached <= r.pos_proposed).all()
+  assert (r.pos_reached[:, 0] == r.pos_proposed[:, 0]).all()
+  assert (r.pos_reached[:, 1:] <= r.pos_accepted[:, :-1]).all()
+  assert (r.pos_proposed[:, 1:] < r.pos_proposed[:, :1]).any()  # γ really varied
+  assert (r.accept_hist.sum(1) == r.steps).all() and (r.pos_accepted.sum(1) == r.accepted).all()
+
+
+def test_plain_decoding_counts_one_token_rounds(target, prompts):
+  r = Decoder(target, method="ar", max_new_tokens=5, batch_size=8).generate(prompts[:8], eos_id=NO_EOS)
+  assert (r.steps == 5).all() and (r.accept_hist[:, 0] == 5).all() and (r.accepted == 0).all()

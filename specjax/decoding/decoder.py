@@ -34,6 +34,7 @@ class DecodeResult:
   accept_hist: np.ndarray  # [rows, G+1]
   pos_proposed: np.ndarray  # [rows, G]
   pos_accepted: np.ndarray  # [rows, G]
+  pos_reached: np.ndarray  # [rows, G]: proposed with every earlier draft accepted
   target_calls: int
   drafter_calls: int
   wall_s: float
@@ -158,7 +159,7 @@ class Decoder:
     return DecodeResult(
         new_tokens=[t for o in outputs for t in o["new_tokens"]], steps=cat("steps"), accepted=cat("accepted"),
         proposed=cat("proposed"), accept_hist=cat("hist"), pos_proposed=cat("pos_proposed"),
-        pos_accepted=cat("pos_accepted"), target_calls=int(sum(o["target_calls"] for o in outputs)),
+        pos_accepted=cat("pos_accepted"), pos_reached=cat("pos_reached"), target_calls=int(sum(o["target_calls"] for o in outputs)),
         drafter_calls=int(sum(o["drafter_calls"] for o in outputs)), wall_s=wall)
 
   def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode):
@@ -187,8 +188,8 @@ class Decoder:
     out = jax.device_get({  # the one device-to-host transfer of the call
         "tokens": s.tokens_BN, "lengths": s.lengths_B, "steps": s.steps_B, "accepted": s.accepted_B,
         "proposed": s.proposed_B, "hist": s.hist_BH, "pos_proposed": s.pos_proposed_BG,
-        "pos_accepted": s.pos_accepted_BG, "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})
+        "pos_accepted": s.pos_accepted_BG, "pos_reached": s.pos_reached_BG, "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})
     out["new_tokens"] = [out["tokens"][i, lens_B[i]:out["lengths"][i]].tolist() for i in range(n)]
-    for key in ("steps", "accepted", "proposed", "hist", "pos_proposed", "pos_accepted"):
+    for key in ("steps", "accepted", "proposed", "hist", "pos_proposed", "pos_accepted", "pos_reached"):
       out[key] = out[key][:n]
     return out

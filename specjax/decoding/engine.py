@@ -68,6 +68,7 @@ class State:
   hist_BH: jax.Array  # rounds by number of accepted drafts, 0..G
   pos_proposed_BG: jax.Array  # rounds in which draft position i was proposed
   pos_accepted_BG: jax.Array  # rounds whose first i+1 drafts were all accepted
+  pos_reached_BG: jax.Array  # rounds that proposed draft i after accepting drafts 0..i-1
   target_calls: jax.Array
   drafter_calls: jax.Array
 
@@ -119,6 +120,7 @@ def _init_state(x: Inputs, spec: LoopSpec, target, drafter) -> State:
       steps_B=zeros_B, accepted_B=zeros_B, proposed_B=zeros_B,
       hist_BH=jnp.zeros((B, G + 1), jnp.int32),
       pos_proposed_BG=jnp.zeros((B, G), jnp.int32), pos_accepted_BG=jnp.zeros((B, G), jnp.int32),
+      pos_reached_BG=jnp.zeros((B, G), jnp.int32),
       target_calls=jnp.zeros((), jnp.int32), drafter_calls=jnp.zeros((), jnp.int32))
 
 
@@ -132,7 +134,7 @@ def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
   next_B, _ = smp.choose_tokens(logits_B1V[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
   active_B = ~s.done_B
   s = s.replace(target_cache=cache.replace(lengths_B=s.lengths_B), target_calls=s.target_calls + 1,
-                steps_B=s.steps_B + active_B)
+                steps_B=s.steps_B + active_B, hist_BH=s.hist_BH.at[:, 0].add(active_B))
   return _commit(s, x, next_B[:, None], jnp.ones_like(s.lengths_B), spec)
 
 
@@ -264,7 +266,8 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
       proposed_B=s.proposed_B + act * gamma_B,
       hist_BH=s.hist_BH + act[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
       pos_proposed_BG=s.pos_proposed_BG + act[:, None] * (i_G[None] < gamma_B[:, None]),
-      pos_accepted_BG=s.pos_accepted_BG + act[:, None] * (i_G[None] < n_B[:, None]))
+      pos_accepted_BG=s.pos_accepted_BG + act[:, None] * (i_G[None] < n_B[:, None]),
+      pos_reached_BG=s.pos_reached_BG + act[:, None] * ((i_G[None] < gamma_B[:, None]) & (i_G[None] <= n_B[:, None])))
   if spec.dynamic_gamma:  # transformers' schedule: +2 after a fully accepted draft, -1 otherwise
     grown_B = jnp.where(n_B >= gamma_B, jnp.minimum(gamma_B + 2, G), jnp.maximum(gamma_B - 1, 1))
     s = s.replace(gamma_B=jnp.where(active_B, grown_B, s.gamma_B))

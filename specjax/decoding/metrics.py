@@ -37,6 +37,7 @@ class Counters:
   accept_hist_H: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
   pos_proposed_G: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
   pos_accepted_G: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  pos_reached_G: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
   target_calls: float = 0.0
   drafter_calls: float = 0.0
   wall_s: float = 0.0
@@ -54,6 +55,7 @@ class Counters:
         accept_hist_H=np.asarray(result.accept_hist[rows], np.int64).sum(0),
         pos_proposed_G=np.asarray(result.pos_proposed[rows], np.int64).sum(0),
         pos_accepted_G=np.asarray(result.pos_accepted[rows], np.int64).sum(0),
+        pos_reached_G=np.asarray(result.pos_reached[rows], np.int64).sum(0),
         target_calls=result.target_calls * share, drafter_calls=result.drafter_calls * share,
         wall_s=result.wall_s * share)
 
@@ -65,6 +67,7 @@ class Counters:
         accept_hist_H=_pad_sum(self.accept_hist_H, other.accept_hist_H),
         pos_proposed_G=_pad_sum(self.pos_proposed_G, other.pos_proposed_G),
         pos_accepted_G=_pad_sum(self.pos_accepted_G, other.pos_accepted_G),
+        pos_reached_G=_pad_sum(self.pos_reached_G, other.pos_reached_G),
         target_calls=self.target_calls + other.target_calls,
         drafter_calls=self.drafter_calls + other.drafter_calls, wall_s=self.wall_s + other.wall_s)
 
@@ -84,13 +87,13 @@ def summarize(c: Counters) -> dict:
   tau: 1 + accepted / steps (1.0 without steps: plain decoding emits one token per step).
   acceptance_rate: accepted / proposed drafts (None when nothing was proposed).
   per_position_acceptance.cumulative[i]: fraction of rounds proposing draft i+1 whose first
-  i+1 drafts were all accepted; .conditional[i]: of the rounds with the first i drafts
-  accepted, the fraction that accepted draft i+1 too (the first equals cumulative[0]).
+  i+1 drafts were all accepted; .conditional[i]: of the rounds that proposed draft i+1 with
+  the first i accepted, the fraction that accepted it too (the first equals cumulative[0]).
+  Counting only rounds that proposed the draft keeps both right when γ varies per round.
   accepted_hist[n]: fraction of rounds that accepted n drafts (they emitted n+1 tokens).
   """
   cumulative = [_ratio(a, p) for a, p in zip(c.pos_accepted_G, c.pos_proposed_G)]
-  conditional = cumulative[:1] + [_ratio(c.pos_accepted_G[i], c.pos_accepted_G[i - 1])
-                                  for i in range(1, len(c.pos_accepted_G))]
+  conditional = [_ratio(a, r) for a, r in zip(c.pos_accepted_G, c.pos_reached_G)]
   hist_total = int(c.accept_hist_H.sum())
   return {
       "rows": c.rows,

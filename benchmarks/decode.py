@@ -1,0 +1,262 @@
+"""Decoding speed, side by side in one run: our plain and speculative decoding against
+transformers' plain `generate` and assisted generation, on the same float32 weights and prompts,
+and against the machine's limits (memory copy bandwidth, a bare jitted matrix-vector product).
+
+    python benchmarks/decode.py --out bench_decode.json            # both sizes, a few minutes on 2 cores
+    python benchmarks/decode.py --sizes small --prompts 4 --out x.json
+
+The targets have random weights; the drafter is distilled briefly on the target's own greedy
+continuations of the benchmark prompts (in-domain self-distillation, the paper's recipe in
+miniature), so acceptance is that of a drafter that knows the domain rather than chance. This
+measures the decoding engines, not how well a drafter generalises. Ratios are measured in the
+same process, one method after another on the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from specjax.decoding import Decoder  # noqa: E402
+from specjax.models import LlamaConfig, init_model, save_hf_checkpoint  # noqa: E402
+
+VOCAB = 8000
+
+
+def _llama(hidden, layers, mlp, heads, kv_heads):
+  return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_layers=layers,
+                     num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
+                     max_position_embeddings=1024)
+
+
+SIZES = {
+    # Per-step overhead dominates: about 18M target parameters.
+    "small": (_llama(320, 8, 1280, 5, 5), _llama(128, 1, 384, 2, 2)),
+    # Reading weights dominates: about 110M target, 6M drafter.
+    "large": (_llama(768, 14, 2048, 12, 12), _llama(256, 2, 768, 4, 4)),
+}
+
+
+@dataclasses.dataclass
+class Args:
+  sizes: list[str]
+  prompts: int
+  prompt_len: int
+  max_new: int
+  gamma: int
+  train_steps: int
+  threads: int
+  out: str
+
+
+def weight_bytes_per_token(config: LlamaConfig) -> int:
+  """Bytes of weights one decode step reads: all but the embedding table (one row of it)."""
+  itemsize = jnp.dtype(config.param_dtype).itemsize
+  return (config.num_params - config.vocab_size * config.hidden_size + config.hidden_size) * itemsize
+
+
+def copy_bandwidth(nbytes=512 << 20, repeats=5) -> float:
+  """Memory copy bandwidth in bytes/s, counting bytes read plus written (STREAM's convention)."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.zeros_like(src)  # touched, so the timing has no page faults
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    np.copyto(dst, src)
+    best = min(best, time.perf_counter() - t)
+  return 2 * nbytes / best
+
+
+def gemv_bandwidth(nbytes: int, hidden: int, iters=10, repeats=5) -> float:
+  """Bytes/s that a bare jitted x[1, D] @ W[D, F] reads, W holding `nbytes` of float32."""
+  cols = max(1, nbytes // 4 // hidden)
+  w = jax.random.normal(jax.random.key(0), (hidden, cols), jnp.float32)
+
+  @jax.jit
+  def run(x, w):
+    def body(_, x):
+      return x + 1e-30 * (x @ w)[:, :hidden]
+    return jax.lax.fori_loop(0, iters, body, x)
+
+  x = jnp.ones((1, hidden), jnp.float32)
+  run(x, w).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    run(x, w).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return w.nbytes * iters / best
+
+
+def forward_cost_ratio(model, width: int, repeats=20) -> float:
+  """Time of a `width`-token cached forward over a 1-token one (the verify/step cost ratio)."""
+  from specjax.models import KVCache
+  fwd = jax.jit(lambda m, t, c: m(t, c)[0])
+  cache = KVCache.zeros(model.config, 1, 256).replace(lengths_B=jnp.array([100], jnp.int32))
+  times = {}
+  for w in (1, width):
+    tokens = jnp.ones((1, w), jnp.int32)
+    fwd(model, tokens, cache).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fwd(model, tokens, cache).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    times[w] = best
+  return times[width] / times[1]
+
+
+def distill_drafter(target, drafter, prompts, max_new, steps, log):
+  """Cross-entropy on the target's greedy continuations (the paper's finetuning, in miniature)."""
+  data = Decoder(target, method="ar", max_new_tokens=max_new, batch_size=len(prompts)).generate(prompts, eos_id=-1)
+  seqs = np.array([p + t for p, t in zip(prompts, data.new_tokens)], np.int32)
+  loss_mask = np.zeros_like(seqs, np.float32)
+  loss_mask[:, len(prompts[0]):] = 1.0
+  graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, max(1, steps // 20), steps)
+  tx = optax.adamw(schedule, weight_decay=0.0)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, batch, mask):
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params, rest)(batch[:, :-1])
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+      return jnp.sum(ce * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.RandomState(0)
+  for i in range(steps):
+    idx = rng.choice(len(seqs), size=min(16, len(seqs)), replace=False)
+    params, opt_state, loss = step(params, opt_state, seqs[idx], loss_mask[idx])
+    if i % max(1, steps // 4) == 0 or i == steps - 1:
+      log(f"  distill step {i:4d}  loss {float(loss):.3f}")
+  return nnx.merge(graphdef, params, rest)
+
+
+def timed_generate(decoder: Decoder, prompts, **kw):
+  decoder.generate(prompts[:1], eos_id=-1, **kw)  # compile outside the timing
+  result = decoder.generate(prompts, eos_id=-1, **kw)
+  return result, sum(len(t) for t in result.new_tokens) / result.wall_s
+
+
+def hf_generate(model, prompts, max_new, assistant=None, gamma=None):
+  import torch
+  outputs, tokens, start = [], 0, None
+  kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+  if assistant is not None:
+    kw.update(assistant_model=assistant, num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
+              assistant_confidence_threshold=0.0)
+  with torch.inference_mode():
+    model.generate(torch.tensor([prompts[0]]), **kw)  # warm-up
+    start = time.perf_counter()
+    for p in prompts:
+      out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw)
+      new = out[0, len(p):].tolist()
+      outputs.append(new)
+      tokens += len(new)
+  return outputs, tokens / (time.perf_counter() - start)
+
+
+def bench_size(name: str, args: Args, bandwidth: float, log) -> dict:
+  import torch
+  from transformers import LlamaForCausalLM
+  target_cfg, drafter_cfg = SIZES[name]
+  log(f"[{name}] target {target_cfg.num_params / 1e6:.1f}M params, drafter {drafter_cfg.num_params / 1e6:.1f}M")
+  target = init_model(target_cfg, 0)
+  drafter = init_model(drafter_cfg, 1)
+  rng = np.random.RandomState(1)
+  prompts = [rng.randint(3, VOCAB, size=args.prompt_len).tolist() for _ in range(args.prompts)]
+  drafter = distill_drafter(target, drafter, prompts, args.max_new + args.gamma + 1, args.train_steps, log)
+
+  ar = Decoder(target, method="ar", max_new_tokens=args.max_new)
+  ar_result, ours_ar_tps = timed_generate(ar, prompts)
+  spec = Decoder(target, drafter, method="sps", gamma=args.gamma, max_new_tokens=args.max_new)
+  spec_result, ours_spec_tps = timed_generate(spec, prompts)
+  _, drafter_ar_tps = timed_generate(Decoder(drafter, method="ar", max_new_tokens=args.max_new), prompts)
+  assert spec_result.new_tokens == ar_result.new_tokens, "speculative output differs from plain output"
+
+  with tempfile.TemporaryDirectory() as tmp:
+    save_hf_checkpoint(target, target_cfg, os.path.join(tmp, "target"))
+    save_hf_checkpoint(drafter, drafter_cfg, os.path.join(tmp, "drafter"))
+    hf_target = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "target"), dtype=torch.float32).eval()
+    hf_drafter = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "drafter"), dtype=torch.float32).eval()
+  hf_ar_out, hf_ar_tps = hf_generate(hf_target, prompts, args.max_new)
+  hf_as_out, hf_assisted_tps = hf_generate(hf_target, prompts, args.max_new, hf_drafter, args.gamma)
+
+  alpha = float(spec_result.accepted.sum() / spec_result.proposed.sum())
+  tau = 1.0 + float(spec_result.accepted.sum() / spec_result.steps.sum())
+  c = ours_ar_tps / drafter_ar_tps  # drafter step time / target step time
+  g = args.gamma
+  expected = (1 - alpha ** (g + 1)) / (1 - alpha) if alpha < 1 else g + 1.0
+  verify_cost = forward_cost_ratio(target, g + 1)
+  wbytes = weight_bytes_per_token(target_cfg)
+  gemv = gemv_bandwidth(wbytes, target_cfg.hidden_size)
+  record = {
+      "size": name,
+      "target_params": target_cfg.num_params, "drafter_params": drafter_cfg.num_params,
+      "prompts": len(prompts), "max_new_tokens": args.max_new, "gamma": g,
+      "ours_ar_tps": ours_ar_tps, "ours_spec_tps": ours_spec_tps,
+      "hf_ar_tps": hf_ar_tps, "hf_assisted_tps": hf_assisted_tps,
+      "spec_over_hf_assisted": ours_spec_tps / hf_assisted_tps,
+      "tau": tau, "alpha": alpha, "cost_ratio_c": c,
+      "predicted_speedup": expected / (g * c + 1),
+      "measured_speedup": ours_spec_tps / ours_ar_tps,
+      "verify_cost_ratio": verify_cost,
+      "predicted_speedup_with_verify_cost": expected / (g * c + verify_cost),
+      "weight_bytes_per_token": wbytes,
+      "copy_bandwidth_gbs": bandwidth / 1e9, "gemv_bandwidth_gbs": gemv / 1e9,
+      "copy_bandwidth_fraction": ours_ar_tps * wbytes / bandwidth,
+      "gemv_ceiling_fraction": ours_ar_tps * wbytes / gemv,
+      "outputs_equal_hf_plain": float(np.mean([a == b for a, b in zip(hf_ar_out, ar_result.new_tokens)])),
+      "outputs_equal_hf_assisted": float(np.mean([a == b for a, b in zip(hf_as_out, spec_result.new_tokens)])),
+  }
+  return record
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", nargs="+", default=["small", "large"], choices=sorted(SIZES))
+  parser.add_argument("--prompts", type=int, default=6)
+  parser.add_argument("--prompt-len", type=int, default=32)
+  parser.add_argument("--max-new", type=int, default=96)
+  parser.add_argument("--gamma", type=int, default=5)
+  parser.add_argument("--train-steps", type=int, default=80)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--out", default="bench_decode.json")
+  args = Args(**vars(parser.parse_args(argv)))
+  import torch
+  torch.set_num_threads(args.threads)
+  log = lambda msg: print(msg, flush=True)
+  log(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
+      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  bandwidth = copy_bandwidth()
+  records = [bench_size(name, args, bandwidth, log) for name in args.sizes]
+  cols = ["size", "ours_ar_tps", "ours_spec_tps", "hf_ar_tps", "hf_assisted_tps", "spec_over_hf_assisted", "tau",
+          "alpha", "cost_ratio_c", "verify_cost_ratio", "predicted_speedup", "predicted_speedup_with_verify_cost",
+          "measured_speedup", "copy_bandwidth_fraction", "gemv_ceiling_fraction", "outputs_equal_hf_assisted"]
+  log("\n" + " | ".join(cols))
+  for r in records:
+    log(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+  with open(args.out, "w") as f:
+    json.dump(records, f, indent=2)
+  log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
