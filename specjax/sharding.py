@@ -21,6 +21,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    # Batch x kv_heads merged (KV cache rows): batch-major, so splitting it over the batch axes
+    # then tensor matches the activations' sharding whenever each batch shard holds one row
+    # or tensor is 1; otherwise XLA reshards (correct, slower).
+    "cache_rows": ("data", "fsdp", "tensor"),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -45,7 +49,9 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(layernorm|norm)/weight$", ("norm",)),
 )
 
-KV_CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+# Each layer's keys [R, S, E] and values [R, E, S], R = batch x kv_heads (row b*K + k).
+K_CACHE_AXES = ("cache_rows", "cache_length", "head_dim")
+V_CACHE_AXES = ("cache_rows", "head_dim", "cache_length")
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
@@ -120,9 +126,9 @@ def shard_model(model, mesh: Mesh):
 
 
 def cache_sharding(cache, mesh: Mesh):
-  """Shardings for a KVCache: [layers, batch, cache_length, kv_heads, head_dim] and lengths [batch]."""
-  return type(cache)(logical_sharding(cache.k_LBSKE.shape, KV_CACHE_AXES, mesh),
-                     logical_sharding(cache.v_LBSKE.shape, KV_CACHE_AXES, mesh),
+  """Shardings for a KVCache: each layer's keys and values by batch and kv_heads; lengths by batch."""
+  per_layer = lambda arrays, axes: tuple(logical_sharding(a.shape, axes, mesh) for a in arrays)
+  return type(cache)(per_layer(cache.k_RSE, K_CACHE_AXES), per_layer(cache.v_RES, V_CACHE_AXES),
                      logical_sharding(cache.lengths_B.shape, ("batch",), mesh))
 
 

@@ -52,13 +52,18 @@ def _decode(model, step, tokens, prefix, chunks):
   return np.concatenate(outs, axis=1), cache
 
 
+def all_keys(cache) -> np.ndarray:
+  """Every layer's keys as [L, B, K, S, E]."""
+  return np.stack([np.asarray(cache.keys(layer)) for layer in range(len(cache.k_RSE))])
+
+
 def test_prefill_only_matches_full_forward(model, step):
   tokens = random_tokens((2, 12), 256, 0)
   logits, cache = step(model, tokens, KVCache.zeros(model.config, 2, MAX_LEN))
   assert max_abs_diff(logits, _full(model, tokens)) <= TOL
   # Only the first 12 slots were written; the rest are still zero.
-  k = np.asarray(cache.k_LBSKE)
-  assert np.abs(k[:, :, :12]).max() > 0 and np.abs(k[:, :, 12:]).max() == 0
+  k = all_keys(cache)
+  assert np.abs(k[..., :12, :]).max() > 0 and np.abs(k[..., 12:, :]).max() == 0
 
 
 def test_token_by_token_matches_full_forward(model, step):
@@ -131,14 +136,14 @@ def test_stale_entries_beyond_length_are_ignored(model, step):
   cache = KVCache.zeros(model.config, 2, MAX_LEN)
   _, cache = step(model, tokens[:, :8], cache)
   _, dirty = step(model, garbage, cache)  # writes slots 8..13
-  assert np.abs(np.asarray(dirty.k_LBSKE[:, :, 8:14]) - np.asarray(cache.k_LBSKE[:, :, 8:14])).max() > 0
+  assert np.abs(all_keys(dirty)[..., 8:14, :] - all_keys(cache)[..., 8:14, :]).max() > 0
   dirty = dirty.replace(lengths_B=jnp.array([8, 8], jnp.int32))  # reject them all
   outs = []
   for t in range(8, 12):
     logits, dirty = step(model, tokens[:, t:t + 1], dirty)
     outs.append(np.asarray(logits))
   # After 4 steps slots 12..13 still hold garbage, and the last queries must not see it.
-  assert np.abs(np.asarray(dirty.k_LBSKE[:, :, 12:14])).max() > 0
+  assert np.abs(all_keys(dirty)[..., 12:14, :]).max() > 0
   diff = max_abs_diff(np.concatenate(outs, axis=1), clean[:, 8:])
   assert diff <= TOL, diff
 
@@ -175,3 +180,15 @@ def test_explicit_positions(model, step):
   assert max_abs_diff(default_logits, explicit_logits) <= TOL
   assert max_abs_diff(explicit_logits, _full(model, tokens)[:, 5:]) <= TOL
   np.testing.assert_array_equal(np.asarray(new_cache.lengths_B), [4, 6])
+
+
+@pytest.mark.parametrize("batch", [3, 20])  # one slice update per row, and one scatter
+def test_cache_write_paths_agree_with_full_forward(model, batch):
+  from specjax.models import llama
+  assert (batch > llama.MAX_ROWS_FOR_SLICE_WRITES) == (batch == 20)
+  tokens = random_tokens((batch, 9), 256, 11)
+  cache = KVCache.zeros(model.config, batch, MAX_LEN)
+  logits_a, cache = model(tokens[:, :5], cache)
+  logits_b, cache = model(tokens[:, 5:], cache)
+  diff = max_abs_diff(np.concatenate([logits_a, logits_b], axis=1), _full(model, tokens))
+  assert diff <= TOL, diff

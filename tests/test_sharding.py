@@ -125,7 +125,7 @@ def test_sharded_cached_forward_matches_single_device(models, mesh):
     put = lambda x: x
     if shard:
       cache = jax.device_put(cache, cache_sharding(cache, mesh))
-      assert not cache.k_LBSKE.sharding.is_fully_replicated
+      assert not cache.k_RSE[0].sharding.is_fully_replicated
       put = lambda x: jax.device_put(jnp.asarray(x), batch_sharding(x.shape, mesh))
     graphdef, state = nnx.split(model)
     logits, cache = _cached_forward(graphdef, state, put(tokens[:, :prefix]), cache)
@@ -148,10 +148,11 @@ def test_cache_sharding_specs(mesh):
   config = tiny_config()
   cache = KVCache.zeros(config, BATCH, 16)
   shardings = cache_sharding(cache, mesh)
-  # [layers, batch, cache_length, kv_heads, head_dim]
-  assert shardings.k_LBSKE.spec == P(None, ("data", "fsdp"), None, "tensor", None)
-  assert shardings.v_LBSKE.spec == shardings.k_LBSKE.spec
+  # Per layer: keys [batch x kv_heads, cache_length, head_dim], values [.., head_dim, cache_length].
+  for k, v in zip(shardings.k_RSE, shardings.v_RES):
+    assert k.spec == P(("data", "fsdp", "tensor"), None, None)
+    assert v.spec == P(("data", "fsdp", "tensor"), None, None)
   assert shardings.lengths_B.spec == P(("data", "fsdp"))
-  # A batch of 2 drops fsdp; one kv head drops tensor.
+  # 2 rows x 1 kv head = 2 cache rows: only `data` divides them.
   small = KVCache.zeros(config.replace(num_kv_heads=1, num_heads=2), 2, 16)
-  assert cache_sharding(small, mesh).k_LBSKE.spec == P(None, "data", None, None, None)
+  assert cache_sharding(small, mesh).k_RSE[0].spec == P("data", None, None)

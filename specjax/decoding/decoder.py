@@ -97,10 +97,8 @@ class Decoder:
       cache_sharding = None
       if self.mesh is not None:
         def sharding_of(config):
-          shape = (config.num_layers, self.batch_size, spec.buffer_len, config.num_kv_heads, config.head_dim)
-          dummy = KVCache(jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.float32),
-                          jax.ShapeDtypeStruct((self.batch_size,), jnp.int32))
-          return shd.cache_sharding(dummy, self.mesh)
+          abstract = jax.eval_shape(lambda: KVCache.zeros(config, self.batch_size, spec.buffer_len))
+          return shd.cache_sharding(abstract, self.mesh)
         cache_sharding = (sharding_of(self.target_config),
                           sharding_of(self.drafter_config) if self.drafter_config else None)
       self._compiled[spec] = jax.jit(

@@ -20,24 +20,38 @@ from specjax.models.config import LlamaConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, static shape, with the committed length of each row.
+  """Keys [R, S, E] and values [R, E, S] of each layer, R = batch x kv_heads (row b*K + k),
+  static shape, with each batch row's committed length.
 
   Row b's entries at positions >= lengths[b] are stale (rejected drafts, padding) and are
   never attended to: every forward writes its new keys before attending, and masks by position.
+  Why this layout: one array per layer (not a stacked [L, B, S, K, E]); batch and heads merged
+  so the attention dots need no reshape of the cache; the contracted dimension innermost (E
+  for scores, S for outputs), as XLA's dot wants it; writes as one dynamic_update_slice per
+  row. XLA then updates the cache in place and never slices, transposes or duplicates it per
+  step. On CPU the copies the other layouts caused cost more than attention itself (a decode
+  step over a 4096-position cache: 27 ms before, 6 ms after, 18M-parameter model).
   """
-  k_LBSKE: jax.Array
-  v_LBSKE: jax.Array
+  k_RSE: tuple[jax.Array, ...]
+  v_RES: tuple[jax.Array, ...]
   lengths_B: jax.Array  # int32
 
   @classmethod
   def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
     dtype = dtype or jnp.dtype(config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    rows, layers = batch * config.num_kv_heads, range(config.num_layers)
+    return cls(tuple(jnp.zeros((rows, max_len, config.head_dim), dtype) for _ in layers),
+               tuple(jnp.zeros((rows, config.head_dim, max_len), dtype) for _ in layers),
+               jnp.zeros((batch,), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k_LBSKE.shape[2]
+    return self.k_RSE[0].shape[1]
+
+  def keys(self, layer: int) -> jax.Array:
+    """Layer's keys as [B, K, S, E] (for inspection and tests)."""
+    rows, S, E = self.k_RSE[layer].shape
+    return self.k_RSE[layer].reshape(self.lengths_B.shape[0], -1, S, E)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -76,6 +90,37 @@ def apply_rope(x_BTNE: jax.Array, cos_BTE: jax.Array, sin_BTE: jax.Array) -> jax
   return x_BTNE * cos_BTE[:, :, None, :] + rotated * sin_BTE[:, :, None, :]
 
 
+# Up to this many batch rows, cache writes are one dynamic_update_slice per row; above it, one scatter.
+MAX_ROWS_FOR_SLICE_WRITES = 16
+
+
+def write_rows(cache_R__: jax.Array, new_R__: jax.Array, start_B: jax.Array, axis: int) -> jax.Array:
+  """Writes each batch row's block of cache rows at its own start along `axis` (positions).
+
+  Small batches (decoding): one in-place dynamic_update_slice per batch row; a scatter would
+  lower, on CPU, to a select over the whole buffer every step. A write that would run past the
+  end is shifted back to fit; only finished rows ever ask for that. Large batches (sampling
+  tests, data generation): one scatter (past-the-end writes dropped), whose full pass costs
+  about what attention's read of the cache does, instead of thousands of unrolled updates.
+  """
+  new_R__ = new_R__.astype(cache_R__.dtype)
+  batch = start_B.shape[0]
+  rows_per = cache_R__.shape[0] // batch
+  if batch <= MAX_ROWS_FOR_SLICE_WRITES:
+    zero = jnp.zeros((), jnp.int32)
+    for b in range(batch):
+      index = [jnp.int32(b * rows_per), zero, zero]
+      index[axis] = start_B[b].astype(jnp.int32)
+      cache_R__ = jax.lax.dynamic_update_slice(cache_R__, new_R__[b * rows_per:(b + 1) * rows_per], index)
+    return cache_R__
+  T = new_R__.shape[axis]
+  rows_RT = jnp.broadcast_to(jnp.arange(cache_R__.shape[0])[:, None], (cache_R__.shape[0], T))
+  pos_RT = jnp.repeat(start_B, rows_per)[:, None] + jnp.arange(T)[None]
+  if axis == 1:  # [R, S, E] <- [R, T, E]
+    return cache_R__.at[rows_RT, pos_RT].set(new_R__, mode="drop")
+  return cache_R__.at[rows_RT, :, pos_RT].set(new_R__.transpose(0, 2, 1), mode="drop")  # [R, E, S]
+
+
 def _dense(rngs: nnx.Rngs, d_in: int, d_out: int, config: LlamaConfig) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(config.dtype),
                     param_dtype=jnp.dtype(config.param_dtype),
@@ -104,9 +149,9 @@ class Attention(nnx.Module):
     self.o_proj = _dense(rngs, config.num_heads * e, d, config)
 
   def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, kv=None):
-    """kv: None for a plain causal forward, else (k_LBSKE, v_LBSKE, layer, write_positions_BT): the
-    new keys/values are scattered into the stacked cache in place before attending.
-    Returns (out_BTD, kv with the updated cache arrays)."""
+    """kv: None for a plain causal forward, else (k_RSE, v_RES, start_B): the new keys/values
+    go to positions start_B[b] .. start_B[b]+T-1 of this layer's cache before attending.
+    Returns (out_BTD, kv with the updated cache arrays). R = B*K, Q = G*T."""
     cfg = self.config
     B, T, _ = x_BTD.shape
     K, E = cfg.num_kv_heads, cfg.head_dim
@@ -114,21 +159,24 @@ class Attention(nnx.Module):
     q_BTKGE = apply_rope(self.q_proj(x_BTD).reshape(B, T, K * G, E), cos_BTE, sin_BTE).reshape(B, T, K, G, E)
     k_BTKE = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, E), cos_BTE, sin_BTE)
     v_BTKE = self.v_proj(x_BTD).reshape(B, T, K, E)
+    new_k_RTE = k_BTKE.transpose(0, 2, 1, 3).reshape(B * K, T, E)
+    new_v_RET = v_BTKE.transpose(0, 2, 3, 1).reshape(B * K, E, T)
     if kv is None:
-      k_BSKE, v_BSKE = k_BTKE, v_BTKE
+      k_RSE, v_RES = new_k_RTE, new_v_RET
     else:
-      k_LBSKE, v_LBSKE, layer, write_BT = kv
-      rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-      # mode="drop": writes past the buffer (finished rows, padding) are discarded.
-      k_LBSKE = k_LBSKE.at[layer, rows_BT, write_BT].set(k_BTKE.astype(k_LBSKE.dtype), mode="drop")
-      v_LBSKE = v_LBSKE.at[layer, rows_BT, write_BT].set(v_BTKE.astype(v_LBSKE.dtype), mode="drop")
-      k_BSKE, v_BSKE = k_LBSKE[layer], v_LBSKE[layer]
-      kv = (k_LBSKE, v_LBSKE, layer, write_BT)
-    scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE.astype(q_BTKGE.dtype),
-                              preferred_element_type=jnp.float32) / math.sqrt(E)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(x_BTD.dtype)
-    out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE.astype(x_BTD.dtype))
+      k_RSE, v_RES, start_B = kv
+      k_RSE = write_rows(k_RSE, new_k_RTE, start_B, axis=1)
+      v_RES = write_rows(v_RES, new_v_RET, start_B, axis=2)
+      kv = (k_RSE, v_RES, start_B)
+    S = k_RSE.shape[1]
+    q_RQE = q_BTKGE.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, E)
+    scores_RQS = jnp.einsum("rqe,rse->rqs", q_RQE, k_RSE.astype(q_RQE.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(E)
+    mask_RQS = jnp.broadcast_to(mask_BTS[:, None, None], (B, K, G, T, S)).reshape(B * K, G * T, S)
+    scores_RQS = jnp.where(mask_RQS, scores_RQS, jnp.finfo(jnp.float32).min)
+    probs_RQS = jax.nn.softmax(scores_RQS, axis=-1).astype(x_BTD.dtype)
+    out_RQE = jnp.einsum("rqs,res->rqe", probs_RQS, v_RES.astype(x_BTD.dtype))
+    out_BTKGE = out_RQE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4)
     return self.o_proj(out_BTKGE.reshape(B, T, K * G * E)), kv
 
 
@@ -158,8 +206,9 @@ class DecoderLayer(nnx.Module):
 
 class Llama(nnx.Module):
   """Llama decoder. `model(tokens_BT)` is a plain causal forward returning float32 logits;
-  `model(tokens_BT, cache)` writes at positions `cache.lengths_B + t` (or `positions_BT`)
-  and returns `(logits_BTV, cache)` with lengths advanced by T."""
+  `model(tokens_BT, cache)` writes at positions `cache.lengths_B + t` (or `positions_BT`,
+  which must be consecutive in each row) and returns `(logits_BTV, cache)` with lengths
+  advanced by T."""
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     self.config = config
@@ -184,16 +233,17 @@ class Llama(nnx.Module):
     else:
       # Slot s holds position s: a query sees every slot up to its own position.
       mask_BTS = jnp.arange(cache.max_len)[None, None, :] <= positions_BT[:, :, None]
-    k_LBSKE, v_LBSKE = (None, None) if cache is None else (cache.k_LBSKE, cache.v_LBSKE)
+    new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (k_LBSKE, v_LBSKE, i, positions_BT)
+      kv = None if cache is None else (cache.k_RSE[i], cache.v_RES[i], positions_BT[:, 0])
       x_BTD, kv = layer(x_BTD, cos_BTE, sin_BTE, mask_BTS, kv)
       if cache is not None:
-        k_LBSKE, v_LBSKE = kv[0], kv[1]
+        new_k.append(kv[0])
+        new_v.append(kv[1])
     h_BTD = self.norm(x_BTD)
     if cache is None:
       return h_BTD, None
-    return h_BTD, KVCache(k_LBSKE, v_LBSKE, cache.lengths_B + T)
+    return h_BTD, KVCache(tuple(new_k), tuple(new_v), cache.lengths_B + T)
 
   def logits(self, h_BTD) -> jax.Array:
     if self.lm_head is None:
