@@ -63,6 +63,7 @@ def get_config(arg=None):
   c.system_prompt = config_dict.placeholder(str)  # default: the template's own
 
   c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor); used when there is more than one device
+  c.drafter_sharding = "replicated"  # or "sharded": the drafter by the same rules as the target
   c.warmup = True  # compile before timing, so tokens/s excludes compile time
 
   # local_assets: build target, drafter and prompts when absent: random-weight checkpoints of

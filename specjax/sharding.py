@@ -125,6 +125,14 @@ def shard_model(model, mesh: Mesh):
   return model
 
 
+def replicate_model(model, mesh: Mesh):
+  """Places a full copy of a model's weights on every device of `mesh` (in place) and returns it:
+  for a small drafter, drafting without collectives beats sharding its few weights."""
+  from flax import nnx
+  nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+  return model
+
+
 def cache_sharding(cache, mesh: Mesh):
   """Shardings for a KVCache: each layer's keys and values by batch and kv_heads; lengths by batch."""
   per_layer = lambda arrays, axes: tuple(logical_sharding(a.shape, axes, mesh) for a in arrays)

@@ -228,13 +228,15 @@ def test_runlocal_writes_answers_and_metrics(plain_run):
   assert m["hardware"]["device_count"] == 1 and m["config"]["method"] == "ar"
 
 
-@pytest.mark.parametrize("method, devices", [("sps", 2), ("pld", 1)])
-def test_speculative_output_equals_plain_output(plain_run, tmp_path, method, devices):
-  """Greedy losslessness through the whole job (sps on a 2-device mesh)."""
+@pytest.mark.parametrize("method, devices, drafter_sharding", [
+    ("sps", 2, "replicated"), ("sps", 2, "sharded"), ("pld", 1, "replicated")])
+def test_speculative_output_equals_plain_output(plain_run, tmp_path, method, devices, drafter_sharding):
+  """Greedy losslessness through the whole job (sps on a 2-device mesh, drafter replicated or sharded)."""
   assets = plain_run[0] / "local_assets"
   proc = _cli(tmp_path, "--config", f"configs/generate.py:runlocal,method={method}",
               f"--config.target={assets}/target", f"--config.drafter={assets}/drafter",
-              f"--config.prompts={assets}/question.jsonl", devices=devices)
+              f"--config.prompts={assets}/question.jsonl", f"--config.drafter_sharding={drafter_sharding}",
+              devices=devices)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "answers.jsonl", encoding="utf-8") as f:
     answers = [json.loads(line) for line in f]

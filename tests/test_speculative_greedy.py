@@ -44,6 +44,7 @@ def prompts():
     if i % 3 == 0:
       p = p + p[: len(p) // 2]
     out.append(p)
+  out[1] = [17]  # a one-token prompt: the drafter's first chunk starts at position 0
   return out
 
 

@@ -144,17 +144,21 @@ def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
 def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter, gamma_B):
   """Drafts up to max(gamma_B) tokens with the drafter; returns (drafts_BG, q_BGV or None, cache, steps)."""
   B, G, L_B = s.lengths_B.shape[0], spec.gamma, s.lengths_B
-  # Catch-up and first draft in one two-token chunk: after a fully accepted round the drafter
-  # has not seen the last draft; otherwise the first token rewrites identical keys/values.
-  pos_B2 = jnp.stack([jnp.maximum(L_B - 2, 0), L_B - 1], axis=1)
+  # Catch-up and first draft in one two-token chunk at positions L-2, L-1: after a fully
+  # accepted round the drafter has not seen the last draft; otherwise the first token rewrites
+  # identical keys/values. A one-token prompt (L=1) starts at 0; its second slot is overwritten
+  # by the next draft step before anything reads it.
+  start_B = jnp.maximum(L_B - 2, 0)
+  pos_B2 = start_B[:, None] + jnp.arange(2)[None]
   chunk_B2 = jnp.take_along_axis(s.tokens_BN, pos_B2, axis=1)
   logits_B2V, cache = drafter(chunk_B2, s.drafter_cache, pos_B2)
+  logits_BV = jnp.take_along_axis(logits_B2V, (L_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
 
   def choose(logits_BV, i):
     keys_B = smp.row_keys(x.seed, x.row_ids_B, L_B + i, smp.TAG_DRAFT)
     return smp.choose_tokens(logits_BV, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
 
-  d_B, q_BV = choose(logits_B2V[:, 1], 0)
+  d_B, q_BV = choose(logits_BV, 0)
   drafts_BG = jnp.zeros((B, G), jnp.int32).at[:, 0].set(d_B)
   q_BGV = None if q_BV is None else jnp.zeros((B, G, q_BV.shape[-1]), jnp.float32).at[:, 0].set(q_BV)
   steps = jnp.maximum(jnp.max(gamma_B), 1)

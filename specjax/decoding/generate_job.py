@@ -22,7 +22,7 @@ from specjax.decoding.decoder import Decoder
 from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.models.hf import load_model, load_tokenizer
-from specjax.sharding import make_mesh
+from specjax.sharding import make_mesh, replicate_model
 
 LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
 
@@ -46,6 +46,9 @@ def _check_config(config, paths: dict[str, str | None]) -> None:
     raise SpecjaxError("config field `prompts` is not set: give a Spec-Bench question.jsonl path or glob")
   if config.template not in TEMPLATES:
     raise SpecjaxError(f"config field `template`={config.template!r}: templates are {', '.join(TEMPLATES)}")
+  if config.drafter_sharding not in ("replicated", "sharded"):
+    raise SpecjaxError(f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' "
+                       "or 'sharded'")
   if config.max_prompts < 0:
     raise SpecjaxError(f"config field `max_prompts`={config.max_prompts}: must be >= 0 (0 = all)")
 
@@ -83,7 +86,10 @@ def run(config, workdir: str) -> dict:
   target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
   drafter = None
   if config.method == "sps":
-    drafter, _ = load_model(paths["drafter"], config.dtype, mesh, seed=config.seed + 1)
+    sharded = mesh is not None and config.drafter_sharding == "sharded"
+    drafter, _ = load_model(paths["drafter"], config.dtype, mesh if sharded else None, seed=config.seed + 1)
+    if mesh is not None and not sharded:
+      replicate_model(drafter, mesh)
   decoder = Decoder(target, drafter, method=config.method, gamma=config.gamma, dynamic_gamma=config.dynamic_gamma,
                     gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
                     batch_size=config.batch_size, mesh=mesh, max_cache_len=config.max_cache_len,
