@@ -236,7 +236,7 @@ def main(argv=None):
   parser.add_argument("--prompt-len", type=int, default=32)
   parser.add_argument("--max-new", type=int, default=96)
   parser.add_argument("--gamma", type=int, default=5)
-  parser.add_argument("--train-steps", type=int, default=80)
+  parser.add_argument("--train-steps", type=int, default=30)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--out", default="bench_decode.json")
   args = Args(**vars(parser.parse_args(argv)))
