@@ -22,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # (target generations for self-distillation, specjax.data), pretrain and finetune (specjax.train).
 JOBS = {
     "generate": "specjax.decoding.generate_job:run",
+    "distill_data": "specjax.data.selfdistill:run",
 }
 PLANNED_JOBS = ("distill_data", "pretrain", "finetune")
 

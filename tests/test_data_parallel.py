@@ -25,7 +25,9 @@ def test_split_files_exist_and_are_disjoint(shared_data, lang):
 
 
 def test_split_table_rows(shared_data):
-  names = lambda lang, split: [os.path.relpath(x, shared_data) for x, _ in parallel.parallel_files(shared_data, lang, split)]
+  def names(lang, split):
+    return [os.path.relpath(x, shared_data) for x, _ in parallel.parallel_files(shared_data, lang, split)]
+
   assert "wmt-newstest/de-en/newstest2016.de" in names("de", "eval")
   assert "wmt-newstest/de-en/newstest2016.de" not in names("de", "train")
   assert "wmt-newstest/zh-en/newstest2018.zh" in names("zh", "eval")
