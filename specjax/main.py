@@ -18,8 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# job name -> "module:function" taking (config, workdir). Jobs still to come: pretrain, finetune.
-# (target generations for self-distillation, specjax.data), pretrain and finetune (specjax.train).
+# job name -> "module:function" taking (config, workdir). Still to come: pretrain and finetune
+# (specjax.train).
 JOBS = {
     "generate": "specjax.decoding.generate_job:run",
     "distill_data": "specjax.data.selfdistill:run",
