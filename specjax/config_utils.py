@@ -46,3 +46,9 @@ def parse_arg(arg: str | None, source: str = "config", **defaults) -> ml_collect
       raise SpecjaxError(f"{source}: argument {key!r} needs a value ({key}=...)")
     out[key] = _convert(key, value.strip(), defaults[key], source)
   return out
+
+
+def workdir_path(config, field: str, workdir: str) -> str | None:
+  """Config field `field` as a path, with `{workdir}` replaced (runlocal builds its inputs there)."""
+  value = config.get(field)
+  return value.replace("{workdir}", workdir) if value else None

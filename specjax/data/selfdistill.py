@@ -25,6 +25,7 @@ from absl import logging
 from tqdm import tqdm
 
 from specjax import local_assets
+from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, LANGUAGE_NAMES, load_pairs, translation_message
 from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt
 from specjax.errors import SpecjaxError
@@ -38,11 +39,6 @@ ECHO = ("target", "tokenizer", "data_dir", "src", "tgt", "temperatures", "num_so
 
 def shard_name(src: str, tgt: str, shard: int, num_shards: int) -> str:
   return f"selfdistill-{src}{tgt}-{shard:05d}-of-{num_shards:05d}.jsonl"
-
-
-def _path(config, field: str, workdir: str) -> str | None:
-  value = config.get(field)
-  return value.replace("{workdir}", workdir) if value else None
 
 
 def _check_config(config, target: str | None) -> None:
@@ -153,16 +149,16 @@ def _write_manifest(path: str, echo: dict, shards: list[dict | None], records_to
 
 def run(config, workdir: str) -> dict:
   """Generates the missing shards; returns the manifest's counts. Only process 0 writes."""
-  target = _path(config, "target", workdir)
+  target = workdir_path(config, "target", workdir)
   _check_config(config, target)
-  data_dir = _path(config, "data_dir", workdir)
+  data_dir = workdir_path(config, "data_dir", workdir)
   sources = _sources(config, data_dir)
   if not sources:
     raise SpecjaxError(f"no source sentences for {config.src}->{config.tgt} in {data_dir}")
   records = _plan(config, sources)
   shards = _shards(records, config.num_shards)
   echo = {k: (list(config[k]) if k == "temperatures" else config.get(k)) for k in ECHO}
-  echo.update(target=target, tokenizer=_path(config, "tokenizer", workdir), data_dir=data_dir)
+  echo.update(target=target, tokenizer=workdir_path(config, "tokenizer", workdir), data_dir=data_dir)
   out_dir = os.path.join(workdir, "data")
   manifest_path = os.path.join(workdir, "manifest.json")
   writer = jax.process_index() == 0
@@ -208,7 +204,7 @@ def _generate(config, target, workdir, shards, todo, paths, done, writer, write_
 
   if config.local_assets and not target.startswith("preset:"):
     local_assets.ensure_checkpoints([(target, "tiny")])
-  tokenizer_dir = _path(config, "tokenizer", workdir) or target
+  tokenizer_dir = workdir_path(config, "tokenizer", workdir) or target
   if tokenizer_dir.startswith("preset:"):
     raise SpecjaxError(f"target {tokenizer_dir} has random weights and no tokenizer: set config field "
                        "`tokenizer` to a directory that holds one")

@@ -17,6 +17,7 @@ from absl import logging
 from tqdm import tqdm
 
 from specjax import local_assets
+from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
 from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
@@ -25,11 +26,6 @@ from specjax.models.hf import load_model, load_tokenizer
 from specjax.sharding import make_mesh, replicate_model
 
 LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
-
-
-def _path(config, field: str, workdir: str) -> str | None:
-  value = config.get(field)
-  return value.replace("{workdir}", workdir) if value else None
 
 
 def _check_config(config, paths: dict[str, str | None]) -> None:
@@ -66,7 +62,7 @@ def _warm_up(decoder: Decoder, prompts: list[list[int]], names: list[str], sampl
 
 def run(config, workdir: str) -> dict:
   """Runs the job; returns the metrics that it writes to WORKDIR/metrics.json."""
-  paths = {field: _path(config, field, workdir) for field in ("target", "drafter", "tokenizer", "prompts")}
+  paths = {field: workdir_path(config, field, workdir) for field in ("target", "drafter", "tokenizer", "prompts")}
   _check_config(config, paths)
   if config.local_assets:
     local_assets.ensure_question_file(paths["prompts"])
