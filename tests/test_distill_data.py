@@ -169,3 +169,27 @@ def test_cli_reports_bad_fields(tmp_path):
   assert "Traceback" not in bad_lang.stderr
   bad_arg = _cli(tmp_path, "--config", "configs/distill_data.py:runlocal,temperature=1")
   assert bad_arg.returncode == 2 and "configs/distill_data.py: unknown argument 'temperature'" in bad_arg.stderr
+
+
+def test_generated_records_read_back_through_their_seqio_task(full_run, data_dir, assets, tmp_path):
+  """The job's own output through `selfdistill_de_en`: inputs are the chat prompt, targets the
+  target's response ids (one EOS); a vocabulary other than the generating target's is refused."""
+  import seqio
+  from specjax.data import tasks
+  from specjax.models.tokenizer_utils import train_tokenizer
+  workdir, _ = full_run
+  records = list(selfdistill.read_records(workdir))
+  tasks.register_tasks(data_dir=data_dir, vocab_dir=assets, selfdistill_dir=workdir, shuffle_buffer_size=16)
+  vocab = tasks.vocabulary()
+  ds = seqio.get_mixture_or_task("selfdistill_de_en").get_dataset({"inputs": 512, "targets": 64}, split="train",
+                                                                  shuffle=False)
+  examples = list(ds.as_numpy_iterator())
+  assert len(examples) == len(records)
+  for ex, r in zip(examples, records):
+    assert vocab.decode(ex["inputs"]) == r["chat_prompt"]
+    ids = r["response_token_ids"]
+    ids = ids[:-1] if ids and ids[-1] == vocab.eos_id else ids
+    assert list(ex["targets"]) == ids + [vocab.eos_id]
+  train_tokenizer(["Ein ganz anderer Text.", "Something else entirely."] * 20, 300, str(tmp_path / "other"))
+  with pytest.raises(SpecjaxError, match="manifest.json.*differs from the vocabulary"):
+    tasks.register_tasks(data_dir=data_dir, vocab_dir=str(tmp_path / "other"), selfdistill_dir=workdir)

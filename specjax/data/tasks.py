@@ -24,6 +24,7 @@ import atexit
 import functools
 import gc
 import glob
+import json
 import os
 import re
 import weakref
@@ -212,6 +213,27 @@ def _selfdistill_files(selfdistill_dir: str) -> dict[tuple[str, str], list[str]]
   return files
 
 
+def _check_generating_tokenizer(paths: list[str], vocab) -> None:
+  """Refuses self-distillation data made by a target whose tokenizer is not `vocab`: its
+  response ids would mean other tokens. The distill_data workdir's manifest.json names the
+  target (and tokenizer) that generated the shards; data without a manifest is not checked."""
+  from specjax.data.vocab import check_vocabulary_matches_target
+  for workdir in sorted({os.path.dirname(os.path.dirname(p)) for p in paths}):
+    manifest = os.path.join(workdir, "manifest.json")
+    if not os.path.exists(manifest):
+      continue
+    with open(manifest, encoding="utf-8") as f:
+      generated_by = json.load(f).get("config", {})
+    tokenizer_dir = generated_by.get("tokenizer") or generated_by.get("target")
+    if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
+      continue  # the generating checkpoint is not on this machine
+    try:
+      check_vocabulary_matches_target(vocab, tokenizer_dir)
+    except SpecjaxError as e:
+      raise SpecjaxError(f"{manifest}: this self-distillation data was generated with the tokenizer in "
+                         f"{tokenizer_dir}, which differs from the vocabulary given to register_tasks ({e})") from None
+
+
 def _selfdistill_columns(paths: tuple[str, ...], src: str, tgt: str, eos_id: int | None) -> dict:
   """chat_prompt strings and the response's token ids, EOS stripped (the feature appends it).
 
@@ -293,6 +315,8 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
               seqio.preprocessors.append_eos_after_trim], True)
 
   groups = _selfdistill_files(selfdistill_dir) if selfdistill_dir is not None else {}
+  for paths in groups.values():
+    _check_generating_tokenizer(paths, vocab)
   for (src, tgt), paths in sorted(groups.items()):
     columns = functools.lru_cache(maxsize=1)(functools.partial(_selfdistill_columns, tuple(paths), src, tgt,
                                                                 vocab.eos_id))
