@@ -157,7 +157,7 @@ def timed_generate(decoder: Decoder, prompts, **kw):
 
 def hf_generate(model, prompts, max_new, assistant=None, gamma=None):
   import torch
-  outputs, tokens, start = [], 0, None
+  outputs, tokens = [], 0
   kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
   if assistant is not None:
     kw.update(assistant_model=assistant, num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",

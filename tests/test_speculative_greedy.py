@@ -4,6 +4,7 @@ edge cases of a round (EOS or the token budget inside a draft) and input validat
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from specjax.decoding import Decoder
 from specjax.errors import SpecjaxError
@@ -16,11 +17,10 @@ NO_EOS = -1
 def noisy_copy(model, scale, seed):
   """A drafter that agrees with the target often but not always."""
   copy = init_model(model.config, seed)
-  keys = iter(jax.random.split(jax.random.key(seed), 64))
-  from flax import nnx
-  noisy = jax.tree.map(lambda w: w + scale * jax.random.normal(next(keys), w.shape, w.dtype),
-                       nnx.state(model, nnx.Param))
-  nnx.update(copy, noisy)
+  weights, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+  keys = jax.random.split(jax.random.key(seed), len(weights))
+  noisy = [w + scale * jax.random.normal(k, w.shape, w.dtype) for w, k in zip(weights, keys)]
+  nnx.update(copy, jax.tree.unflatten(treedef, noisy))
   return copy
 
 

@@ -6,7 +6,6 @@ lot and rejections are frequent. Each row decodes the same prompt with its own r
 independent stream of randomness); the empirical joint distribution of the first two new
 tokens is compared with the target's exact joint distribution under the same processing.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
