@@ -6,6 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Multilingual speculative decoding with specialized drafters, in JAX/Flax NNX.",
     packages=setuptools.find_packages(include=["specjax", "specjax.*"]),
+    package_data={"specjax": ["assets/corpus/*/*"]},  # the embedded corpus that `make demo` trains on
     python_requires=">=3.10",
     install_requires=[
         # The design card's packages.
@@ -23,6 +24,7 @@ setuptools.setup(
         "absl-py",
         "tqdm",
         "matplotlib",
+        "tensorboard",  # event files (flax.metrics.tensorboard) and the viewer
     ],
     extras_require={
         # torch==2.13.0: its CPU build is what the test machines have; another

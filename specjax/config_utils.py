@@ -6,6 +6,8 @@ names the config file in every error, so a typo fails before anything loads.
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from specjax.errors import SpecjaxError
@@ -51,4 +53,11 @@ def parse_arg(arg: str | None, source: str = "config", **defaults) -> ml_collect
 def workdir_path(config, field: str, workdir: str) -> str | None:
   """Config field `field` as a path, with `{workdir}` replaced (runlocal builds its inputs there)."""
   value = config.get(field)
-  return value.replace("{workdir}", workdir) if value else None
+  if not value:
+    return None
+  if "{workdir}" not in value:
+    return value
+  value = value.replace("{workdir}", workdir)
+  # "{workdir}/../x" must not need {workdir} to exist yet; URLs (gs://) are left as they are.
+  prefix, sep, path = value.rpartition(":") if value.startswith(("run:", "preset:")) else ("", "", value)
+  return prefix + sep + (path if "://" in path else os.path.normpath(path))

@@ -77,3 +77,32 @@ def ensure_checkpoints(paths_and_presets: list[tuple[str, str]], vocab_size: int
   for i, ((path, preset), done) in enumerate(zip(paths_and_presets, exists)):
     if not done:
       make_random_checkpoint(path, preset, tokenizer=tokenizer, seed=seed + i)
+
+
+def corpus_texts() -> list[str]:
+  """Both sides of the embedded corpus's training split (specjax/assets/corpus), and the
+  templates' fixed text: what a tokenizer for runlocal training and the demo is trained on."""
+  from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs
+  texts = [TEMPLATE_TEXT]
+  for lang in LANGS:
+    for x, en in load_pairs(EMBEDDED_CORPUS, lang, "train"):
+      texts += [x, en]
+  return texts
+
+
+def ensure_corpus_tokenizer(out_dir: str, vocab_size: int = 2048):
+  """A byte-level BPE trained on the embedded corpus, saved at out_dir (kept when present)."""
+  _single_process()
+  from specjax.models.hf import load_tokenizer
+  if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+    return load_tokenizer(out_dir)
+  return train_tokenizer(corpus_texts(), vocab_size, out_dir)
+
+
+def ensure_corpus_checkpoints(target_dir: str, preset: str = "tiny", vocab_size: int = 2048, seed: int = 0) -> None:
+  """A random-weight target (runlocal training's stand-in) whose tokenizer covers the corpus."""
+  if os.path.exists(os.path.join(target_dir, "config.json")):
+    return
+  tokenizer = ensure_corpus_tokenizer(os.path.join(os.path.dirname(os.path.abspath(target_dir)), "tokenizer"),
+                                      vocab_size)
+  make_random_checkpoint(target_dir, preset, tokenizer=tokenizer, seed=seed)

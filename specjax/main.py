@@ -18,13 +18,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# job name -> "module:function" taking (config, workdir). Still to come: pretrain and finetune
-# (specjax.train).
+# job name -> "module:function" taking (config, workdir).
 JOBS = {
     "generate": "specjax.decoding.generate_job:run",
     "distill_data": "specjax.data.selfdistill:run",
+    "pretrain": "specjax.train.trainer:run",
+    "finetune": "specjax.train.trainer:run",
 }
-PLANNED_JOBS = ("pretrain", "finetune")
 
 
 def _fail(message: str) -> None:
@@ -55,9 +55,6 @@ def run_job(config, workdir: str):
   """Runs `config.job`; raises SpecjaxError for a job that does not exist (yet)."""
   job = config.get("job")
   if job not in JOBS:
-    if job in PLANNED_JOBS:
-      raise SpecjaxError(f"config field `job`={job!r}: job {job!r} is not available yet; "
-                         f"available: {', '.join(JOBS)}")
     raise SpecjaxError(f"config field `job`={job!r}: unknown job; available: {', '.join(JOBS)}")
   module, function = JOBS[job].split(":")
   return getattr(importlib.import_module(module), function)(config, workdir)

@@ -183,11 +183,11 @@ def test_config_strings():
     generate.get_config("gamma=x")
 
 
-def test_unavailable_job():
+def test_unknown_job():
   import ml_collections
   from specjax.main import run_job
-  with pytest.raises(SpecjaxError, match="'pretrain' is not available yet"):
-    run_job(ml_collections.ConfigDict({"job": "pretrain"}), "/tmp/unused")
+  with pytest.raises(SpecjaxError, match="'pretrian': unknown job; available: generate"):
+    run_job(ml_collections.ConfigDict({"job": "pretrian"}), "/tmp/unused")
 
 
 # --- the CLI end to end ------------------------------------------------------------------

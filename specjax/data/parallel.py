@@ -1,5 +1,9 @@
 """Parallel text (X <-> English) from the shared data folder, split as its README's table says.
 
+Two layouts are read: the shared data folder's (its README's table of corpora, below), and a
+plain one, `{lang}-en/train.{lang}` + `train.en` and `{lang}-en/eval.{lang}` + `eval.en`, which
+the embedded corpus (`EMBEDDED_CORPUS`, written for this project) and users' own corpora use.
+
 The split is the contract that keeps training data away from evaluation data: `parallel_files`
 writes the README's TRAIN/EVAL table down as file pairs, and `load_pairs` also drops training
 pairs whose either side occurs in the evaluation split (the README's overlap cautions: shared
@@ -12,6 +16,8 @@ import os
 from specjax.errors import SpecjaxError
 
 LANGS = ("de", "fr", "ja", "ru", "zh")
+# Original sentence pairs written for specjax (300 train + 40 held out per language), in the plain layout.
+EMBEDDED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "corpus")
 LANGUAGE_NAMES = {"de": "German", "fr": "French", "ja": "Japanese", "ru": "Russian", "zh": "Chinese",
                   "en": "English"}
 SPLITS = ("train", "eval")
@@ -82,6 +88,11 @@ def parallel_files(data_dir: str, lang: str, split: str) -> list[tuple[str, str]
   training on less (or evaluating on less) would go unnoticed.
   """
   _check_lang_split(lang, split)
+  plain = (os.path.join(data_dir, f"{lang}-en", f"{split}.{lang}"), os.path.join(data_dir, f"{lang}-en", f"{split}.en"))
+  if os.path.isdir(os.path.join(data_dir, f"{lang}-en")) and os.path.isfile(plain[0]):
+    if not os.path.isfile(plain[1]):
+      raise SpecjaxError(f"{plain[1]}: missing; {plain[0]} needs its line-aligned English side")
+    return [plain]
   pairs = [(os.path.join(data_dir, x), os.path.join(data_dir, en)) for x, en in _SPLIT_TABLE[lang][split]()]
   for path in (p for pair in pairs for p in pair):
     if not os.path.isfile(path):

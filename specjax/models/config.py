@@ -210,6 +210,13 @@ PRESETS: dict[str, LlamaConfig] = {
     "vicuna-68m": LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_layers=2,
                               num_heads=12, num_kv_heads=12, head_dim=64, rms_norm_eps=1e-6,
                               max_position_embeddings=2048),
+    # Drafter-size ablation around it (same vocabulary and depth style): 41M and 133M parameters.
+    "drafter-small": LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=2048, num_layers=2,
+                                 num_heads=8, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-6,
+                                 max_position_embeddings=2048),
+    "drafter-large": LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_layers=4,
+                                 num_heads=16, num_kv_heads=16, head_dim=64, rms_norm_eps=1e-6,
+                                 max_position_embeddings=2048),
     # Test sizes: seconds to build and compile on a CPU.
     "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=16, max_position_embeddings=512),

@@ -220,8 +220,11 @@ class Llama(nnx.Module):
     self.lm_head = None if config.tie_word_embeddings else _dense(rngs, config.hidden_size, config.vocab_size,
                                                                    config)
 
-  def hidden_states(self, tokens_BT, cache: KVCache | None = None, positions_BT=None):
-    """Final-norm hidden states [B, T, D] and the updated cache (None without one)."""
+  def hidden_states(self, tokens_BT, cache: KVCache | None = None, positions_BT=None, segment_ids_BT=None):
+    """Final-norm hidden states [B, T, D] and the updated cache (None without one).
+
+    segment_ids_BT (no cache only): packed rows, as seqio packs them; a token attends only to
+    earlier tokens of its own segment, and positions_BT restart at 0 with each segment."""
     B, T = tokens_BT.shape
     if positions_BT is None:
       start_B = cache.lengths_B if cache is not None else jnp.zeros((B,), jnp.int32)
@@ -230,6 +233,10 @@ class Llama(nnx.Module):
     cos_BTE, sin_BTE = rope_cos_sin(positions_BT, self.config, x_BTD.dtype)
     if cache is None:
       mask_BTS = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+      if segment_ids_BT is not None:
+        mask_BTS = mask_BTS & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    elif segment_ids_BT is not None:
+      raise ValueError("segment_ids_BT is for the cache-free (training) forward only")
     else:
       # Slot s holds position s: a query sees every slot up to its own position.
       mask_BTS = jnp.arange(cache.max_len)[None, None, :] <= positions_BT[:, :, None]
@@ -250,8 +257,8 @@ class Llama(nnx.Module):
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
     return self.lm_head(h_BTD).astype(jnp.float32)
 
-  def __call__(self, tokens_BT, cache: KVCache | None = None, positions_BT=None):
-    h_BTD, new_cache = self.hidden_states(tokens_BT, cache, positions_BT)
+  def __call__(self, tokens_BT, cache: KVCache | None = None, positions_BT=None, segment_ids_BT=None):
+    h_BTD, new_cache = self.hidden_states(tokens_BT, cache, positions_BT, segment_ids_BT)
     logits_BTV = self.logits(h_BTD)
     return logits_BTV if cache is None else (logits_BTV, new_cache)
 

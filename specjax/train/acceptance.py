@@ -1,0 +1,90 @@
+"""Acceptance measured during training: the real speculative loop (specjax.decoding) runs the
+drafter being trained against the target on held-out prompts, and reports τ, the acceptance
+rate and per-position acceptance at each evaluation temperature, by prompt language.
+
+Teacher-forced accuracy says how often the drafter's argmax equals the data's next token; what
+speculative decoding pays for is agreement with the target on the drafter's own prefixes, so
+both are reported, apart (`eval/` and `accept/`).
+"""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from specjax.config_utils import workdir_path
+from specjax.decoding import metrics
+from specjax.decoding.decoder import Decoder
+from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files
+from specjax.errors import SpecjaxError
+
+
+def heldout_questions(config, workdir: str) -> list[dict]:
+  """Spec-Bench-style questions: from `acceptance_prompts` files, or "heldout:LANGS" = the eval
+  split's sentences of LANGS (comma-separated; never seen in training) as translation prompts."""
+  spec = config.acceptance_prompts
+  if not spec.startswith("heldout:"):
+    return read_prompt_files(spec.replace("{workdir}", workdir))
+  from specjax.data.parallel import load_pairs, translation_message
+  langs = [lang.strip() for lang in spec.split(":", 1)[1].split(",") if lang.strip()]
+  if not langs:
+    raise SpecjaxError(f"config field `acceptance_prompts`={spec!r}: name languages after heldout:, e.g. heldout:de,fr")
+  data_dir = workdir_path(config, "data_dir", workdir)
+  out = []
+  for lang in langs:
+    for i, (x, _) in enumerate(load_pairs(data_dir, lang, "eval", config.acceptance_prompts_per_language)):
+      out.append({"question_id": f"heldout_{lang}en_{i}", "category": f"{lang}en",
+                  "turns": [translation_message(lang, "en", x)]})
+  return out
+
+
+def _first_per_category(questions: list[dict], per: int) -> list[dict]:
+  counts: dict[str, int] = {}
+  out = []
+  for q in questions:
+    counts[q["category"]] = counts.get(q["category"], 0) + 1
+    if counts[q["category"]] <= per:
+      out.append(q)
+  return out
+
+
+class AcceptanceEval:
+  """Built once (one compile per temperature mode); each call swaps in the current parameters."""
+
+  def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh):
+    questions = heldout_questions(config, workdir)
+    if config.acceptance_prompts_per_language and not config.acceptance_prompts.startswith("heldout:"):
+      questions = _first_per_category(questions, config.acceptance_prompts_per_language)
+    if not questions:
+      raise SpecjaxError(f"config field `acceptance_prompts`={config.acceptance_prompts!r}: no prompts")
+    self.prompts = [encode_prompt(tokenizer, apply_template(config.template, q["turns"][0])) for q in questions]
+    self.categories = [q["category"] for q in questions]
+    self.temperatures = tuple(config.acceptance_temperatures)
+    self.seed = config.seed
+    self.mesh = mesh if jax.device_count() > 1 else None
+    self.decoder = Decoder(target, nnx.merge(drafter_graphdef, params), method="sps", gamma=config.acceptance_gamma,
+                           max_new_tokens=config.acceptance_max_new_tokens, batch_size=config.acceptance_batch_size,
+                           mesh=self.mesh, prompt_bucket=config.acceptance_prompt_bucket)
+    self.decoder.drafter_state = None  # set per call: the train step donates parameter buffers
+    self.eos_id = tokenizer.eos_token_id
+
+  def __call__(self, step: int, params) -> dict:
+    if self.mesh is not None:  # the decoder keeps a full drafter copy per device
+      params = jax.jit(lambda t: t, out_shardings=NamedSharding(self.mesh, P()))(params)
+    self.decoder.drafter_state = params
+    record = {}
+    try:
+      for temperature in self.temperatures:
+        result = self.decoder.generate(self.prompts, temperature=temperature, seed=self.seed + step,
+                                       eos_id=self.eos_id)
+        m = metrics.compute(result, self.categories)
+        key = f"accept/T{temperature:g}"
+        record[f"{key}/tau"] = m["tau"]
+        record[f"{key}/acceptance_rate"] = m["acceptance_rate"]
+        record[f"{key}/per_position"] = m["per_position_acceptance"]["cumulative"]
+        record[f"{key}/new_tokens"] = m["new_tokens"]
+        for category, c in m["by_category"].items():
+          record[f"{key}/{category}/tau"] = c["tau"]
+    finally:
+      self.decoder.drafter_state = None
+    return record

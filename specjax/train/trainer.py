@@ -1,0 +1,395 @@
+"""The drafter trainer: pretraining and self-distilled finetuning in one loop (jobs `pretrain`
+and `finetune`; configs/pretrain.py and configs/finetune.py hold the commands).
+
+Per step: the next packed batch of the seqio mixture (each process reads its own data shards),
+one jitted train step over the (data, fsdp, tensor) mesh with the state donated; metrics are
+fetched one step late so the host never waits for the device. Every `log_every` steps a line
+goes to WORKDIR/metrics.jsonl and TensorBoard; every `eval_every` steps the drafter is scored
+teacher-forced on held-out data and, with the real speculative loop, against the target
+(`accept/...`). Checkpoints (orbax, asynchronous) every `checkpoint_every` steps and on SIGTERM;
+a rerun of the same command resumes from the latest one with the same data position, so its
+losses continue those of an uninterrupted run. The finished drafter is exported as a Hugging
+Face checkpoint in WORKDIR/drafter.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from specjax import sharding as shd
+from specjax.config_utils import workdir_path
+from specjax.errors import SpecjaxError
+from specjax.models.config import PRESETS
+from specjax.models.hf import load_hf_checkpoint, load_model, load_tokenizer, save_hf_checkpoint
+from specjax.models.llama import init_model
+from specjax.train import losses
+from specjax.train.acceptance import AcceptanceEval
+from specjax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from specjax.train.optimizer import make_optimizer
+from specjax.train.step import StepSpec, init_state, jit_train_step, make_eval_step, make_train_step
+from specjax.train.writers import MetricWriter
+
+DTYPES = ("float32", "bfloat16")
+
+
+class _Preempted:
+  """SIGTERM (TPU preemption, `kill`) sets a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+    self.flag = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_config(config) -> None:
+  if config.loss not in losses.LOSSES:
+    raise SpecjaxError(f"config field `loss`={config.loss!r}: expected one of {', '.join(losses.LOSSES)}")
+  if config.dtype not in DTYPES:
+    raise SpecjaxError(f"config field `dtype`={config.dtype!r}: expected one of {', '.join(DTYPES)}")
+  for field in ("batch_size", "sequence_length", "grad_accumulation", "log_every"):
+    if int(config[field]) < 1:
+      raise SpecjaxError(f"config field `{field}`={config[field]}: must be >= 1")
+  if config.batch_size % config.grad_accumulation:
+    raise SpecjaxError(f"config fields `batch_size`={config.batch_size} and `grad_accumulation`="
+                       f"{config.grad_accumulation}: the batch must split into equal micro-batches")
+  if not config.drafter:
+    raise SpecjaxError("config field `drafter` is empty: give preset:NAME (from scratch), a Hugging Face "
+                       "checkpoint directory, or run:DIR (a specjax training run)")
+  if config.loss != "cross_entropy" and not config.target:
+    raise SpecjaxError(f"config field `loss`={config.loss!r} distils from the target: set config field `target`")
+
+
+def total_steps(config) -> int:
+  """num_train_steps, or train_tokens / tokens per step when train_tokens is set."""
+  if config.get("train_tokens"):
+    return max(1, int(math.ceil(config.train_tokens / (config.batch_size * config.sequence_length))))
+  if config.num_train_steps < 1:
+    raise SpecjaxError(f"config field `num_train_steps`={config.num_train_steps}: must be >= 1 (or set train_tokens)")
+  return int(config.num_train_steps)
+
+
+def _data_shards(config) -> tuple[list[int], int]:
+  """The seqio shards this process reads, and their total. Each process owns data_shards /
+  process_count consecutive shards; a single process given data_shards=N reads all N, so its
+  global batches equal those of an N-process run."""
+  n_proc, pid = jax.process_count(), jax.process_index()
+  num = int(config.get("data_shards") or n_proc)
+  if num % n_proc:
+    raise SpecjaxError(f"config field `data_shards`={num}: must be a multiple of the {n_proc} processes")
+  per = num // n_proc
+  if config.batch_size % num or (config.batch_size // num) % config.grad_accumulation:
+    raise SpecjaxError(f"config field `batch_size`={config.batch_size}: must split into {num} data shards of a "
+                       f"multiple of grad_accumulation={config.grad_accumulation} rows each")
+  return list(range(pid * per, (pid + 1) * per)), num
+
+
+class _Batches:
+  """Global [A, b, L] batches on the mesh from this process's seqio shards, positioned at a step."""
+
+  def __init__(self, config, name: str, split: str, mesh, start_step: int, *, num_epochs=None, shuffle=True):
+    import seqio
+    from specjax.data import tasks
+    shards, num = _data_shards(config)
+    self.per_shard = config.batch_size // num
+    if num_epochs is None:  # an endless stream of nothing would hang: check that one example exists
+      probe = tasks.get_tf_dataset(name, config.sequence_length, split=split, shard_info=seqio.ShardInfo(
+          index=shards[0], num_shards=num), batch_size=None, num_epochs=1, shuffle=False)
+      if not any(True for _ in probe.take(1)):
+        raise SpecjaxError(f"mixture {name!r} ({split}) yields no example at sequence_length="
+                           f"{config.sequence_length}: prompts longer than half of it are dropped; raise "
+                           "sequence_length or check data_dir / selfdistill_dir")
+    self.iterators = [tasks.get_dataset(name, config.sequence_length, split=split, seed=config.seed,
+                                        shard_info=seqio.ShardInfo(index=i, num_shards=num), start_step=start_step,
+                                        batch_size=self.per_shard, num_epochs=num_epochs, shuffle=shuffle)
+                      for i in shards]
+    A, L = config.grad_accumulation, config.sequence_length
+    self.global_shape = (A, config.batch_size // A, L)
+    self.sharding = shd.logical_sharding(self.global_shape, (None, "batch", "length"), mesh)
+    self.local_rows = self.per_shard * len(shards)
+
+  def __next__(self) -> dict[str, jax.Array]:
+    parts = [next(it) for it in self.iterators]  # StopIteration ends a finite (eval) pass
+    A = self.global_shape[0]
+    out = {}
+    for key in parts[0]:
+      local = np.concatenate([p[key] for p in parts], axis=0)
+      if local.shape[0] != self.local_rows:  # the last batch of a finite pass
+        pad = np.zeros((self.local_rows - local.shape[0],) + local.shape[1:], local.dtype)
+        local = np.concatenate([local, pad])  # loss weights 0: padding adds nothing
+      local = local.reshape(self.local_rows // A, A, -1).transpose(1, 0, 2)  # row r -> micro r % A
+      out[key] = jax.make_array_from_process_local_data(self.sharding, np.ascontiguousarray(local), self.global_shape)
+    return out
+
+  def close(self):
+    for it in self.iterators:
+      it.close()
+
+
+def _register_data(config, workdir: str, tokenizer_dir: str) -> None:
+  from specjax.data import tasks
+  tasks.register_tasks(workdir_path(config, "data_dir", workdir), tokenizer_dir, config.template,
+                       workdir_path(config, "selfdistill_dir", workdir), limit=config.data_limit or None,
+                       pretrain_source=config.pretrain_source, translate_source=config.translate_source,
+                       tfds_data_dir=config.get("tfds_data_dir"), shuffle_buffer_size=config.shuffle_buffer_size)
+
+
+def _drafter_config(config, paths, vocab_size: int):
+  """The drafter's LlamaConfig and, for an HF checkpoint, its weights; compute dtype from config."""
+  spec = paths["drafter"]
+  if spec.startswith("preset:"):
+    name = spec.split(":", 1)[1]
+    if name not in PRESETS:
+      raise SpecjaxError(f"config field `drafter`={spec!r}: unknown preset; known: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(vocab_size=vocab_size), None
+  if spec.startswith("run:"):
+    from specjax.models.config import LlamaConfig
+    exported = os.path.join(spec[4:], "drafter", "config.json")
+    run_config = os.path.join(spec[4:], "drafter_config.json")
+    for path in (run_config, exported):
+      if os.path.exists(path):
+        return LlamaConfig.from_hf_json(path), None
+    raise SpecjaxError(f"config field `drafter`={spec!r}: {run_config} not found (is it a specjax training run?)")
+  model, cfg = load_hf_checkpoint(spec, "float32")
+  return cfg, model
+
+
+def _build_drafter(config, paths, vocab_size: int, mesh):
+  cfg, hf_model = _drafter_config(config, paths, vocab_size)
+  if cfg.vocab_size != vocab_size:
+    raise SpecjaxError(f"config field `drafter`={paths['drafter']!r}: its vocabulary has {cfg.vocab_size} tokens, "
+                       f"the target's tokenizer {vocab_size}; a drafter must share the target's tokenizer")
+  cfg = cfg.replace(dtype=config.dtype, param_dtype="float32")
+  model = init_model(cfg, seed=config.seed)
+  if hf_model is not None:
+    nnx.update(model, nnx.state(hf_model, nnx.Param))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise SpecjaxError("the drafter holds state besides parameters; the trainer does not support it")
+  params = jax.device_put(params, shd.state_shardings(params, mesh))
+  if paths["drafter"].startswith("run:"):
+    params, step = restore_params(paths["drafter"][4:], params, shd.state_shardings(params, mesh))
+    logging.info("drafter: parameters of %s at step %d", paths["drafter"], step)
+  return graphdef, params, cfg
+
+
+def _finite(metrics: dict) -> bool:
+  return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "param_norm"))
+
+
+def _replicated(tree, mesh):
+  """Every process holds the whole array (export and evaluation of a sharded drafter)."""
+  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+
+
+def run(config, workdir: str) -> dict:
+  """Trains; returns the last logged metrics. Resumes from WORKDIR/checkpoints when present."""
+  _check_config(config)
+  paths = {f: workdir_path(config, f, workdir) for f in ("drafter", "target", "tokenizer")}
+  if config.get("local_assets"):
+    from specjax import local_assets
+    local_assets.ensure_corpus_checkpoints(paths["target"])
+  tokenizer_dir = paths["tokenizer"] or paths["target"]
+  if not tokenizer_dir or tokenizer_dir.startswith("preset:"):
+    raise SpecjaxError("config field `tokenizer` must name a directory holding the target's tokenizer "
+                       "(defaults to `target` when that is a checkpoint directory)")
+  tokenizer = load_tokenizer(tokenizer_dir)
+  mesh = shd.make_mesh(tuple(config.mesh_shape))
+  steps = total_steps(config)
+
+  target = target_params = target_graphdef = None
+  needs_target = config.loss != "cross_entropy" or (config.eval_every and config.acceptance_prompts)
+  if needs_target and paths["target"]:
+    target, _ = load_model(paths["target"], config.target_dtype, mesh, seed=config.seed)
+    target_graphdef, target_params = nnx.split(target)
+  vocab_size = target.config.vocab_size if target is not None else len(tokenizer)
+  _register_data(config, workdir, tokenizer_dir)
+
+  graphdef, params, drafter_cfg = _build_drafter(config, paths, vocab_size, mesh)
+  tx, schedule = make_optimizer(config, steps)
+  spec = StepSpec(loss=config.loss, with_target=config.loss != "cross_entropy")
+  state = init_state(params, tx, config.seed)
+  A, L = config.grad_accumulation, config.sequence_length
+  batch_shapes = {k: (A, config.batch_size // A, L) for k in
+                  ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions",
+                   "decoder_segment_ids")}
+  step_fn, state_sh = jit_train_step(make_train_step(graphdef, target_graphdef if spec.with_target else None, tx,
+                                                     schedule, spec),
+                                     state, target_params if spec.with_target else None, batch_shapes, mesh)
+  state = jax.device_put(state, state_sh)
+
+  checkpointer = Checkpointer(checkpoint_dir(workdir), save_every=config.checkpoint_every,
+                              keep=config.checkpoints_to_keep, async_save=config.async_checkpointing)
+  start = 0
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(state, shardings=state_sh)
+    start = int(meta["step"])
+    logging.info("resuming from %s at step %d", checkpointer.directory, start)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "drafter_config.json"), "w") as f:
+      json.dump(drafter_cfg.to_hf_dict(), f, indent=2)
+
+  writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+  evaluator = _Evaluator(config, workdir, mesh, graphdef, state["params"], target, target_graphdef, target_params,
+                         tokenizer, spec)
+  batches = _Batches(config, config.mixture, "train", mesh, start)
+  tokens_per_step = config.batch_size * L
+  last = {}
+  try:
+    if start == 0 and config.eval_every and config.eval_at_start:
+      last = evaluator(0, state["params"], writer)
+    last = _loop(config, state, step_fn, target_params if spec.with_target else None, batches, start, steps,
+                 checkpointer, writer, evaluator, tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh,
+                 workdir)
+  finally:
+    batches.close()
+    checkpointer.close()
+    writer.close()
+  return last
+
+
+def _loop(config, state, step_fn, target_params, batches, start, steps, checkpointer, writer, evaluator,
+          tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh, workdir):
+  stop_at = steps if not config.max_steps_this_run else min(steps, start + config.max_steps_this_run)
+  bar = tqdm(total=steps, initial=start, unit="step", desc=config.job, disable=jax.process_index() != 0)
+  window = {"metrics": [], "t0": time.perf_counter(), "steps": 0}
+  pending = None  # (step number, device metrics): fetched one step late
+  good_step = start if checkpointer.latest_step() is not None else None
+
+  def fetch(item):
+    step_no, device_metrics = item
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not _finite(m):
+      kept = checkpointer.latest_step()
+      raise SpecjaxError(f"step {step_no}: the loss or gradient is not finite (loss {m['loss']}, grad norm "
+                         f"{m['grad_norm']}); stopped. The last good checkpoint is "
+                         f"{'step ' + str(kept) if kept is not None else 'none (no step finished)'} in "
+                         f"{checkpointer.directory}; lower learning_rate or check the data")
+    window["metrics"].append(m)
+    return m
+
+  def log(step_no):
+    elapsed = time.perf_counter() - window["t0"]
+    ms = window["metrics"]
+    record = {k: float(np.mean([m[k] for m in ms])) for k in ms[0] if k not in ("learning_rate", "loss_tokens")}
+    record["learning_rate"] = ms[-1]["learning_rate"]
+    record["loss_tokens"] = float(sum(m["loss_tokens"] for m in ms))
+    # Excludes the first step's compile unless that step is logged on its own (log_every=1).
+    record["tokens_per_second"] = window["steps"] * tokens_per_step / max(elapsed, 1e-9)
+    record["steps_per_second"] = window["steps"] / max(elapsed, 1e-9)
+    writer.write(step_no, {"kind": "train", **record})
+    bar.set_postfix(loss=f"{record['loss']:.4f}")
+    window.update(metrics=[], t0=time.perf_counter(), steps=0)
+    return record
+
+  with _Preempted() as preempted:
+    step = start
+    while step < stop_at:
+      batch = next(batches)
+      state, device_metrics = step_fn(state, target_params, batch)
+      step += 1
+      window["steps"] += 1
+      if step == start + 1 and step % config.log_every:  # the first call compiled: time from here
+        jax.block_until_ready(device_metrics)
+        window.update(t0=time.perf_counter(), steps=0)
+      if pending is not None:
+        fetch(pending)
+      pending = (step, device_metrics)
+      bar.update(1)
+      final = step == stop_at
+      if step % config.log_every == 0 or final or checkpointer.due(step) or preempted.flag or (
+          config.eval_every and step % config.eval_every == 0):
+        fetch(pending)  # the state about to be logged, evaluated or saved is known to be finite
+        pending = None
+      if window["metrics"] and (step % config.log_every == 0 or final):
+        last = {**last, **log(step)}
+      if config.eval_every and step % config.eval_every == 0:
+        last = {**last, **evaluator(step, state["params"], writer)}
+        window["t0"] = time.perf_counter()  # evaluation time is not training time
+      if checkpointer.due(step) or final or preempted.flag:
+        checkpointer.save(step, state, {"step": step, "data_step": step, "job": config.job})
+        good_step = step
+      if preempted.flag:
+        break
+    if pending is not None:
+      fetch(pending)
+  bar.close()
+  checkpointer.wait()
+  finished = step >= steps
+  if finished and config.export_hf:
+    params = _replicated(state["params"], mesh)
+    if jax.process_index() == 0:
+      model = nnx.merge(graphdef, jax.device_get(params))
+      save_hf_checkpoint(model, drafter_cfg.replace(dtype="float32"), os.path.join(workdir, "drafter"),
+                         tokenizer=tokenizer)
+  logging.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
+               "finished" if finished else "interrupted", good_step)
+  return {**last, "step": step, "finished": finished}
+
+
+class _Evaluator:
+  """Teacher-forced loss/accuracy on held-out batches (`eval/`) and speculative acceptance
+  against the target (`accept/`), both on the current drafter parameters."""
+
+  def __init__(self, config, workdir, mesh, graphdef, params, target, target_graphdef, target_params,
+               tokenizer, spec):
+    self.config, self.mesh, self.graphdef = config, mesh, graphdef
+    self.target_params = target_params if spec.with_target else None
+    self.eval_step = jax.jit(make_eval_step(graphdef, target_graphdef if spec.with_target else None, spec))
+    self.has_heldout = False
+    if config.eval_every and config.eval_batches:
+      import seqio
+      provider = seqio.get_mixture_or_task(config.mixture)
+      self.has_heldout = "eval" in provider.splits
+    self.acceptance = None
+    if config.eval_every and config.acceptance_prompts and target is not None:
+      self.acceptance = AcceptanceEval(config, workdir, target, graphdef, params, tokenizer, mesh)
+
+  def __call__(self, step, params, writer) -> dict:
+    record = {}
+    if self.has_heldout:
+      batches = _Batches(self.config, self.config.mixture, "eval", self.mesh, 0, num_epochs=1, shuffle=False)
+      sums = None
+      try:
+        for _ in range(self.config.eval_batches):
+          try:
+            batch = next(batches)
+          except StopIteration:
+            break
+          out = jax.device_get(self.eval_step(params, self.target_params, batch))
+          sums = out if sums is None else jax.tree.map(np.add, sums, out)
+      finally:
+        batches.close()
+      if sums is not None:
+        w = max(float(sums["weight"]), 1.0)
+        record.update({"eval/loss": float(sums["loss"]) / w, "eval/cross_entropy": float(sums["cross_entropy"]) / w,
+                       "eval/token_accuracy": float(sums["correct"]) / w})
+    if self.acceptance is not None:
+      record.update(self.acceptance(step, params))
+    if record:
+      writer.write(step, {"kind": "eval", **record})
+    return record
