@@ -126,8 +126,15 @@ def _plain(messages: list[tuple[str, str | None]], system: str | None) -> str:
   return "\n".join(m for _, m in messages if m)
 
 
+def _vicuna_compact(messages: list[tuple[str, str | None]], system: str | None) -> str:
+  """vicuna_v1.1's turns without its 30-word system prompt (unless one is given): for small models
+  trained from scratch (the demo), where that prompt would fill most of every training row."""
+  return _vicuna_v11(messages, system or "").lstrip()
+
+
 _TEMPLATES = {
     "vicuna_v1.1": (("USER", "ASSISTANT"), _vicuna_v11),
+    "vicuna_compact": (("USER", "ASSISTANT"), _vicuna_compact),
     "llama-2": (("[INST]", "[/INST]"), _llama2),
     "plain": (("", ""), _plain),
 }
