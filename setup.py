@@ -25,6 +25,7 @@ setuptools.setup(
         "tqdm",
         "matplotlib",
         "tensorboard",  # event files (flax.metrics.tensorboard) and the viewer
+        "sacrebleu",  # BLEU and chrF of the evaluation's translations against references
     ],
     extras_require={
         # torch==2.13.0: its CPU build is what the test machines have; another

@@ -24,6 +24,8 @@ JOBS = {
     "distill_data": "specjax.data.selfdistill:run",
     "pretrain": "specjax.train.trainer:run",
     "finetune": "specjax.train.trainer:run",
+    "eval_specbench": "specjax.eval.specbench:run",
+    "demo": "specjax.demo:run",
 }
 
 

@@ -1,0 +1,510 @@
+"""The `eval_specbench` job: every method and drafter on multilingual Spec-Bench, as the paper measures.
+
+One Decoder per (method, drafter), compiled on every prompt bucket and sampling mode before its
+first timed call, so tokens/s is decoding alone. For each (language, temperature, seed) every
+method runs back to back: on a machine whose speed drifts (thermals, neighbours), the ratio of
+two numbers measured a second apart is fairer than of two measured an hour apart. Each run
+yields one RECORD (specjax/eval/__init__.py) and Spec-Bench/FastChat answer lines, from which
+Spec-Bench's own speed.py and BLEU/chrF against references can be computed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+from absl import logging
+from tqdm import tqdm
+
+from specjax import local_assets
+from specjax.config_utils import workdir_path
+from specjax.data.parallel import LANGS
+from specjax.decoding import engine, metrics
+from specjax.decoding.decoder import Decoder
+from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
+from specjax.errors import SpecjaxError
+from specjax.models.hf import load_model, load_tokenizer
+from specjax.models.llama import Llama
+from specjax.sharding import make_mesh, replicate_model
+
+DRAFTER_NAMES = ("general",) + LANGS  # what a drafter may be called: its language, or general
+ROUTED = "auto"  # the drafter of a run that picks one per question (specjax.eval.routing)
+LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One (method, drafter) column of the evaluation; temperatures=None runs at every temperature."""
+  method: str
+  drafter: str | None = None
+  temperatures: tuple[float, ...] | None = None
+
+  @property
+  def model_id(self) -> str:
+    return f"specjax-{self.method}" + (f"-{self.drafter}" if self.drafter else "")
+
+
+def _normalize_runs(runs: Sequence, drafter_names: Sequence[str]) -> list[Run]:
+  """(method, drafter[, temperatures]) tuples as Runs, checked against the loaded drafters;
+  repeats are dropped (a repeat with other temperatures adds them)."""
+  out: dict[tuple, Run] = {}
+  for index, item in enumerate(runs):
+    item = tuple(item)
+    if len(item) not in (2, 3):
+      raise SpecjaxError(f"runs[{index}]={item!r}: expected (method, drafter) or (method, drafter, temperatures)")
+    method, drafter = item[:2]
+    temperatures = tuple(float(t) for t in item[2]) if len(item) == 3 and item[2] is not None else None
+    if method not in engine.METHODS:
+      raise SpecjaxError(f"runs[{index}]: method {method!r}: expected one of {', '.join(engine.METHODS)}")
+    if method == "sps" and drafter != ROUTED and drafter not in drafter_names:
+      raise SpecjaxError(f"runs[{index}]: drafter {drafter!r} is not loaded; drafters: "
+                         f"{', '.join(drafter_names) or '(none)'}, or {ROUTED!r} (routed per question)")
+    if method == "sps" and drafter == ROUTED and not drafter_names:
+      raise SpecjaxError(f"runs[{index}]: drafter {ROUTED!r} routes among the loaded drafters, and none is loaded")
+    if method != "sps" and drafter is not None:
+      raise SpecjaxError(f"runs[{index}]: method {method!r} uses no drafter, got drafter {drafter!r}")
+    key = (method, drafter)
+    if key in out:
+      old = out[key].temperatures
+      temperatures = None if old is None or temperatures is None else tuple(dict.fromkeys(old + temperatures))
+    out[key] = Run(method, drafter, temperatures)
+  return list(out.values())
+
+
+def _accept_lengths(hist_H) -> list[int]:
+  """A row's accepted lengths (accepted drafts + 1) per verification round, from its histogram:
+  the same multiset Spec-Bench's answer files hold, in ascending order instead of decoding order."""
+  return [n + 1 for n, count in enumerate(hist_H) for _ in range(int(count))]
+
+
+def _answer_id(model_id: str, temperature: float, seed: int, question_id) -> str:
+  """Deterministic (FastChat uses a random shortuuid): a re-run names the same answer the same."""
+  key = json.dumps([model_id, temperature, seed, question_id])
+  return hashlib.sha1(key.encode("utf-8")).hexdigest()[:22]
+
+
+def _trim_none(values: list) -> list:
+  """Positions never proposed at the end (ar, or beyond a dynamic γ's reach) say nothing."""
+  values = list(values)
+  while values and values[-1] is None:
+    values.pop()
+  return values
+
+
+class _Evaluation:
+  """The state of one `evaluate` call: decoders, their compiled buckets, and the routing."""
+
+  def __init__(self, target, tokenizer, drafters, questions, runs, *, gamma, dynamic_gamma, gamma_start,
+               max_new_tokens, template, system_prompt, batch_size, mesh, eos_id, prompt_bucket, max_cache_len):
+    self.tokenizer, self.questions = tokenizer, questions
+    self.template, self.system_prompt, self.batch_size, self.eos_id = template, system_prompt, batch_size, eos_id
+    self.routed: dict[int, str] = {}
+    if any(run.drafter == ROUTED for run in runs):
+      from specjax.eval.routing import route
+      for i, q in enumerate(questions):
+        name = route(q, available=list(drafters))
+        if name not in drafters:
+          raise SpecjaxError(f"{q.get('source', q['question_id'])}: drafter=auto routes question "
+                             f"{q['question_id']!r} to drafter {name!r}, which is not loaded (drafters: "
+                             f"{', '.join(drafters)}); add a {name!r} drafter")
+        self.routed[i] = name
+    needed = []  # decoder keys, (method, drafter name | None)
+    for run in runs:
+      if run.drafter == ROUTED:
+        needed += [("sps", name) for name in dict.fromkeys(self.routed.values())]
+      else:
+        needed.append((run.method, run.drafter))
+    self.decoders = {
+        key: Decoder(target, drafters[key[1]] if key[1] else None, method=key[0], gamma=gamma,
+                     dynamic_gamma=dynamic_gamma, gamma_start=gamma_start, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, mesh=mesh, max_cache_len=max_cache_len, prompt_bucket=prompt_bucket)
+        for key in dict.fromkeys(needed)}
+    self.compiled: set[tuple] = set()  # (decoder key, sampling?, prompt bucket)
+    self.compile_s = 0.0
+
+  def decoder_key(self, run: Run, question_index: int) -> tuple:
+    return ("sps", self.routed[question_index]) if run.drafter == ROUTED else (run.method, run.drafter)
+
+  def warm_up(self, key: tuple, batches: list[list[list[int]]], names: list[str], temperature: float) -> None:
+    """Compiles the program each batch will run (its longest prompt's bucket) unless done."""
+    decoder = self.decoders[key]
+    start = time.perf_counter()
+    for prompts, name in zip(batches, names):
+      longest = max(prompts, key=len)
+      program = (key, temperature > 0, -(-len(longest) // decoder.prompt_bucket))
+      if program not in self.compiled:
+        self.compiled.add(program)
+        decoder.generate([longest], names=[name], temperature=temperature, max_new_tokens=1, eos_id=self.eos_id)
+    self.compile_s += time.perf_counter() - start
+
+  def decode(self, run: Run, indices: list[int], temperature: float, seed: int) -> tuple[list, float, dict]:
+    """Every turn of the questions at `indices` (turn t+1's prompt holds turn t's answer).
+
+    Returns (DecodeResults, seconds inside the generate calls, per question: the answer's turns).
+    """
+    turns = {i: [] for i in indices}  # per turn: (text, token ids, steps, wall seconds, accept lengths)
+    history = {i: [] for i in indices}
+    results, wall_s = [], 0.0
+    for turn in range(max(len(self.questions[i]["turns"]) for i in indices)):
+      groups: dict[tuple, list[int]] = {}
+      for i in indices:
+        if len(self.questions[i]["turns"]) > turn:
+          groups.setdefault(self.decoder_key(run, i), []).append(i)
+      for key, rows in groups.items():
+        prompts = [encode_prompt(self.tokenizer, apply_template(self.template, self.questions[i]["turns"][turn],
+                                                                history[i], self.system_prompt)) for i in rows]
+        names = [f"{self.questions[i].get('source', '?')} (question {self.questions[i]['question_id']!r}, "
+                 f"turn {turn + 1})" for i in rows]
+        starts = range(0, len(rows), self.batch_size)
+        self.warm_up(key, [prompts[lo:lo + self.batch_size] for lo in starts], [names[lo] for lo in starts],
+                     temperature)
+        for lo in starts:
+          batch = rows[lo:lo + self.batch_size]
+          start = time.perf_counter()
+          result = self.decoders[key].generate(
+              prompts[lo:lo + len(batch)], temperature=temperature, seed=seed, eos_id=self.eos_id,
+              row_ids=[i + turn * len(self.questions) for i in batch], names=names[lo:lo + len(batch)])
+          elapsed = time.perf_counter() - start
+          wall_s += elapsed
+          results.append(result)
+          for k, i in enumerate(batch):
+            tokens = [int(t) for t in result.new_tokens[k]]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            history[i].append((self.questions[i]["turns"][turn], text))
+            turns[i].append((text, tokens, int(result.steps[k]), elapsed / len(batch),
+                             _accept_lengths(result.accept_hist[k])))
+    return results, wall_s, turns
+
+
+def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions: list[dict], *,
+             runs: Sequence[tuple], temperatures: Sequence[float] = (0.0, 1.0), seeds: Sequence[int] = (0, 1, 2),
+             greedy_seeds: Sequence[int] = (0,), gamma: int = 5, dynamic_gamma: bool = False, gamma_start: int = 5,
+             max_new_tokens: int = 1024, template: str = "vicuna_v1.1", system_prompt: str | None = None,
+             batch_size: int = 1, mesh=None, eos_id: int | None = None, prompt_bucket: int = 64,
+             max_cache_len: int | None = None, progress: bool = True) -> tuple[list[dict], list[dict]]:
+  """Decodes every category's questions with every run; returns (records, answers).
+
+  runs: (method, drafter) pairs, e.g. [("ar", None), ("pld", None), ("sps", "general"),
+  ("sps", "de"), ("sps", "auto")], optionally with a third element, the temperatures that run
+  is limited to. A language drafter runs on every category's questions (the cross-language
+  matrix); "auto" picks each question's drafter with specjax.eval.routing.route.
+  Greedy decoding is deterministic, so T=0 runs once per `greedy_seeds`; T>0 once per `seeds`.
+  answers: one Spec-Bench answer per (run, temperature, seed, question): question_id, category,
+  answer_id, model_id, tstamp, and choices[0] with per turn text, decoding_steps, new_tokens,
+  wall_time (a batch's time shared by its rows) and token_ids, and accept_lengths over all
+  turns; tagged with method, drafter, temperature, seed (and routed_drafter for "auto").
+  """
+  from specjax.eval.routing import language_of_category
+  runs = _normalize_runs(runs, list(drafters))
+  if not runs:
+    raise SpecjaxError("runs: nothing to evaluate (give at least one (method, drafter) pair)")
+  if not questions:
+    raise SpecjaxError("questions: nothing to evaluate")
+  if template not in TEMPLATES:
+    raise SpecjaxError(f"template {template!r}: templates are {', '.join(TEMPLATES)}")
+  if any(t < 0 for t in temperatures) or not temperatures:
+    raise SpecjaxError(f"temperatures={tuple(temperatures)}: need at least one, each >= 0")
+  state = _Evaluation(target, tokenizer, drafters, questions, runs, gamma=gamma, dynamic_gamma=dynamic_gamma,
+                      gamma_start=gamma_start, max_new_tokens=max_new_tokens, template=template,
+                      system_prompt=system_prompt, batch_size=batch_size, mesh=mesh, eos_id=eos_id,
+                      prompt_bucket=prompt_bucket, max_cache_len=max_cache_len)
+  by_category: dict[str, list[int]] = {}
+  for i, q in enumerate(questions):
+    by_category.setdefault(q["category"], []).append(i)
+  # Innermost loop over runs: the methods compared within one (language, temperature, seed) run
+  # back to back.
+  work = [(category, float(t), int(seed), run)
+          for category in by_category
+          for t in temperatures
+          for seed in (greedy_seeds if t == 0 else seeds)
+          for run in runs if run.temperatures is None or float(t) in run.temperatures]
+  records, answers = [], []
+  bar = tqdm(total=len(work), unit="run", desc="specbench", disable=not progress or jax.process_index() != 0)
+  for category, temperature, seed, run in work:
+    indices = by_category[category]
+    bar.set_postfix_str(f"{category} T={temperature:g} seed={seed} {run.model_id}")
+    results, wall_s, turns = state.decode(run, indices, temperature, seed)
+    m = metrics.aggregate(results)
+    records.append({
+        "language": language_of_category(category) or category, "category": category,
+        "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed,
+        "prompts": len(indices), "new_tokens": m["new_tokens"], "wall_s": wall_s,
+        "tokens_per_second": m["new_tokens"] / wall_s if wall_s else None,
+        "tau": m["tau"], "acceptance_rate": m["acceptance_rate"],
+        "per_position": _trim_none(m["per_position_acceptance"]["cumulative"]),
+        "per_position_conditional": _trim_none(m["per_position_acceptance"]["conditional"])})
+    for i in indices:
+      q = questions[i]
+      texts, token_ids, steps, walls, accept_lengths = (list(column) for column in zip(*turns[i]))
+      answer = {
+          "question_id": q["question_id"], "category": category,
+          "answer_id": _answer_id(run.model_id, temperature, seed, q["question_id"]), "model_id": run.model_id,
+          "choices": [{"index": 0, "turns": texts, "decoding_steps": steps, "new_tokens": [len(t) for t in token_ids],
+                       "wall_time": walls, "accept_lengths": [n for turn in accept_lengths for n in turn],
+                       "token_ids": token_ids}],
+          "tstamp": time.time(),
+          "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed}
+      if run.drafter == ROUTED:
+        answer["routed_drafter"] = state.routed[i]
+      answers.append(answer)
+    bar.update(1)
+  bar.close()
+  order = {q["question_id"]: i for i, q in enumerate(questions)}
+  answers.sort(key=lambda a: (a["model_id"], a["temperature"], a["seed"], order[a["question_id"]]))
+  logging.info("eval_specbench: %d records from %d decoders; compile (warm-up, not timed) %.1f s",
+               len(records), len(state.decoders), state.compile_s)
+  return records, answers
+
+
+# --- translation quality -----------------------------------------------------------------
+
+
+def bleu_chrf(answers: Sequence[dict], references: Mapping[str, Sequence[str] | str]) -> dict:
+  """Corpus BLEU and chrF (sacrebleu) per category of one run's answers, first turns only.
+
+  references: category -> reference lines, or -> a file of them (one line per question, in
+  question order). Hypotheses are the answers of that category in the order given.
+  Categories without references are skipped. Returns {category: {"bleu", "chrf", "sentences"}}.
+  """
+  import sacrebleu
+  hypotheses: dict[str, list[str]] = {}
+  for answer in answers:
+    category = answer.get("category")
+    if category in references:
+      hypotheses.setdefault(category, []).append(answer["choices"][0]["turns"][0])
+  out = {}
+  for category, hyps in hypotheses.items():
+    refs, source = references[category], f"references[{category!r}]"
+    if isinstance(refs, str):
+      refs, source = read_reference_file(refs), refs
+    refs = list(refs)
+    if len(refs) != len(hyps):
+      raise SpecjaxError(f"{source}: {len(refs)} reference lines for {len(hyps)} answers of category "
+                         f"{category!r}; references must be line-aligned with the questions")
+    out[category] = {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+                     "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score, "sentences": len(hyps)}
+  return out
+
+
+def read_reference_file(path: str) -> list[str]:
+  """One reference per line; a final newline does not add an empty reference."""
+  if not os.path.isfile(path):
+    raise SpecjaxError(f"config field `references`: {path}: file not found")
+  with open(path, encoding="utf-8") as f:
+    return f.read().rstrip("\n").split("\n")
+
+
+# --- the job -----------------------------------------------------------------------------
+
+
+def _named_paths(value, field: str, workdir: str) -> dict[str, str]:
+  """"name=path,name=path" or a ConfigDict/dict as {name: path}, with {workdir} replaced."""
+  if not value:
+    return {}
+  if isinstance(value, str):
+    pairs = []
+    for item in (p.strip() for p in value.split(",")):
+      if not item:
+        continue
+      name, has_path, path = item.partition("=")
+      if not has_path or not name.strip() or not path.strip():
+        raise SpecjaxError(f"config field `{field}`: {item!r}: expected name=path (e.g. de=/ckpt/drafter-de)")
+      pairs.append((name.strip(), path.strip()))
+  else:
+    pairs = [(str(k), str(v)) for k, v in dict(value).items()]
+  out = {}
+  for name, path in pairs:
+    if name in out:
+      raise SpecjaxError(f"config field `{field}`: {name!r} is given twice")
+    out[name] = workdir_path({"path": path}, "path", workdir)
+  return out
+
+
+def _split_list(value, field: str) -> list[str]:
+  """A list field given as "a,b" or "a+b" (config strings split on commas) or a sequence."""
+  items = value.replace("+", ",").split(",") if isinstance(value, str) else list(value)
+  items = [str(item).strip() for item in items if str(item).strip()]
+  if not items:
+    raise SpecjaxError(f"config field `{field}` is empty")
+  return items
+
+
+def runs_from_config(config, drafter_names: Sequence[str]) -> list[tuple]:
+  """The (method, drafter[, temperatures]) runs that `methods`, `drafter` and `cross_language` ask for."""
+  methods = _split_list(config.methods, "methods")
+  for method in methods:
+    if method not in engine.METHODS:
+      raise SpecjaxError(f"config field `methods`: {method!r}: expected some of {', '.join(engine.METHODS)}")
+  runs = [(method, None) for method in methods if method != "sps"]
+  if "sps" in methods:
+    for choice in _split_list(config.drafter, "drafter"):
+      if choice == "all":
+        runs += [("sps", name) for name in drafter_names]
+      elif choice == ROUTED or choice in drafter_names:
+        runs.append(("sps", choice))
+      else:
+        raise SpecjaxError(f"config field `drafter`={choice!r}: expected {ROUTED!r}, 'all', or a drafter of "
+                           f"config field `drafters` ({', '.join(drafter_names) or 'none given'})")
+    if config.cross_language:
+      runs += [("sps", name, (0.0,)) for name in drafter_names if name in LANGS]
+  return runs
+
+
+def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
+  """Mistakes that would otherwise surface only after the models load."""
+  if not paths["target"]:
+    raise SpecjaxError("config field `target` is not set: give a Hugging Face checkpoint directory "
+                       "(--config.target=DIR), or use configs/eval_specbench.py:runlocal")
+  if not paths["prompts"]:
+    raise SpecjaxError("config field `prompts` is not set: give Spec-Bench question.jsonl paths or a glob")
+  for name in drafter_paths:
+    if name not in DRAFTER_NAMES:
+      raise SpecjaxError(f"config field `drafters`: drafter name {name!r}: expected one of {', '.join(DRAFTER_NAMES)}")
+  if config.template not in TEMPLATES:
+    raise SpecjaxError(f"config field `template`={config.template!r}: templates are {', '.join(TEMPLATES)}")
+  if config.max_prompts_per_language < 0:
+    raise SpecjaxError(f"config field `max_prompts_per_language`={config.max_prompts_per_language}: "
+                       "must be >= 0 (0 = all)")
+  if config.drafter_sharding not in ("replicated", "sharded"):
+    raise SpecjaxError(f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' "
+                       "or 'sharded'")
+  if not tuple(config.temperatures) or any(float(t) < 0 for t in config.temperatures):
+    raise SpecjaxError(f"config field `temperatures`={tuple(config.temperatures)}: need at least one, each >= 0")
+  if not tuple(config.seeds):
+    raise SpecjaxError("config field `seeds` is empty")
+
+
+def _select_questions(questions: list[dict], per_category: int) -> list[dict]:
+  """The first `per_category` questions of each category (0 = all), in file order."""
+  if not per_category:
+    return questions
+  taken: dict[str, int] = {}
+  out = []
+  for q in questions:
+    if taken.get(q["category"], 0) < per_category:
+      taken[q["category"]] = taken.get(q["category"], 0) + 1
+      out.append(q)
+  return out
+
+
+def _read_references(reference_paths: dict[str, str], all_questions: list[dict],
+                     kept: list[dict]) -> dict[str, list[str]]:
+  """Reference lines per category, checked against every question of that category, then cut to
+  the questions kept (max_prompts_per_language keeps the first ones)."""
+  out = {}
+  for category, path in reference_paths.items():
+    lines = read_reference_file(path)
+    total = sum(q["category"] == category for q in all_questions)
+    if total == 0:
+      raise SpecjaxError(f"config field `references`: category {category!r} ({path}) has no questions; "
+                         f"categories: {', '.join(dict.fromkeys(q['category'] for q in all_questions))}")
+    if len(lines) != total:
+      raise SpecjaxError(f"config field `references`: {path}: {len(lines)} lines for {total} questions of "
+                         f"category {category!r}")
+    out[category] = lines[:sum(q["category"] == category for q in kept)]
+  return out
+
+
+def answers_file_name(answer: dict) -> str:
+  return f"{answer['model_id']}-T{answer['temperature']:g}-seed{answer['seed']}.jsonl"
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the job; returns what it writes to WORKDIR/metrics.json."""
+  paths = {field: workdir_path(config, field, workdir) for field in ("target", "tokenizer", "prompts")}
+  drafter_paths = _named_paths(config.drafters, "drafters", workdir)
+  _check_config(config, paths, drafter_paths)
+  runs = runs_from_config(config, list(drafter_paths))
+  reference_paths = _named_paths(config.references, "references", workdir)
+  if config.local_assets and not glob.has_magic(paths["prompts"]) and "," not in paths["prompts"]:
+    local_assets.ensure_question_file(paths["prompts"])  # a glob or list names real files: never write there
+  try:  # before the models load: a bad file fails fast
+    all_questions = read_prompt_files(paths["prompts"])
+  except SpecjaxError as e:
+    raise SpecjaxError(f"config field `prompts`: {e}") from None
+  questions = _select_questions(all_questions, config.max_prompts_per_language)
+  references = _read_references(reference_paths, all_questions, questions)
+  if config.local_assets:
+    local_assets.ensure_checkpoints(
+        [(paths["target"], LOCAL_PRESETS["target"])] +
+        [(path, LOCAL_PRESETS["drafter"]) for path in drafter_paths.values() if not path.startswith("preset:")])
+  if config.compilation_cache:
+    # Drafters of one architecture then compile once: the programs differ only in weights.
+    jax.config.update("jax_compilation_cache_dir", workdir_path(config, "compilation_cache", workdir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+  tokenizer_dir = paths["tokenizer"] or paths["target"]
+  if tokenizer_dir.startswith("preset:"):
+    raise SpecjaxError(f"target {tokenizer_dir} has random weights and no tokenizer: set config field "
+                       "`tokenizer` to a directory that holds one")
+  tokenizer = load_tokenizer(tokenizer_dir)
+  mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
+  target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
+  drafters = {}
+  for k, (name, path) in enumerate(drafter_paths.items()):
+    sharded = mesh is not None and config.drafter_sharding == "sharded"
+    drafter, _ = load_model(path, config.dtype, mesh if sharded else None, seed=config.seed + 1 + k)
+    if drafter.config.vocab_size != target.config.vocab_size:
+      raise SpecjaxError(f"config field `drafters`: drafter {name!r} ({path}) has a vocabulary of "
+                         f"{drafter.config.vocab_size} tokens, the target ({paths['target']}) "
+                         f"{target.config.vocab_size}; a drafter must share the target's tokenizer")
+    if mesh is not None and not sharded:
+      replicate_model(drafter, mesh)
+    drafters[name] = drafter
+
+  records, answers = evaluate(
+      target, tokenizer, drafters, questions, runs=runs, temperatures=tuple(config.temperatures),
+      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), gamma=config.gamma,
+      dynamic_gamma=config.dynamic_gamma, gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
+      template=config.template, system_prompt=config.system_prompt, batch_size=config.batch_size, mesh=mesh,
+      prompt_bucket=config.prompt_bucket, max_cache_len=config.max_cache_len)
+
+  files: dict[str, list[dict]] = {}
+  for answer in answers:
+    files.setdefault(answers_file_name(answer), []).append(answer)
+  bleu = {name[:-len(".jsonl")]: bleu_chrf(group, references) for name, group in files.items()} if references else {}
+  device = jax.devices()[0]
+  hardware = {"device_kind": device.device_kind, "platform": device.platform,
+              "device_count": jax.device_count(), "process_count": jax.process_count()}
+  out = {"job": "eval_specbench", "records": records, "bleu": bleu, "hardware": hardware,
+         "config": config.to_dict()}
+  if jax.process_index() == 0:
+    target_name = os.path.basename(paths["target"].rstrip("/"))
+    _write(workdir, files, out, title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x "
+                                      f"{device.device_kind}", notes=_notes(config, drafter_paths, len(questions)))
+  logging.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
+  return out
+
+
+def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[str]:
+  """What the report needs to be reproduced: the command line and the settings behind it."""
+  gamma = f"γ={config.gamma}" + (f" (dynamic, start {config.gamma_start})" if config.dynamic_gamma else "")
+  drafters = ", ".join(f"{name} = {path}" for name, path in drafter_paths.items()) or "none"
+  return [f"Command: `python -m specjax.main {' '.join(sys.argv[1:])}`",
+          f"Drafters: {drafters}",
+          (f"{gamma}, max_new_tokens={config.max_new_tokens}, template {config.template}, dtype {config.dtype}, "
+           f"batch size {config.batch_size}, {num_questions} questions")]
+
+
+def _write(workdir: str, files: dict[str, list[dict]], out: dict, title: str, notes: list[str]) -> None:
+  from specjax.eval import report
+  answers_dir = os.path.join(workdir, "answers")
+  os.makedirs(answers_dir, exist_ok=True)
+  for stale in glob.glob(os.path.join(answers_dir, "specjax-*-T*-seed*.jsonl")):  # an earlier run's, here
+    if os.path.basename(stale) not in files:
+      os.remove(stale)
+  for name, answers in files.items():
+    with open(os.path.join(answers_dir, name), "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
+  with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+    json.dump(out, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+  report.write_report(out["records"], workdir, title, notes=notes)
+  for temperature in sorted({r["temperature"] for r in out["records"]}):
+    report.print_table(out["records"], temperature)
