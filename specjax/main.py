@@ -25,7 +25,6 @@ JOBS = {
     "pretrain": "specjax.train.trainer:run",
     "finetune": "specjax.train.trainer:run",
     "eval_specbench": "specjax.eval.specbench:run",
-    "demo": "specjax.demo:run",
 }
 
 
