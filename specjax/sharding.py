@@ -149,10 +149,25 @@ def maybe_initialize_distributed() -> bool:
   """Joins a multi-host run when the environment asks for it (big_vision's habit).
 
   SPECJAX_DISTRIBUTED=1: `jax.distributed.initialize()` with auto-detection (Cloud TPU pods).
-  SPECJAX_COORDINATOR=host:port with SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID: explicit values.
-  Returns whether it initialised.
+  SPECJAX_COORDINATOR=host:port with SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID: explicit values
+  (any cluster; on CPU, collectives go through gloo). SPECJAX_HEARTBEAT_TIMEOUT (seconds, default
+  100): how long the others wait for a process that stopped answering before they exit with an
+  error instead of hanging. Returns whether it initialised. Call before anything uses a device.
   """
   coordinator = os.environ.get("SPECJAX_COORDINATOR")
+  auto = os.environ.get("SPECJAX_DISTRIBUTED", "0") not in ("", "0", "false", "False")
+  if not coordinator and not auto:
+    return False
+  timeouts = {}
+  for var, arg in (("SPECJAX_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds"),
+                   ("SPECJAX_INIT_TIMEOUT", "initialization_timeout")):
+    if os.environ.get(var):
+      try:
+        timeouts[arg] = int(os.environ[var])
+      except ValueError:
+        raise SpecjaxError(f"{var}={os.environ[var]!r}: expected whole seconds") from None
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a transport
   if coordinator:
     try:
       num_processes = int(os.environ["SPECJAX_NUM_PROCESSES"])
@@ -160,10 +175,10 @@ def maybe_initialize_distributed() -> bool:
     except (KeyError, ValueError) as e:
       raise SpecjaxError("SPECJAX_COORDINATOR is set, so SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID "
                          f"must be set to integers too ({e})") from None
+    if not 0 <= process_id < num_processes:
+      raise SpecjaxError(f"SPECJAX_PROCESS_ID={process_id}: must be in [0, SPECJAX_NUM_PROCESSES={num_processes})")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
-    return True
-  if os.environ.get("SPECJAX_DISTRIBUTED", "0") not in ("", "0", "false", "False"):
-    jax.distributed.initialize()
-    return True
-  return False
+                               process_id=process_id, **timeouts)
+  else:
+    jax.distributed.initialize(**timeouts)
+  return True

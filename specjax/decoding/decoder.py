@@ -182,7 +182,11 @@ class Decoder:
       x = jax.tree.map(lambda a: jax.device_put(a, shd.batch_sharding(a.shape, self.mesh)
                                                 if np.ndim(a) else shd.logical_sharding((), (), self.mesh)), x)
     s = self._program(spec)(self.target_state, self.drafter_state, x)
-    out = jax.device_get({  # the one device-to-host transfer of the call
+    fetch = jax.device_get
+    if jax.process_count() > 1:  # rows live on every host's devices: gather them to each process
+      from jax.experimental import multihost_utils
+      fetch = lambda tree: jax.device_get(multihost_utils.process_allgather(tree, tiled=True))
+    out = fetch({  # the one device-to-host transfer of the call
         "tokens": s.tokens_BN, "lengths": s.lengths_B, "steps": s.steps_B, "accepted": s.accepted_B,
         "proposed": s.proposed_B, "hist": s.hist_BH, "pos_proposed": s.pos_proposed_BG,
         "pos_accepted": s.pos_accepted_BG, "pos_reached": s.pos_reached_BG, "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})

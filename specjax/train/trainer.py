@@ -200,11 +200,6 @@ def _finite(metrics: dict) -> bool:
   return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "param_norm"))
 
 
-def _replicated(tree, mesh):
-  """Every process holds the whole array (export and evaluation of a sharded drafter)."""
-  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
-
-
 def run(config, workdir: str) -> dict:
   """Trains; returns the last logged metrics. Resumes from WORKDIR/checkpoints when present."""
   _check_config(config)
@@ -340,12 +335,9 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
   bar.close()
   checkpointer.wait()
   finished = step >= steps
-  if finished and config.export_hf:
-    params = _replicated(state["params"], mesh)
-    if jax.process_index() == 0:
-      model = nnx.merge(graphdef, jax.device_get(params))
-      save_hf_checkpoint(model, drafter_cfg.replace(dtype="float32"), os.path.join(workdir, "drafter"),
-                         tokenizer=tokenizer)
+  if finished and config.export_hf:  # every process gathers the weights; process 0 writes them
+    save_hf_checkpoint(nnx.merge(graphdef, state["params"]), drafter_cfg.replace(dtype="float32"),
+                       os.path.join(workdir, "drafter"), tokenizer=tokenizer)
   logging.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
                "finished" if finished else "interrupted", good_step)
   return {**last, "step": step, "finished": finished}
