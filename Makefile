@@ -20,8 +20,10 @@ $(VENV)/.test: $(VENV)/.base
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
+# The paper's recipe in miniature on the embedded corpus; a rerun resumes (rm -rf $(DEMO_DIR) to start over).
+DEMO_DIR ?= runs/demo
 demo: $(VENV)/.base
-	$(PY) -m specjax.demo
+	$(PY) -m specjax.main --config configs/demo.py --workdir $(DEMO_DIR)
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/decode.py --out bench_decode.json

@@ -25,6 +25,7 @@ JOBS = {
     "pretrain": "specjax.train.trainer:run",
     "finetune": "specjax.train.trainer:run",
     "eval_specbench": "specjax.eval.specbench:run",
+    "demo": "specjax.demo:run",
 }
 
 

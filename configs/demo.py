@@ -1,0 +1,93 @@
+r"""The paper's recipe in miniature, end to end (what `make demo` runs): train a target on the
+embedded corpus, generate self-distillation data with it, pretrain a general drafter, finetune
+one drafter per language, evaluate every method per language at T=0 and T=1, write a report.
+
+  python -m specjax.main --config configs/demo.py --workdir runs/demo
+
+Writes runs/demo/report/report.md (tables, cross-language matrix, plots) and every stage's
+outputs; a rerun resumes at the first unfinished stage. No downloads, no ../shared.
+
+The same pipeline on other parallel corpora (the shared data layout, or {lang}-en/train.{lang}
++ train.en and eval.{lang} + eval.en files), or on TFDS WMT:
+
+  python -m specjax.main --config configs/demo.py:data_dir=../shared/data --workdir runs/demo_shared
+  python -m specjax.main --config configs/demo.py:data=tfds --workdir runs/demo_wmt
+
+Config string arguments: scale (default, or tiny: the test's two-language, seconds-per-stage
+version), data_dir, data (local or tfds), langs (e.g. de+ja). Fields: --config.FIELD=VALUE.
+"""
+import ml_collections
+
+from specjax.config_utils import parse_arg
+from specjax.data.parallel import EMBEDDED_CORPUS
+
+# Model shapes (LlamaConfig fields; the vocabulary comes from the tokenizer). The target is deep
+# and narrow: on a CPU a decode step's cost grows with the number of layers (sequential small
+# ops), the training cost with the parameter count, so depth buys a drafter/target cost ratio
+# like a real model's at a training cost a CPU affords.
+SCALES = {
+    "default": dict(
+        target_model=dict(hidden_size=64, intermediate_size=192, num_layers=16, num_heads=2, num_kv_heads=2,
+                          head_dim=32, max_position_embeddings=512),
+        drafter_model=dict(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, num_kv_heads=2,
+                           head_dim=32, max_position_embeddings=512),
+        vocab_size=2048, sequence_length=256, batch_size=8, target_steps=400, target_lr=3e-3,
+        distill_sources=0, distill_batch_size=64, pretrain_steps=300, drafter_lr=3e-3, finetune_steps=150,
+        finetune_lr=1e-3, eval_prompts_per_language=20, max_new_tokens=64, gamma=3,
+        sampling_seeds=(0, 1, 2), log_every=25),
+    "tiny": dict(
+        target_model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=2,
+                          head_dim=32, max_position_embeddings=256),
+        drafter_model=dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=1, num_kv_heads=1,
+                           head_dim=32, max_position_embeddings=256),
+        vocab_size=512, sequence_length=128, batch_size=8, target_steps=20, target_lr=3e-3,
+        distill_sources=12, distill_batch_size=16, pretrain_steps=10, drafter_lr=3e-3, finetune_steps=6,
+        finetune_lr=1e-3, eval_prompts_per_language=3, max_new_tokens=12, gamma=3,
+        sampling_seeds=(0, 1), log_every=5, langs=("de", "ja")),
+    # benchmarks/mini_paper.py: the same recipe on ../shared/data's training split, target >= 100M
+    # parameters. mini_cpu is sized for about 2 hours on 2 CPU cores (so the target sees few
+    # tokens); mini_gpu for one NVIDIA GPU (bfloat16 would be the next step; float32 here).
+    "mini_cpu": dict(
+        target_model=dict(hidden_size=640, intermediate_size=1792, num_layers=18, num_heads=10, num_kv_heads=10,
+                          head_dim=64, max_position_embeddings=1024),
+        drafter_model=dict(hidden_size=384, intermediate_size=1024, num_layers=2, num_heads=6, num_kv_heads=6,
+                           head_dim=64, max_position_embeddings=1024),
+        vocab_size=8192, sequence_length=512, batch_size=8, target_steps=150, target_lr=1e-3,
+        distill_sources=200, distill_batch_size=32, pretrain_steps=200, drafter_lr=1e-3, finetune_steps=60,
+        finetune_lr=5e-4, eval_prompts_per_language=20, max_new_tokens=64, gamma=4,
+        sampling_seeds=(0, 1, 2), log_every=10),
+    "mini_gpu": dict(
+        target_model=dict(hidden_size=640, intermediate_size=1792, num_layers=18, num_heads=10, num_kv_heads=10,
+                          head_dim=64, max_position_embeddings=1024),
+        drafter_model=dict(hidden_size=384, intermediate_size=1024, num_layers=2, num_heads=6, num_kv_heads=6,
+                           head_dim=64, max_position_embeddings=1024),
+        vocab_size=8192, sequence_length=512, batch_size=32, target_steps=6000, target_lr=6e-4,
+        distill_sources=5000, distill_batch_size=128, pretrain_steps=3000, drafter_lr=1e-3, finetune_steps=1500,
+        finetune_lr=3e-4, eval_prompts_per_language=40, max_new_tokens=128, gamma=5,
+        sampling_seeds=(0, 1, 2), log_every=50),
+}
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, source="configs/demo.py", runlocal=False, scale="default", data_dir="", data="local",
+                  langs="")
+  scale = "tiny" if arg.runlocal else arg.scale
+  if scale not in SCALES:
+    from specjax.errors import SpecjaxError
+    raise SpecjaxError(f"configs/demo.py: scale={scale!r}: expected one of {', '.join(SCALES)}")
+  c = ml_collections.ConfigDict()
+  c.job = "demo"
+  c.scale = scale
+  c.data_dir = arg.data_dir or EMBEDDED_CORPUS
+  c.data = arg.data  # local (data_dir's files) or tfds (TFDS WMT for training; data_dir's eval split)
+  c.langs = ("de", "fr", "ja", "ru", "zh")
+  c.template = "vicuna_compact"  # Vicuna's turns without its system prompt (see specjax.decoding.prompts)
+  c.distill_temperatures = (0.0, 1.0)
+  c.prompt_bucket = 32
+  c.seed = 0
+  c.local_assets = arg.runlocal  # nothing to build: the embedded corpus is the demo's local asset
+  for key, value in SCALES[scale].items():
+    c[key] = value
+  if arg.langs:
+    c.langs = tuple(arg.langs.split("+"))
+  return c
