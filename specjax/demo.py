@@ -63,7 +63,7 @@ def _trainer_config(config, job: str, **fields):
   c = trainer_config(job)
   c.update(data_dir=config.data_dir, template=config.template, dtype="float32", target_dtype="float32",
            shuffle_buffer_size=2000, log_every=config.log_every, eval_every=0, eval_batches=0,
-           tensorboard=True, acceptance_prompts="", checkpoint_every=100_000, warmup_fraction=0.05,
+           tensorboard=config.tensorboard, acceptance_prompts="", checkpoint_every=100_000, warmup_fraction=0.05,
            pretrain_source=config.data, translate_source=config.data, seed=config.seed)
   c.update(fields)
   return c
@@ -165,7 +165,8 @@ def run(config, workdir: str) -> dict:
                           selfdistill_dir=path("selfdistill"), num_train_steps=config.finetune_steps,
                           batch_size=config.batch_size, sequence_length=config.sequence_length,
                           learning_rate=config.finetune_lr,
-                          eval_every=config.finetune_steps, eval_at_start=True,
+                          eval_every=config.finetune_steps if config.acceptance_during_training else 0,
+                          eval_at_start=True,
                           acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=4,
                           acceptance_temperatures=(0.0,), acceptance_gamma=config.gamma,
                           acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4)

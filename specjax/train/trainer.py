@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
+from specjax import fileio
 from specjax import sharding as shd
 from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
@@ -107,6 +108,21 @@ def _data_shards(config) -> tuple[list[int], int]:
   return list(range(pid * per, (pid + 1) * per)), num
 
 
+def _check_nonempty(name: str, split: str, sequence_length: int, shard_info) -> None:
+  """An endless stream of an empty task hangs a mixture forever (it waits for the task's first
+  example): check that every task of `name` yields one at this length before training."""
+  import seqio
+  from specjax.data import tasks
+  provider = seqio.get_mixture_or_task(name)
+  for task in getattr(provider, "tasks", [provider]):
+    probe = tasks.get_tf_dataset(task.name, sequence_length, split=split, shard_info=shard_info, batch_size=None,
+                                 num_epochs=1, shuffle=False)
+    if not any(True for _ in probe.take(1)):
+      raise SpecjaxError(f"task {task.name!r} of {name!r} ({split}) yields no example at sequence_length="
+                         f"{sequence_length}: prompts longer than half of it are dropped; raise sequence_length "
+                         "or check data_dir / selfdistill_dir")
+
+
 class _Batches:
   """Global [A, b, L] batches on the mesh from this process's seqio shards, positioned at a step."""
 
@@ -115,13 +131,8 @@ class _Batches:
     from specjax.data import tasks
     shards, num = _data_shards(config)
     self.per_shard = config.batch_size // num
-    if num_epochs is None:  # an endless stream of nothing would hang: check that one example exists
-      probe = tasks.get_tf_dataset(name, config.sequence_length, split=split, shard_info=seqio.ShardInfo(
-          index=shards[0], num_shards=num), batch_size=None, num_epochs=1, shuffle=False)
-      if not any(True for _ in probe.take(1)):
-        raise SpecjaxError(f"mixture {name!r} ({split}) yields no example at sequence_length="
-                           f"{config.sequence_length}: prompts longer than half of it are dropped; raise "
-                           "sequence_length or check data_dir / selfdistill_dir")
+    if num_epochs is None:
+      _check_nonempty(name, split, config.sequence_length, seqio.ShardInfo(index=shards[0], num_shards=num))
     self.iterators = [tasks.get_dataset(name, config.sequence_length, split=split, seed=config.seed,
                                         shard_info=seqio.ShardInfo(index=i, num_shards=num), start_step=start_step,
                                         batch_size=self.per_shard, num_epochs=num_epochs, shuffle=shuffle)
@@ -167,10 +178,13 @@ def _drafter_config(config, paths, vocab_size: int):
     return PRESETS[name].replace(vocab_size=vocab_size), None
   if spec.startswith("run:"):
     from specjax.models.config import LlamaConfig
-    exported = os.path.join(spec[4:], "drafter", "config.json")
-    run_config = os.path.join(spec[4:], "drafter_config.json")
+    exported = fileio.join(spec[4:], "drafter", "config.json")
+    run_config = fileio.join(spec[4:], "drafter_config.json")
     for path in (run_config, exported):
-      if os.path.exists(path):
+      if fileio.exists(path):
+        if fileio.is_remote(path):  # from_hf_json reads local files only
+          with fileio.open(path) as f:
+            return LlamaConfig.from_hf_dict(json.load(f), source=path), None
         return LlamaConfig.from_hf_json(path), None
     raise SpecjaxError(f"config field `drafter`={spec!r}: {run_config} not found (is it a specjax training run?)")
   model, cfg = load_hf_checkpoint(spec, "float32")
@@ -244,8 +258,8 @@ def run(config, workdir: str) -> dict:
     start = int(meta["step"])
     logging.info("resuming from %s at step %d", checkpointer.directory, start)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "drafter_config.json"), "w") as f:
+    fileio.makedirs(workdir, exist_ok=True)
+    with fileio.open(fileio.join(workdir, "drafter_config.json"), "w") as f:
       json.dump(drafter_cfg.to_hf_dict(), f, indent=2)
 
   writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
