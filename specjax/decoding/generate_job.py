@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 from absl import logging
 from tqdm import tqdm
 
-from specjax import local_assets
+from specjax import fileio, local_assets
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
@@ -142,10 +141,10 @@ def run(config, workdir: str) -> dict:
 
 
 def _write(workdir: str, answers: list[dict], out: dict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "answers.jsonl"), "w", encoding="utf-8") as f:
+  fileio.makedirs(workdir, exist_ok=True)
+  with fileio.open(fileio.join(workdir, "answers.jsonl"), "w", encoding="utf-8") as f:
     for answer in answers:
       f.write(json.dumps(answer, ensure_ascii=False) + "\n")
-  with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+  with fileio.open(fileio.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2, ensure_ascii=False)
     f.write("\n")

@@ -8,6 +8,7 @@ changes a notebook's backend.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from specjax import fileio
 from specjax.errors import SpecjaxError
 from specjax.eval.routing import LANGS
 
@@ -242,9 +244,12 @@ def cross_language_matrix(records: Sequence[dict], temperature: float, value: st
 
 
 def _save(figure: Figure, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fileio.makedirs(os.path.dirname(path if fileio.is_remote(path) else os.path.abspath(path)), exist_ok=True)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  buffer = io.BytesIO()  # rendered here, written through fileio (gs:// workdirs)
+  figure.savefig(buffer, dpi=120, format=os.path.splitext(path)[1][1:].lower() or None)
+  with fileio.open(path, "wb") as f:
+    f.write(buffer.getvalue())
 
 
 def plot_speedup(records: Sequence[dict], path: str, temperature: float) -> None:
@@ -385,7 +390,7 @@ def write_report(records: Sequence[dict], out_dir: str, title: str, notes: Seque
   """
   records = _check(records)
   speedups(records)  # a missing baseline fails here, before any file is written
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir, exist_ok=True)
   lines = [f"# {title}", "",
            "Speedup = tokens/s over plain decoding's in the same run (same language, temperature "
            "and seed); τ = mean accepted length per verification step. Cells: mean (± sample std "
@@ -400,11 +405,11 @@ def write_report(records: Sequence[dict], out_dir: str, title: str, notes: Seque
                   cross_language_matrix(records, temperature, value), ""]
     if any(r["method"] != "ar" for r in at_t):
       image = f"speedup_T{temperature:g}.png"
-      plot_speedup(records, os.path.join(out_dir, image), temperature)
+      plot_speedup(records, fileio.join(out_dir, image), temperature)
       lines += [f"![speedup at T={temperature:g}]({image})", ""]
     if _per_position_series(records, temperature):
       image = f"per_position_T{temperature:g}.png"
-      plot_per_position(records, os.path.join(out_dir, image), temperature)
+      plot_per_position(records, fileio.join(out_dir, image), temperature)
       lines += [f"![per-position acceptance at T={temperature:g}]({image})", ""]
   for index, ablation in enumerate(ablations):
     if len(ablation) != 6:
@@ -412,13 +417,13 @@ def write_report(records: Sequence[dict], out_dir: str, title: str, notes: Seque
                          f"log_x, fit_log), got {len(ablation)} items")
     ablation_title, points, x_label, y_label, log_x, fit_log = ablation
     image = f"ablation_{_slug(ablation_title)}.png"
-    fits = plot_ablation(points, os.path.join(out_dir, image), x_label, y_label, log_x, fit_log)
+    fits = plot_ablation(points, fileio.join(out_dir, image), x_label, y_label, log_x, fit_log)
     lines += [ablation_section(ablation_title, points, x_label, y_label, image, fits), ""]
   for note in notes:
     lines += [note, ""]
-  report_path = os.path.join(out_dir, "report.md")
-  with open(report_path, "w", encoding="utf-8") as f:
+  report_path = fileio.join(out_dir, "report.md")
+  with fileio.open(report_path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
-  with open(os.path.join(out_dir, "records.json"), "w", encoding="utf-8") as f:
+  with fileio.open(fileio.join(out_dir, "records.json"), "w", encoding="utf-8") as f:
     json.dump(records, f, indent=1, ensure_ascii=False)
   return report_path

@@ -22,7 +22,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from specjax import local_assets
+from specjax import fileio, local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
@@ -494,15 +494,15 @@ def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[st
 
 def _write(workdir: str, files: dict[str, list[dict]], out: dict, title: str, notes: list[str]) -> None:
   from specjax.eval import report
-  answers_dir = os.path.join(workdir, "answers")
-  os.makedirs(answers_dir, exist_ok=True)
-  for stale in glob.glob(os.path.join(answers_dir, "specjax-*-T*-seed*.jsonl")):  # an earlier run's, here
+  answers_dir = fileio.join(workdir, "answers")
+  fileio.makedirs(answers_dir, exist_ok=True)
+  for stale in fileio.glob(fileio.join(answers_dir, "specjax-*-T*-seed*.jsonl")):  # an earlier run's, here
     if os.path.basename(stale) not in files:
-      os.remove(stale)
+      fileio.remove(stale)
   for name, answers in files.items():
-    with open(os.path.join(answers_dir, name), "w", encoding="utf-8") as f:
+    with fileio.open(fileio.join(answers_dir, name), "w", encoding="utf-8") as f:
       f.writelines(json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
-  with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
+  with fileio.open(fileio.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2, ensure_ascii=False)
     f.write("\n")
   report.write_report(out["records"], workdir, title, notes=notes)

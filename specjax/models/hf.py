@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from specjax import fileio
 from specjax import sharding as shd
 from specjax.errors import SpecjaxError
 from specjax.models import safetensors_io
@@ -141,10 +142,10 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
     tensors[name] = np.ascontiguousarray(array.T if transposed else array)
   if jax.process_index() != 0:
     return
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+  fileio.makedirs(path, exist_ok=True)
+  with fileio.open(fileio.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config.to_hf_dict(), f, indent=2)
-  with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+  with fileio.open(fileio.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
     json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                "pad_token_id": config.pad_token_id}, f, indent=2)
   shards, current, size = [], {}, 0
@@ -156,25 +157,42 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
     current[name] = tensors[name]
     size += nbytes
   shards.append(current)
-  for stale in glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.index.json")):
-    os.remove(stale)
+  for stale in fileio.glob(fileio.join(path, "*.safetensors")) + fileio.glob(fileio.join(path, "*.index.json")):
+    fileio.remove(stale)
   if len(shards) == 1:
-    safetensors_io.save_file(shards[0], os.path.join(path, "model.safetensors"))
+    _save_shard(shards[0], fileio.join(path, "model.safetensors"))
   else:
     weight_map = {}
     for i, shard in enumerate(shards):
       file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors_io.save_file(shard, os.path.join(path, file))
+      _save_shard(shard, fileio.join(path, file))
       weight_map.update({name: file for name in shard})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+    with fileio.open(fileio.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
       json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": weight_map}, f, indent=2)
   if isinstance(tokenizer, str):
     for file in TOKENIZER_FILES:
-      if os.path.exists(os.path.join(tokenizer, file)):
-        shutil.copy(os.path.join(tokenizer, file), os.path.join(path, file))
-  elif tokenizer is not None:
+      if fileio.exists(fileio.join(tokenizer, file)):
+        fileio.copy(fileio.join(tokenizer, file), fileio.join(path, file))
+  elif tokenizer is not None and not fileio.is_remote(path):
     tokenizer.save_pretrained(path)
+  elif tokenizer is not None:  # transformers writes local files only: save here, then copy
+    with tempfile.TemporaryDirectory() as local:
+      tokenizer.save_pretrained(local)
+      for file in sorted(os.listdir(local)):
+        if os.path.isfile(os.path.join(local, file)):
+          fileio.copy(os.path.join(local, file), fileio.join(path, file))
+
+
+def _save_shard(tensors: dict[str, np.ndarray], path: str) -> None:
+  """safetensors_io writes local files; a URL (gs://) gets a local temporary file copied there."""
+  if not fileio.is_remote(path):
+    safetensors_io.save_file(tensors, path)
+    return
+  with tempfile.TemporaryDirectory() as local:
+    file = os.path.join(local, "shard.safetensors")
+    safetensors_io.save_file(tensors, file)
+    fileio.copy(file, path)
 
 
 def load_model(spec: str, dtype: str = "float32", mesh=None, seed: int = 0) -> tuple[Llama, LlamaConfig]:

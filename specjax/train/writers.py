@@ -14,6 +14,7 @@ import os
 
 import jax
 
+from specjax import fileio
 from specjax.errors import SpecjaxError
 
 
@@ -36,14 +37,19 @@ def _json_number(x):
   return x
 
 
+def _count_lines(path: str) -> int:
+  with fileio.open(path, encoding="utf-8") as f:
+    return sum(1 for _ in f)
+
+
 class MetricWriter:
   def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = fileio.join(workdir, "metrics.jsonl")
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir, exist_ok=True)
     self._truncate_after(resume_step)
     if tensorboard:
       from flax.metrics import tensorboard as flax_tb  # TensorFlow's event writer
@@ -51,29 +57,29 @@ class MetricWriter:
 
   def _truncate_after(self, step: int) -> None:
     """Keeps lines up to `step` (those the resumed checkpoint already covers)."""
-    if not os.path.exists(self.path):
+    if not fileio.exists(self.path):
       return
     kept = []
-    with open(self.path, encoding="utf-8") as f:
+    with fileio.open(self.path, encoding="utf-8") as f:
       for n, line in enumerate(f, 1):
         try:
           record = json.loads(line)
         except json.JSONDecodeError:
-          if n == sum(1 for _ in open(self.path, encoding="utf-8")):
+          if n == _count_lines(self.path):
             break  # a half-written last line from a killed run
           raise SpecjaxError(f"{self.path}:{n}: not a JSON line") from None
         if record.get("step", 0) <= step:
           kept.append(line if line.endswith("\n") else line + "\n")
     tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with fileio.open(tmp, "w", encoding="utf-8") as f:
       f.writelines(kept)
-    os.replace(tmp, self.path)
+    fileio.replace(tmp, self.path)
 
   def write(self, step: int, record: dict) -> None:
     if not self.enabled:
       return
     line = {"step": int(step), **{k: _json_number(v) for k, v in record.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
+    with fileio.open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(line, ensure_ascii=False) + "\n")
     if self._tb is not None:
       for key, value in _scalars(record).items():
@@ -86,6 +92,6 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path, encoding="utf-8") as f:
+  path = fileio.join(workdir, "metrics.jsonl")
+  with fileio.open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
