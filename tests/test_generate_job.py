@@ -99,7 +99,7 @@ def test_llama2_and_plain_templates():
   assert apply_template("llama-2", "More?", history=[("Hi", "Hello")]) == (
       "[INST] Hi [/INST] Hello </s><s>[INST] More? [/INST]")
   assert apply_template("plain", "just this") == "just this"
-  with pytest.raises(SpecjaxError, match="vicuna_v1.1, llama-2, plain"):
+  with pytest.raises(SpecjaxError, match="vicuna_v1.1, vicuna_compact, llama-2, plain"):
     apply_template("chatml", "x")
 
 
