@@ -17,14 +17,12 @@ unfinished stage (and inside a training stage, at its last checkpoint).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
 import time
 
 import jax
-from absl import logging
 
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, load_pairs, translation_message

@@ -1,6 +1,5 @@
 """The drafter trainer: losses, the sharded step, checkpoints, exact resume, NaN stop, metrics."""
 import glob
-import json
 import os
 import signal
 import subprocess

@@ -21,11 +21,9 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from specjax import fileio
