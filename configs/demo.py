@@ -80,7 +80,10 @@ def get_config(arg=None):
   c.job = "demo"
   c.scale = scale
   c.data_dir = arg.data_dir or EMBEDDED_CORPUS
-  c.data = arg.data  # local (data_dir's files) or tfds (TFDS WMT for training; data_dir's eval split)
+  # local: data_dir's files for everything. tfds: the target learns to translate from TFDS WMT
+  # (de, fr, ru, zh; prepared under TFDS_DATA_DIR; ja has no TFDS WMT set and stays local);
+  # general text, self-distillation sources and held-out prompts still come from data_dir.
+  c.data = arg.data
   c.langs = ("de", "fr", "ja", "ru", "zh")
   c.template = "vicuna_compact"  # Vicuna's turns without its system prompt (see specjax.decoding.prompts)
   c.distill_temperatures = (0.0, 1.0)

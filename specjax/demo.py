@@ -62,7 +62,7 @@ def _trainer_config(config, job: str, **fields):
   c.update(data_dir=config.data_dir, template=config.template, dtype="float32", target_dtype="float32",
            shuffle_buffer_size=2000, log_every=config.log_every, eval_every=0, eval_batches=0,
            tensorboard=config.tensorboard, acceptance_prompts="", checkpoint_every=100_000, warmup_fraction=0.05,
-           pretrain_source=config.data, translate_source=config.data, seed=config.seed)
+           pretrain_source="local", translate_source=config.data, seed=config.seed)
   c.update(fields)
   return c
 

@@ -264,3 +264,15 @@ def test_data_package_loads_tensorflow_only_for_seqio_parts():
   loaded = _modules_after_import(["specjax.data", "specjax.data.parallel"])
   assert "specjax.data.parallel" in loaded and "tensorflow" not in loaded
   assert "specjax.data.tasks" not in loaded
+
+
+def test_tfds_source_pins_the_newest_prepared_version(tmp_path):
+  """seqio refuses an unversioned TFDS name; the newest prepared version is what tfds.load picks."""
+  from specjax.data import tasks
+  for version in ("1.0.0", "1.10.0", "1.2.0"):
+    (tmp_path / "wmt16_translate" / "de-en" / version).mkdir(parents=True)
+  (tmp_path / "wmt16_translate" / "de-en" / "downloads").mkdir()
+  source = tasks._tfds_source("wmt16_translate/de-en", str(tmp_path))
+  assert source.tfds_dataset.name == "wmt16_translate/de-en:1.10.0"
+  with pytest.raises(SpecjaxError, match=r"'wmt14_translate/fr-en' is not prepared"):
+    tasks._tfds_source("wmt14_translate/fr-en", str(tmp_path))

@@ -8,7 +8,7 @@ Tasks need a vocabulary (the target's tokenizer) and data paths, so they are reg
   from TFDS with `pretrain_source="tfds"`.
 - `translate_<src>_<tgt>` (X->en and en->X): `inputs` = the chat-templated prompt exactly as the
   decoding job renders it, `targets` = the reference translation + EOS. Local pairs, or TFDS WMT
-  with `translate_source="tfds"`.
+  with `translate_source="tfds"` (de, fr, ru, zh; TFDS has no WMT set for ja, whose pairs stay local).
 - `selfdistill_<src>_<tgt>`: the target's own generations (specjax.data.selfdistill records):
   `inputs` = chat_prompt, `targets` = the response's token ids + EOS.
 - Mixtures: `pretrain_multilingual` (the six pretrain tasks), `finetune_<src>_<tgt>` (selfdistill
@@ -127,10 +127,14 @@ def _tfds_dir(tfds_data_dir: str | None) -> str:
 def _tfds_source(name: str, tfds_data_dir: str | None) -> seqio.TfdsDataSource:
   """A prepared TFDS dataset; refusing a missing one here beats TFDS trying to download it."""
   root = _tfds_dir(tfds_data_dir)
-  if not os.path.isdir(os.path.join(root, name)):
-    raise SpecjaxError(f"TFDS dataset {name!r} is not prepared in {root} (set tfds_data_dir or TFDS_DATA_DIR, "
-                       f"or use the local source)")
-  return seqio.TfdsDataSource(tfds_name=name, tfds_data_dir=root, splits=_TFDS_SPLITS)
+  versions = sorted((d for d in (os.listdir(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name))
+                                 else []) if re.fullmatch(r"\d+\.\d+\.\d+", d)),
+                    key=lambda v: tuple(int(x) for x in v.split(".")))
+  if not versions:
+    raise SpecjaxError(f"TFDS dataset {name!r} is not prepared in {root} (no version folder under "
+                       f"{os.path.join(root, name)}; set tfds_data_dir or TFDS_DATA_DIR, or use the local source)")
+  # seqio wants a pinned version; the newest prepared one is what tfds.load would pick.
+  return seqio.TfdsDataSource(tfds_name=f"{name}:{versions[-1]}", tfds_data_dir=root, splits=_TFDS_SPLITS)
 
 
 def _text_source(texts_fn, splits=SPLITS) -> seqio.FunctionDataSource:
@@ -301,10 +305,7 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
     prefix, suffix = prompt_parts(template, src, tgt)
     if translate_source == "tfds" and x in TFDS_WMT:
       source, src_key, tgt_key = _tfds_source(TFDS_WMT[x], tfds_data_dir), src, tgt
-    elif translate_source == "tfds":
-      raise SpecjaxError(f"translate_source='tfds': TFDS has no WMT set for {x}-en here (only "
-                         f"{', '.join(TFDS_WMT)}); use the local source for {x}")
-    else:
+    else:  # local files; with translate_source="tfds" also the pairs TFDS has no WMT set for (ja)
       def columns(split, x=x, to_en=tgt == "en"):
         pairs = _pairs(data_dir, x, split, limit)
         xs, ens = [p[0] for p in pairs], [p[1] for p in pairs]
