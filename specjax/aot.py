@@ -1,0 +1,512 @@
+"""Will it fit? Compiles the train step and the decoding loops ahead of time for a device
+topology and reports what each program needs per chip, before anyone books the hardware.
+
+  python -m specjax.aot --target vicuna-7b --drafter vicuna-68m --topology v4-8 --mesh 1,-1,1
+
+TPU topologies get compile-only devices from libtpu's compiler
+(`jax.experimental.topologies`), which runs on any x86 Linux host without a TPU; `cpu:N`
+compiles for N local CPU devices, so the whole path runs (and is tested) anywhere. Weights,
+optimizer state and batches are ShapeDtypeStructs carrying the shardings the trainer and the
+generate job use, so nothing is allocated: a 7B target costs compile time only.
+
+Memory is XLA's buffer assignment for one device (`compiled.memory_analysis()`): arguments,
+outputs and temporaries, less what donation aliases. The verdict compares it with the chip's
+HBM from a table. The TPU compiler itself refuses a program beyond the usable HBM (on v4,
+30.75 of the 32 GiB), which is reported as DOES NOT FIT with its numbers; a program within a
+GiB of the table's capacity is marginal. CPU numbers check the path, not a TPU's needs: XLA's
+CPU backend fuses less and upcasts bfloat16, so its temporaries are larger. Exit status: 0 when
+everything fits (or the capacity is unknown, CPU), 1 when a program does not fit, 2 for a
+mistake in the flags or no TPU compiler.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from specjax import sharding as shd
+from specjax.errors import SpecjaxError
+from specjax.models.config import PRESETS, LlamaConfig, get_preset
+
+GIB = 1024 ** 3
+
+# Chips -> libtpu's chip grid. 3D tori: v4 and v5p (a name counts TensorCores, two per chip);
+# 2D: v5e and v6e (a name counts chips). The same layouts as MaxText's AOT compile table.
+_GRID_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+            512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
+_GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generation:
+  prefix: str  # libtpu's topology prefix
+  grid: dict[int, str]
+  cores_per_chip: int  # the type name counts cores: v4-8 is 4 chips
+  hbm_gib: float
+
+
+# Per-chip HBM as Cloud TPU documents it (v4 and v5p: one megacore device per chip).
+_GENERATIONS = {
+    "v4": _Generation("v4", _GRID_3D, 2, 32),
+    "v5p": _Generation("v5", _GRID_3D, 2, 95),
+    "v5e": _Generation("v5e", _GRID_2D, 1, 16),
+    "v5litepod": _Generation("v5e", _GRID_2D, 1, 16),
+    "v6e": _Generation("v6e", _GRID_2D, 1, 32),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """Where the programs are compiled for: a TPU slice (compile-only devices) or local CPUs."""
+  name: str  # as given: v4-8, v5litepod-8, cpu:8
+  platform: str  # "tpu" or "cpu"
+  num_devices: int
+  capacity_bytes: int | None = None  # per device; None when unknown (CPU)
+  topology_name: str | None = None  # libtpu's, e.g. v4:2x2x1
+  chip_config_name: str | None = None
+  chips_per_host_bounds: tuple[int, int, int] | None = None
+  wrap: tuple[bool, bool, bool] | None = None
+
+
+def parse_topology(name: str) -> Topology:
+  """`cpu:N` or a Cloud TPU type (v4-8, v4-16, v5e-8 / v5litepod-8, v5p-8, v6e-8, ...)."""
+  m = re.fullmatch(r"cpu:(\d+)", name)
+  if m:
+    if int(m.group(1)) < 1:
+      raise SpecjaxError(f"--topology={name!r}: cpu:N needs N >= 1")
+    return Topology(name, "cpu", int(m.group(1)))
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+  known = ", ".join(f"{g}-{n * _GENERATIONS[g].cores_per_chip}" for g in ("v4", "v5e", "v5p", "v6e")
+                    for n in list(_GENERATIONS[g].grid)[:3])
+  if not m:
+    raise SpecjaxError(f"--topology={name!r}: expected cpu:N or a Cloud TPU type such as {known}, ... "
+                       "(v5litepod-N is v5e-N)")
+  gen = _GENERATIONS[m.group(1)]
+  count = int(m.group(2))
+  chips = count // gen.cores_per_chip
+  if count % gen.cores_per_chip or chips not in gen.grid:
+    sizes = ", ".join(f"{m.group(1)}-{c * gen.cores_per_chip}" for c in gen.grid)
+    raise SpecjaxError(f"--topology={name!r}: not a slice size this check knows; known: {sizes}")
+  grid = gen.grid[chips]
+  dims = len(grid.split("x"))
+  if dims == 3:
+    wrap = (chips >= 64,) * 3  # full 4x4x4 cubes and up are tori
+  else:
+    wrap = {128: (False, True, False), 256: (True, True, False)}.get(chips, (False, False, False))
+  return Topology(name, "tpu", chips, capacity_bytes=int(gen.hbm_gib * GIB), topology_name=f"{gen.prefix}:{grid}",
+                  chip_config_name="megacore" if gen.cores_per_chip == 2 else "default",
+                  chips_per_host_bounds=(1, 1, 1) if chips == 1 else (2, 2, 1), wrap=wrap)
+
+
+class TpuCompilerMissing(SpecjaxError):
+  """libtpu is not installed: the TPU check cannot run on this host."""
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Drops what native code writes to stderr meanwhile: off a TPU VM, libtpu's start-up warns
+  that it found no TPU metadata (accelerator type, worker hostnames), which is expected here."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def topology_devices(topo: Topology) -> list:
+  """The devices to compile for: libtpu's compile-only devices, or the first N local CPUs."""
+  if topo.platform == "cpu":
+    try:  # before JAX starts its CPU backend, ask for N devices; afterwards this is refused
+      jax.config.update("jax_num_cpu_devices", topo.num_devices)
+    except RuntimeError:
+      pass
+    devices = jax.devices("cpu")
+    if len(devices) < topo.num_devices:
+      raise SpecjaxError(f"--topology={topo.name}: this process has {len(devices)} CPU devices (JAX was started "
+                         f"before the count could be set; set jax_num_cpu_devices={topo.num_devices} or "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.num_devices})")
+    return devices[:topo.num_devices]
+  from jax.experimental import topologies
+  try:
+    with _quiet_stderr():
+      desc = topologies.get_topology_desc(
+          topology_name=topo.topology_name, platform="tpu", chip_config_name=topo.chip_config_name,
+          chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=1, wrap=topo.wrap)
+  except Exception as e:  # noqa: BLE001  (libtpu's errors have no common type)
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "not installed" in message or ("libtpu" in message.lower() and "not found" in message.lower()):
+      raise TpuCompilerMissing(
+          f"the TPU compiler (libtpu: pip install 'jax[tpu]=={jax.__version__}') is not installed, so the "
+          f"{topo.name} check cannot run here; it needs no TPU, only libtpu on an x86 Linux host "
+          "(--topology cpu:N checks the same programs on CPU)") from None
+    if "lockfile" in message:
+      raise SpecjaxError(f"--topology={topo.name}: another process on this host holds libtpu (a TPU job or another "
+                         "check); run the check when it ends, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile "
+                         "alongside it") from None
+    raise SpecjaxError(f"--topology={topo.name}: libtpu could not describe {topo.topology_name} ({message})") from None
+  devices = list(desc.devices)
+  if len(devices) != topo.num_devices:
+    raise SpecjaxError(f"--topology={topo.name}: libtpu gave {len(devices)} devices for {topo.topology_name}, "
+                       f"expected {topo.num_devices}")
+  return devices
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+def resolve_model(flag: str, value: str) -> LlamaConfig:
+  """A preset name (or preset:NAME), or a Hugging Face checkpoint directory (its config.json only)."""
+  name = value.removeprefix("preset:")
+  if name in PRESETS:
+    return get_preset(name)
+  if os.path.isfile(os.path.join(value, "config.json")):
+    return LlamaConfig.from_hf_json(os.path.join(value, "config.json"))
+  raise SpecjaxError(f"{flag}={value!r}: not a model preset ({', '.join(sorted(PRESETS))}) nor a Hugging Face "
+                     "checkpoint directory with a config.json")
+
+
+def _abstract_params(config: LlamaConfig):
+  """(graphdef, params as ShapeDtypeStructs): the model's structure, no memory."""
+  from specjax.models.llama import abstract_model
+  graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise SpecjaxError("the model holds state besides parameters; the check does not support it")
+  return graphdef, params
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings)
+
+
+# --- programs ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ProgramReport:
+  """One compiled program's needs on one device."""
+  program: str
+  argument_bytes: int | None = None
+  output_bytes: int | None = None
+  temp_bytes: int | None = None
+  generated_code_bytes: int | None = None
+  alias_bytes: int | None = None
+  total_bytes: int | None = None  # arguments + outputs + temporaries - aliased
+  capacity_bytes: int | None = None
+  headroom_bytes: int | None = None
+  fits: bool | None = None  # None: capacity unknown
+  compile_s: float = 0.0
+  flops: float | None = None  # XLA's estimate; a loop's body may be counted once
+  note: str = ""
+
+  @property
+  def verdict(self) -> str:
+    return {True: "FITS", False: "DOES NOT FIT", None: "capacity unknown"}[self.fits]
+
+
+def _compile(name: str, lowered_fn, capacity: int | None) -> ProgramReport:
+  """Lowers and compiles; a compiler that runs out of memory (TPU) is a DOES NOT FIT verdict."""
+  report = ProgramReport(name, capacity_bytes=capacity)
+  start = time.perf_counter()
+  try:
+    compiled = lowered_fn().compile()
+  except Exception as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report.compile_s = time.perf_counter() - start
+    report.fits = False
+    report.note = "the compiler ran out of memory: " + " ".join(str(e).split())[:400]
+    return report
+  report.compile_s = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  if stats is not None:
+    report.argument_bytes = int(stats.argument_size_in_bytes)
+    report.output_bytes = int(stats.output_size_in_bytes)
+    report.temp_bytes = int(stats.temp_size_in_bytes)
+    report.generated_code_bytes = int(stats.generated_code_size_in_bytes)
+    report.alias_bytes = int(stats.alias_size_in_bytes)
+    report.total_bytes = report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes
+    if capacity is not None:
+      report.headroom_bytes = capacity - report.total_bytes
+      report.fits = report.headroom_bytes >= 0
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    report.flops = float(cost["flops"]) if cost and "flops" in cost else None
+  except Exception:  # noqa: BLE001, S110  (optional; some backends do not implement it)
+    pass
+  return report
+
+
+def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
+  """The trainer's jitted step: float32 drafter and Adam state by the rules table, state donated."""
+  from specjax.train import step as train_step
+  from specjax.train.defaults import trainer_config
+  from specjax.train.optimizer import make_optimizer
+  graphdef, params = _abstract_params(drafter_cfg.replace(dtype=args.dtype, param_dtype="float32"))
+  tx, schedule = make_optimizer(trainer_config("pretrain"), total_steps=1000)
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+  spec = train_step.StepSpec(loss=args.train_loss, with_target=args.train_loss != "cross_entropy")
+  target_graphdef = target_params = None
+  if spec.with_target:
+    target_graphdef, target_params = _abstract_params(target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype))
+  A = args.grad_accumulation
+  shape = (A, args.train_batch // A, args.seq_len)
+  batch_shapes = {k: shape for k in train_step.BATCH_FEATURES}
+  batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in batch_shapes.items()}
+  fn = train_step.make_train_step(graphdef, target_graphdef, tx, schedule, spec)
+  jitted, _ = train_step.jit_train_step(fn, state, target_params, batch_shapes, mesh)
+  name = "train" + ("" if args.train_loss == "cross_entropy" else f" ({args.train_loss}, with target)")
+  return _compile(name, lambda: jitted.lower(state, target_params, batch), args.capacity)
+
+
+def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
+  """The Decoder's jitted loop as the generate job places it: target by the rules table, drafter
+  replicated (or sharded), inputs split by batch, one call of `batch` prompts of `prompt_len`."""
+  from specjax.decoding import engine
+  from specjax.decoding.sampling import SamplingMode
+  from specjax.models.llama import KVCache
+  gamma = 1 if method == "ar" else args.gamma
+  mode = SamplingMode(greedy=True) if args.sampling == "greedy" else SamplingMode(False, True, True)
+  spec = engine.LoopSpec(method=method, mode=mode, buffer_len=args.max_len, gamma=gamma)
+  target_graph, target_params = _abstract_params(target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype))
+  target_params = _with_shardings(target_params, shd.state_shardings(target_params, mesh))
+  drafter_graph = drafter_params = None
+  configs = [target_cfg]
+  if method == "sps":
+    drafter_graph, drafter_params = _abstract_params(drafter_cfg.replace(dtype=args.dtype, param_dtype=args.dtype))
+    placed = (shd.state_shardings(drafter_params, mesh) if args.drafter_sharding == "sharded"
+              else jax.tree.map(lambda _: NamedSharding(mesh, P()), drafter_params))
+    drafter_params = _with_shardings(drafter_params, placed)
+    configs.append(drafter_cfg)
+  cache_sharding = tuple(
+      shd.cache_sharding(jax.eval_shape(lambda c=c: KVCache.zeros(c.replace(dtype=args.dtype), args.batch,
+                                                                  spec.buffer_len)), mesh) for c in configs)
+  cache_sharding = cache_sharding + (None,) * (2 - len(cache_sharding))
+  B, Pn = args.batch, args.prompt_len
+  fields = {"prompt_BP": ((B, Pn), jnp.int32), "prompt_lens_B": ((B,), jnp.int32), "row_ids_B": ((B,), jnp.int32),
+            "active_B": ((B,), jnp.bool_), "max_new_B": ((B,), jnp.int32), "temperature_B": ((B,), jnp.float32),
+            "top_k_B": ((B,), jnp.int32), "top_p_B": ((B,), jnp.float32), "seed": ((), jnp.int32),
+            "eos_id": ((), jnp.int32)}
+  x = engine.Inputs(**{k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(s, mesh) if s else
+                                               NamedSharding(mesh, P())) for k, (s, d) in fields.items()})
+  jitted = jax.jit(lambda ts, ds, inputs: engine.decode_loop(target_graph, ts, drafter_graph, ds, inputs, spec,
+                                                             cache_sharding))
+  name = f"decode {method}" + (f" (gamma {gamma})" if method != "ar" else "")
+  return _compile(name, lambda: jitted.lower(target_params, drafter_params, x), args.capacity)
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # reported like every other mistake (exit code 2, one line)
+    raise SpecjaxError(f"{message} (--help lists the flags)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = _Parser(prog="python -m specjax.aot", description=__doc__.split("\n\n")[0],
+              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--target", default="vicuna-7b", help="preset name or Hugging Face checkpoint directory")
+  p.add_argument("--drafter", default="vicuna-68m", help="preset name or Hugging Face checkpoint directory")
+  p.add_argument("--topology", required=True, help="cpu:N, or a TPU type: v4-8, v4-16, v5e-8 (v5litepod-8), "
+                                                   "v5p-8, v6e-8, ...")
+  p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; one -1 takes the rest (use --mesh=-1,1,1 "
+                                                  "when the first is -1)")
+  p.add_argument("--dtype", default="bfloat16", help="weights and compute of decoding; the drafter's compute "
+                                                     "dtype in training (its weights stay float32)")
+  p.add_argument("--what", default="train,decode", help="programs: train, decode, or both")
+  p.add_argument("--json", default=None, help="also write the report to this file")
+  g = p.add_argument_group("decoding (the generate job)")
+  g.add_argument("--methods", default="sps,ar", help="decoding loops to compile: sps, ar, pld")
+  g.add_argument("--batch", type=int, default=1, help="prompts per call (the generate job's batch_size)")
+  g.add_argument("--max_len", type=int, default=0,
+                 help="cache positions (prompt + new tokens); default: the models' max_position_embeddings")
+  g.add_argument("--prompt_len", type=int, default=0,
+                 help="prompt bucket; default: the longest the cache admits (the most prefill memory)")
+  g.add_argument("--gamma", type=int, default=5, help="drafts per round")
+  g.add_argument("--sampling", default="sample", choices=("sample", "greedy"),
+                 help="sample: temperature with top-k and top-p (the larger program); greedy: argmax")
+  g.add_argument("--drafter_sharding", default="replicated", choices=("replicated", "sharded"))
+  g = p.add_argument_group("training (the trainer's step)")
+  g.add_argument("--train_batch", type=int, default=128, help="global rows per step")
+  g.add_argument("--seq_len", type=int, default=2048, help="packed row length")
+  g.add_argument("--grad_accumulation", type=int, default=1, help="micro-batches per step")
+  g.add_argument("--train_loss", default="cross_entropy", help="cross_entropy, or forward_kl / total_variation "
+                                                               "(the target runs in the step too)")
+  return p
+
+
+def _parse_mesh(value: str) -> tuple[int, ...]:
+  try:
+    shape = tuple(int(s) for s in value.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or any(s == 0 or s < -1 for s in shape):
+    raise SpecjaxError(f"--mesh={value!r}: expected three sizes data,fsdp,tensor such as 1,-1,1 (one may be -1)")
+  return shape
+
+
+def _check_args(args) -> None:
+  from specjax.decoding.engine import METHODS
+  from specjax.models.config import DTYPES
+  from specjax.train.losses import LOSSES
+  args.what = [w.strip() for w in args.what.split(",") if w.strip()]
+  if not args.what or set(args.what) - {"train", "decode"}:
+    raise SpecjaxError(f"--what={','.join(args.what)!r}: expected train, decode or train,decode")
+  args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  if not args.methods or set(args.methods) - set(METHODS):
+    raise SpecjaxError(f"--methods={','.join(args.methods)!r}: expected some of {', '.join(METHODS)}")
+  if args.dtype not in DTYPES:
+    raise SpecjaxError(f"--dtype={args.dtype!r}: expected one of {', '.join(DTYPES)}")
+  if args.train_loss not in LOSSES:
+    raise SpecjaxError(f"--train_loss={args.train_loss!r}: expected one of {', '.join(LOSSES)}")
+  for flag in ("batch", "gamma", "train_batch", "seq_len", "grad_accumulation"):
+    if getattr(args, flag) < 1:
+      raise SpecjaxError(f"--{flag}={getattr(args, flag)}: must be >= 1")
+  if args.train_batch % args.grad_accumulation:
+    raise SpecjaxError(f"--train_batch={args.train_batch}: not divisible by --grad_accumulation="
+                       f"{args.grad_accumulation}")
+  for flag in ("max_len", "prompt_len"):
+    if getattr(args, flag) < 0:
+      raise SpecjaxError(f"--{flag}={getattr(args, flag)}: must be >= 0 (0 = the default)")
+
+
+def check(args) -> dict[str, Any]:
+  """Compiles the chosen programs; returns the report (also what --json writes)."""
+  _check_args(args)
+  target_cfg = resolve_model("--target", args.target)
+  drafter_cfg = resolve_model("--drafter", args.drafter)
+  notes = []
+  if drafter_cfg.vocab_size != target_cfg.vocab_size:
+    if args.drafter.removeprefix("preset:") not in PRESETS:
+      raise SpecjaxError(f"--drafter={args.drafter!r}: its vocabulary ({drafter_cfg.vocab_size} tokens) differs "
+                         f"from the target's ({target_cfg.vocab_size}); a drafter must share the target's tokenizer")
+    drafter_cfg = drafter_cfg.replace(vocab_size=target_cfg.vocab_size)  # as the trainer builds a preset drafter
+    notes.append(f"drafter preset built with the target's vocabulary ({target_cfg.vocab_size} tokens)")
+  limit = target_cfg.max_position_embeddings
+  if "sps" in args.methods:
+    limit = min(limit, drafter_cfg.max_position_embeddings)
+  args.max_len = args.max_len or limit
+  longest = args.max_len - args.gamma - 2
+  args.prompt_len = args.prompt_len or longest
+  if "decode" in args.what and not 1 <= args.prompt_len <= longest:
+    raise SpecjaxError(f"--prompt_len={args.prompt_len}: must be in [1, {longest}] (--max_len={args.max_len} "
+                       f"positions, {args.gamma + 2} kept for drafting)")
+
+  topo = parse_topology(args.topology)
+  shape = _parse_mesh(args.mesh)
+  devices = topology_devices(topo)
+  try:
+    mesh = shd.make_mesh(shape, devices)
+  except SpecjaxError as e:
+    raise SpecjaxError(f"--mesh={args.mesh}: {e} (--topology={topo.name} has {len(devices)} devices)") from None
+  args.capacity = topo.capacity_bytes
+
+  programs = []
+  if "train" in args.what:
+    programs.append(train_program(args, mesh, target_cfg, drafter_cfg))
+  if "decode" in args.what:
+    for method in args.methods:
+      programs.append(decode_program(args, mesh, method, target_cfg, drafter_cfg))
+  return {
+      "topology": {"name": topo.name, "platform": topo.platform, "devices": len(devices),
+                   "device_kind": getattr(devices[0], "device_kind", None), "topology_name": topo.topology_name,
+                   "capacity_bytes_per_device": topo.capacity_bytes},
+      "mesh": dict(zip(shd.MESH_AXES, (int(n) for n in mesh.devices.shape))),
+      "target": {"model": args.target, "params": target_cfg.num_params},
+      "drafter": {"model": args.drafter, "params": drafter_cfg.num_params},
+      "settings": {k: getattr(args, k) for k in ("what", "methods", "dtype", "batch", "max_len", "prompt_len", "gamma", "sampling",
+                                                  "drafter_sharding", "train_batch", "seq_len", "grad_accumulation",
+                                                  "train_loss")},
+      "notes": notes,
+      "programs": [dataclasses.asdict(p) | {"verdict": p.verdict} for p in programs],
+  }
+
+
+def _size(n: int | None) -> str:
+  if n is None:
+    return "-"
+  for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n} B"
+
+
+def _count(n: int) -> str:
+  for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.3g}{unit}"
+  return str(n)
+
+
+def format_report(report: dict[str, Any]) -> str:
+  t, s = report["topology"], report["settings"]
+  mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+  capacity = _size(t["capacity_bytes_per_device"]) if t["capacity_bytes_per_device"] else "unknown"
+  lines = [
+      (f"target {report['target']['model']} ({_count(report['target']['params'])} parameters), "
+       f"drafter {report['drafter']['model']} ({_count(report['drafter']['params'])}), {s['dtype']}"),
+      f"topology {t['name']}: {t['devices']} x {t['device_kind']}, {capacity} per device; mesh {mesh}",
+  ]
+  if "train" in s["what"]:
+    lines.append(f"train: batch {s['train_batch']} x {s['seq_len']} tokens, accumulation {s['grad_accumulation']}, "
+                 f"loss {s['train_loss']}, drafter weights float32")
+  if "decode" in s["what"]:
+    lines.append(f"decode: batch {s['batch']}, prompt {s['prompt_len']}, cache {s['max_len']}, {s['sampling']}, "
+                 f"drafter {s['drafter_sharding']}")
+  lines += [f"note: {n}" for n in report["notes"]] + [""]
+  head = ("program", "arguments", "outputs", "temp", "code", "aliased", "total", "headroom", "verdict", "compile",
+          "GFLOP")
+  rows = [head]
+  for p in report["programs"]:
+    rows.append((p["program"], _size(p["argument_bytes"]), _size(p["output_bytes"]), _size(p["temp_bytes"]),
+                 _size(p["generated_code_bytes"]), _size(p["alias_bytes"]), _size(p["total_bytes"]),
+                 _size(p["headroom_bytes"]), p["verdict"], f"{p['compile_s']:.1f} s",
+                 "-" if p["flops"] is None else f"{p['flops'] / 1e9:,.1f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+  for r in rows:
+    lines.append("  ".join(c.ljust(w) if i == 0 or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+  lines += [f"{p['program']}: {p['note']}" for p in report["programs"] if p["note"]]
+  lines.append("per device: XLA's buffer assignment; total = arguments + outputs + temp - aliased (donated); "
+               "GFLOP: XLA's estimate, which may count a loop's body once")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the check; returns the exit status (0 fits, 1 does not fit, 2 a mistake in the flags)."""
+  try:
+    args = _parser().parse_args(argv)
+    report = check(args)
+    if args.json:
+      try:
+        with open(args.json, "w", encoding="utf-8") as f:
+          json.dump(report, f, indent=2)
+      except OSError as e:
+        raise SpecjaxError(f"--json={args.json}: cannot write ({e.strerror})") from None
+  except SpecjaxError as e:
+    print(f"specjax: error: {e}", file=sys.stderr)
+    return 2
+  print(format_report(report))
+  return 1 if any(p["fits"] is False for p in report["programs"]) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
