@@ -49,7 +49,10 @@ def trainer_config(job: str) -> ml_collections.ConfigDict:
   c.grad_clip_norm = 1.0  # 0 = off
   c.seed = 0
 
-  c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor)
+  # (data, fsdp, tensor). fsdp shards the target (acceptance evaluation, distillation) so a 7B
+  # target fits a v5e chip; a CE-only run without the target is leaner data-parallel, (-1, 1, 1):
+  # specjax.aot measured 3x less temporary memory for the 68M drafter's step than under fsdp.
+  c.mesh_shape = (1, -1, 1)
 
   # Logging, evaluation, checkpoints.
   c.log_every = 50
