@@ -30,7 +30,8 @@ setuptools.setup(
     extras_require={
         # torch==2.13.0: its CPU build is what the test machines have; another
         # version pulls several GB of CUDA packages.
-        "test": ["pytest", "scipy", "torch==2.13.0", "safetensors"],
+        # nbformat, nbclient, ipykernel: tests/test_colab.py runs colabs/quickstart.ipynb in a kernel.
+        "test": ["pytest", "scipy", "torch==2.13.0", "safetensors", "nbformat", "nbclient", "ipykernel"],
         "tpu": ["jax[tpu]"],
         "dev": ["pytest", "scipy", "ruff"],
     },
