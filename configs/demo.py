@@ -71,7 +71,7 @@ SCALES = {
 
 def get_config(arg=None):
   arg = parse_arg(arg, source="configs/demo.py", runlocal=False, scale="default", data_dir="", data="local",
-                  langs="")
+                  langs="", ablations=False)
   scale = "tiny" if arg.runlocal else arg.scale
   if scale not in SCALES:
     from specjax.errors import SpecjaxError
@@ -89,6 +89,12 @@ def get_config(arg=None):
   c.distill_temperatures = (0.0, 1.0)
   c.prompt_bucket = 32
   c.seed = 0
+  # ablations=true: τ against finetuning tokens, pretrain+finetune vs finetune only, and γ, on the
+  # first language (a few more minutes); the report gains a section and a plot each.
+  c.ablations = arg.ablations
+  c.ablation_steps = (20, 60, 150)
+  c.ablation_gammas = (1, 2, 4, 6)
+  c.ablation_prompts = 20
   c.acceptance_during_training = True  # each finetune scores τ before and after, with the real loop
   c.tensorboard = True
   c.local_assets = arg.runlocal  # nothing to build: the embedded corpus is the demo's local asset

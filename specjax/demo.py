@@ -156,20 +156,19 @@ def run(config, workdir: str) -> dict:
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
 
   # 5. One drafter per language: the general one finetuned on the target's outputs.
+  def finetune_config(lang, steps, start, acceptance_prompts=4):
+    return _trainer_config(config, "finetune", drafter=start, target=target_dir, tokenizer=path("tokenizer"),
+                           mixture=f"finetune_{lang}_en", selfdistill_dir=path("selfdistill"), num_train_steps=steps,
+                           batch_size=config.batch_size, sequence_length=config.sequence_length,
+                           learning_rate=config.finetune_lr,
+                           eval_every=steps if config.acceptance_during_training else 0, eval_at_start=True,
+                           acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=acceptance_prompts,
+                           acceptance_temperatures=(0.0,), acceptance_gamma=config.gamma,
+                           acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4)
+
   for lang in langs:
-    def finetune_stage(lang=lang):
-      c = _trainer_config(config, "finetune", drafter=f"run:{path('drafters', 'general')}",
-                          target=target_dir, tokenizer=path("tokenizer"), mixture=f"finetune_{lang}_en",
-                          selfdistill_dir=path("selfdistill"), num_train_steps=config.finetune_steps,
-                          batch_size=config.batch_size, sequence_length=config.sequence_length,
-                          learning_rate=config.finetune_lr,
-                          eval_every=config.finetune_steps if config.acceptance_during_training else 0,
-                          eval_at_start=True,
-                          acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=4,
-                          acceptance_temperatures=(0.0,), acceptance_gamma=config.gamma,
-                          acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4)
-      trainer.run(c, path("drafters", lang))
-    _stage(f"finetune the {lang} drafter", path("drafters", lang), finetune_stage)
+    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: trainer.run(
+        finetune_config(lang, config.finetune_steps, f"run:{path('drafters', 'general')}"), path("drafters", lang)))
 
   # 6. Evaluation and report.
   from specjax.eval import report, specbench
@@ -202,7 +201,11 @@ def run(config, workdir: str) -> dict:
           f"{cat} BLEU {q['bleu']:.1f} / chrF {q['chrf']:.1f}" for cat, q in quality.items()),
       _sizes_note(target, drafters["general"]),
   ]
-  report_path = report.write_report(records, path("report"), "specjax demo: the recipe in miniature", notes=notes)
+  ablations = []
+  if config.ablations:
+    ablations = _ablations(config, langs[0], path, finetune_config, target, tokenizer, drafters, questions, common)
+  report_path = report.write_report(records, path("report"), "specjax demo: the recipe in miniature", notes=notes,
+                                    ablations=ablations)
   with open(path("report", "answers.jsonl"), "w", encoding="utf-8") as f:
     for a in answers:
       f.write(json.dumps(a, ensure_ascii=False) + "\n")
@@ -210,6 +213,50 @@ def run(config, workdir: str) -> dict:
     report.print_table(records, temperature)
   print(f"[demo] report: {report_path}", flush=True)
   return {"records": records, "report": report_path, "quality": quality, "seconds": elapsed}
+
+
+def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters, questions, common) -> list[tuple]:
+  """The paper's ablations at demo scale, on one language: τ against finetuning tokens (log x,
+  fitted line; P+F runs of increasing length), pretrain+finetune against finetune only (same
+  steps from random weights), and speedup and τ against γ. Returns write_report's ablations."""
+  from specjax.eval import specbench
+  from specjax.train import trainer
+  from specjax.train.writers import read_metrics
+
+  def tau_and_tokens(run_dir):
+    records = read_metrics(run_dir)
+    tokens = sum(r.get("loss_tokens", 0) for r in records if r["kind"] == "train")
+    return [r for r in records if r["kind"] == "eval"][-1]["accept/T0/tau"], tokens
+
+  n = config.ablation_prompts
+  runs = [(steps, f"run:{path('drafters', 'general')}", f"{lang}_steps{steps}") for steps in config.ablation_steps]
+  runs.append((config.finetune_steps, path("drafter_init"), f"{lang}_scratch"))
+  for steps, start, name in runs:
+    _stage(f"ablation: finetune {name}", path("ablations", name),
+           lambda steps=steps, start=start, name=name: trainer.run(finetune_config(lang, steps, start, n),
+                                                                   path("ablations", name)))
+  tokens_points = []
+  for steps, _, name in runs[:-1]:
+    tau, tokens = tau_and_tokens(path("ablations", name))
+    tokens_points.append({"x": tokens, "y": tau, "label": f"{lang}: pretrain + finetune"})
+  scratch_tau, _ = tau_and_tokens(path("ablations", runs[-1][2]))
+  pf_tau, _ = tau_and_tokens(path("ablations", runs[-2][2]))
+  pf_points = [{"x": 0, "y": scratch_tau, "label": "finetune only"}, {"x": 1, "y": pf_tau, "label": "pretrain + finetune"}]
+
+  own = [q for q in questions if q["category"] == f"{lang}en"]
+  gamma_points = []
+  for gamma in config.ablation_gammas:
+    records, _ = specbench.evaluate(target, tokenizer, {lang: drafters[lang]}, own, temperatures=(0.0,),
+                                    seeds=(config.seed,), runs=[("ar", None), ("sps", lang)],
+                                    **{**common, "gamma": gamma}, progress=False)
+    from specjax.eval.report import speedups
+    sps = [r for r in speedups(records) if r["method"] == "sps"][0]
+    gamma_points += [{"x": gamma, "y": sps["speedup"], "label": "speedup"}, {"x": gamma, "y": sps["tau"], "label": "τ"}]
+  return [(f"τ against finetuning tokens ({lang}, T=0)", tokens_points, "finetuning tokens (response tokens seen)",
+           "τ", True, True),
+          (f"Pretrain + finetune against finetune only ({lang}, T=0, {config.finetune_steps} steps each)", pf_points,
+           "0 = finetune only, 1 = pretrain + finetune", "τ", False, False),
+          (f"γ ({lang}, T=0, specialized drafter)", gamma_points, "γ (drafts per round)", "speedup, τ", False, False)]
 
 
 def _sizes_note(target, drafter) -> str:
