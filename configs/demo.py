@@ -95,6 +95,7 @@ def get_config(arg=None):
   c.ablation_steps = (20, 60, 150)
   c.ablation_gammas = (1, 2, 4, 6)
   c.ablation_prompts = 20
+  c.ablation_acceptance_gamma = 4  # longer drafts tell drafters apart better than γ=1's τ ≤ 2
   c.acceptance_during_training = True  # each finetune scores τ before and after, with the real loop
   c.tensorboard = True
   c.local_assets = arg.runlocal  # nothing to build: the embedded corpus is the demo's local asset

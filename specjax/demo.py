@@ -156,14 +156,14 @@ def run(config, workdir: str) -> dict:
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
 
   # 5. One drafter per language: the general one finetuned on the target's outputs.
-  def finetune_config(lang, steps, start, acceptance_prompts=4):
+  def finetune_config(lang, steps, start, acceptance_prompts=4, acceptance_gamma=None):
     return _trainer_config(config, "finetune", drafter=start, target=target_dir, tokenizer=path("tokenizer"),
                            mixture=f"finetune_{lang}_en", selfdistill_dir=path("selfdistill"), num_train_steps=steps,
                            batch_size=config.batch_size, sequence_length=config.sequence_length,
                            learning_rate=config.finetune_lr,
                            eval_every=steps if config.acceptance_during_training else 0, eval_at_start=True,
                            acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=acceptance_prompts,
-                           acceptance_temperatures=(0.0,), acceptance_gamma=config.gamma,
+                           acceptance_temperatures=(0.0,), acceptance_gamma=acceptance_gamma or config.gamma,
                            acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4)
 
   for lang in langs:
@@ -233,8 +233,8 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   runs.append((config.finetune_steps, path("drafter_init"), f"{lang}_scratch"))
   for steps, start, name in runs:
     _stage(f"ablation: finetune {name}", path("ablations", name),
-           lambda steps=steps, start=start, name=name: trainer.run(finetune_config(lang, steps, start, n),
-                                                                   path("ablations", name)))
+           lambda steps=steps, start=start, name=name: trainer.run(
+               finetune_config(lang, steps, start, n, config.ablation_acceptance_gamma), path("ablations", name)))
   tokens_points = []
   for steps, _, name in runs[:-1]:
     tau, tokens = tau_and_tokens(path("ablations", name))
@@ -252,9 +252,11 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
     from specjax.eval.report import speedups
     sps = [r for r in speedups(records) if r["method"] == "sps"][0]
     gamma_points += [{"x": gamma, "y": sps["speedup"], "label": "speedup"}, {"x": gamma, "y": sps["tau"], "label": "τ"}]
-  return [(f"τ against finetuning tokens ({lang}, T=0)", tokens_points, "finetuning tokens (response tokens seen)",
+  g = config.ablation_acceptance_gamma
+  return [(f"τ against finetuning tokens ({lang}, T=0, γ={g})", tokens_points, "finetuning tokens (response tokens seen)",
            "τ", True, True),
-          (f"Pretrain + finetune against finetune only ({lang}, T=0, {config.finetune_steps} steps each)", pf_points,
+          (f"Pretrain + finetune against finetune only ({lang}, T=0, γ={g}, {config.finetune_steps} steps each)",
+           pf_points,
            "0 = finetune only, 1 = pretrain + finetune", "τ", False, False),
           (f"γ ({lang}, T=0, specialized drafter)", gamma_points, "γ (drafts per round)", "speedup, τ", False, False)]
 

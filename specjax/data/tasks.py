@@ -286,7 +286,11 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
   vocab.tokenizer  # noqa: B018  (fail here, naming vocab_dir, not inside tf.data)
   names: list[str] = []
 
+  # A registration that failed half-way (a bad selfdistill file, say) left its first tasks in
+  # seqio's registry but not in _STATE: remove any provider of the same name before adding.
   def add_task(name, source, preprocessors, with_inputs):
+    seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
                            output_features=_features(vocab, with_inputs), shuffle_buffer_size=shuffle_buffer_size)
     names.append(name)
@@ -328,6 +332,8 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
                                                   seqio.preprocessors.append_eos_after_trim], True)
 
   def add_mixture(name, tasks):
+    seqio.MixtureRegistry.remove(name)
+    seqio.TaskRegistry.remove(name)
     seqio.MixtureRegistry.add(name, [(t, 1.0) for t in tasks])
     names.append(name)
 
