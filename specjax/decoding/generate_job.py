@@ -21,7 +21,7 @@ from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
 from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
-from specjax.models.hf import load_model, load_tokenizer
+from specjax.models.hf import load_model, target_tokenizer
 from specjax.sharding import make_mesh, replicate_model
 
 LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
@@ -72,11 +72,7 @@ def run(config, workdir: str) -> dict:
     local_assets.ensure_checkpoints([(paths[role], LOCAL_PRESETS[role]) for role in ("target", "drafter")
                                      if paths[role] and not paths[role].startswith("preset:")])
 
-  tokenizer_dir = paths["tokenizer"] or paths["target"]
-  if tokenizer_dir.startswith("preset:"):
-    raise SpecjaxError(f"target {tokenizer_dir} has random weights and no tokenizer: set config field "
-                       "`tokenizer` to a directory that holds one")
-  tokenizer = load_tokenizer(tokenizer_dir)
+  tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
   mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
   target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
   drafter = None

@@ -29,7 +29,7 @@ from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
 from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
-from specjax.models.hf import load_model, load_tokenizer
+from specjax.models.hf import load_model, target_tokenizer
 from specjax.models.llama import Llama
 from specjax.sharding import make_mesh, replicate_model
 
@@ -439,11 +439,7 @@ def run(config, workdir: str) -> dict:
     jax.config.update("jax_compilation_cache_dir", workdir_path(config, "compilation_cache", workdir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-  tokenizer_dir = paths["tokenizer"] or paths["target"]
-  if tokenizer_dir.startswith("preset:"):
-    raise SpecjaxError(f"target {tokenizer_dir} has random weights and no tokenizer: set config field "
-                       "`tokenizer` to a directory that holds one")
-  tokenizer = load_tokenizer(tokenizer_dir)
+  tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
   mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
   target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
   drafters = {}

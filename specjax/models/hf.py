@@ -122,6 +122,15 @@ def load_tokenizer(path: str):
     raise SpecjaxError(f"{path}: no usable tokenizer ({e})") from None
 
 
+def target_tokenizer(tokenizer_dir: str | None, target: str):
+  """The tokenizer in `tokenizer_dir`, by default the target checkpoint's own."""
+  path = tokenizer_dir or target
+  if path.startswith("preset:"):
+    raise SpecjaxError(f"target {path} has random weights and no tokenizer: set config field `tokenizer` to a "
+                       "directory that holds one")
+  return load_tokenizer(path)
+
+
 def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=None,
                        max_shard_bytes: int = 4 << 30) -> None:
   """Writes `config.json`, `generation_config.json` and safetensors shards (with an index when

@@ -18,6 +18,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(workdir, "checkpoints")
 
 
+def _abstract(tree, shardings=None):
+  """Shapes and dtypes of `tree` to restore into, placed like `shardings` when given."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  if shardings is None:
+    return abstract
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
     if save_every < 1:
@@ -48,9 +56,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise SpecjaxError(f"{self.directory}: no checkpoint to restore")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
-    if shardings is not None:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract = _abstract(state_like, shardings)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))
@@ -77,9 +83,7 @@ def restore_params(path: str, params_like, shardings=None):
   step = manager.latest_step()
   if step is None:
     raise SpecjaxError(f"init={path!r}: {directory} holds no checkpoint")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params_like)
-  if shardings is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract = _abstract(params_like, shardings)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": abstract}, restore_args=jax.tree.map(
