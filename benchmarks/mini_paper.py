@@ -62,10 +62,8 @@ def main(argv=None) -> int:
     from specjax.decoding.prompts import read_prompt_files
     questions = [q for q in read_prompt_files(bench_glob) if q["category"][:2] in langs]
     if args.specbench_prompts_per_language or args.preset == "smoke":
-      per = args.specbench_prompts_per_language or 2
-      counts = {}
-      questions = [q for q in questions if counts.setdefault(q["category"], 0) < per
-                   and not counts.__setitem__(q["category"], counts[q["category"]] + 1)]
+      from specjax.train.acceptance import first_per_category
+      questions = first_per_category(questions, args.specbench_prompts_per_language or 2)
     common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
                   batch_size=1, eos_id=tokenizer.eos_token_id, prompt_bucket=config.prompt_bucket)
     bench, _ = specbench.evaluate(target, tokenizer, drafters, questions, temperatures=(0.0,), seeds=(0,),

@@ -25,6 +25,12 @@ from specjax.data.parallel import EMBEDDED_CORPUS
 # (1.5M parameters, 6 layers) is what 2 CPU cores train in about 3 minutes; a decode step of a
 # model this small costs about 0.4 ms, which is the loop's own overhead rather than weight
 # reads, so speculative decoding shows its acceptance (τ) here but not its speed: see README.
+# The mini paper's models (benchmarks/mini_paper.py): a 102M target, 9.8M drafters.
+_MINI_TARGET = dict(hidden_size=640, intermediate_size=1792, num_layers=18, num_heads=10, num_kv_heads=10, head_dim=64,
+                    max_position_embeddings=1024)
+_MINI_DRAFTER = dict(hidden_size=384, intermediate_size=1024, num_layers=2, num_heads=6, num_kv_heads=6, head_dim=64,
+                     max_position_embeddings=1024)
+
 SCALES = {
     "default": dict(
         target_model=dict(hidden_size=128, intermediate_size=256, num_layers=6, num_heads=4, num_kv_heads=4,
@@ -49,19 +55,13 @@ SCALES = {
     # parameters. mini_cpu is sized for about 2 hours on 2 CPU cores (so the target sees few
     # tokens); mini_gpu for one NVIDIA GPU (bfloat16 would be the next step; float32 here).
     "mini_cpu": dict(
-        target_model=dict(hidden_size=640, intermediate_size=1792, num_layers=18, num_heads=10, num_kv_heads=10,
-                          head_dim=64, max_position_embeddings=1024),
-        drafter_model=dict(hidden_size=384, intermediate_size=1024, num_layers=2, num_heads=6, num_kv_heads=6,
-                           head_dim=64, max_position_embeddings=1024),
+        target_model=_MINI_TARGET, drafter_model=_MINI_DRAFTER,
         vocab_size=8192, sequence_length=512, batch_size=8, target_steps=150, target_lr=1e-3,
         distill_sources=200, distill_batch_size=32, pretrain_steps=200, drafter_lr=1e-3, finetune_steps=60,
         finetune_lr=5e-4, eval_prompts_per_language=20, max_new_tokens=64, gamma=4,
         sampling_seeds=(0, 1, 2), log_every=10),
     "mini_gpu": dict(
-        target_model=dict(hidden_size=640, intermediate_size=1792, num_layers=18, num_heads=10, num_kv_heads=10,
-                          head_dim=64, max_position_embeddings=1024),
-        drafter_model=dict(hidden_size=384, intermediate_size=1024, num_layers=2, num_heads=6, num_kv_heads=6,
-                           head_dim=64, max_position_embeddings=1024),
+        target_model=_MINI_TARGET, drafter_model=_MINI_DRAFTER,
         vocab_size=8192, sequence_length=512, batch_size=32, target_steps=6000, target_lr=6e-4,
         distill_sources=5000, distill_batch_size=128, pretrain_steps=3000, drafter_lr=1e-3, finetune_steps=1500,
         finetune_lr=3e-4, eval_prompts_per_language=40, max_new_tokens=128, gamma=5,

@@ -244,12 +244,12 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   pf_points = [{"x": 0, "y": scratch_tau, "label": "finetune only"}, {"x": 1, "y": pf_tau, "label": "pretrain + finetune"}]
 
   own = [q for q in questions if q["category"] == f"{lang}en"]
+  from specjax.eval.report import speedups
   gamma_points = []
   for gamma in config.ablation_gammas:
     records, _ = specbench.evaluate(target, tokenizer, {lang: drafters[lang]}, own, temperatures=(0.0,),
                                     seeds=(config.seed,), runs=[("ar", None), ("sps", lang)],
                                     **{**common, "gamma": gamma}, progress=False)
-    from specjax.eval.report import speedups
     sps = [r for r in speedups(records) if r["method"] == "sps"][0]
     gamma_points += [{"x": gamma, "y": sps["speedup"], "label": "speedup"}, {"x": gamma, "y": sps["tau"], "label": "τ"}]
   g = config.ablation_acceptance_gamma

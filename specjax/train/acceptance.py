@@ -38,7 +38,7 @@ def heldout_questions(config, workdir: str) -> list[dict]:
   return out
 
 
-def _first_per_category(questions: list[dict], per: int) -> list[dict]:
+def first_per_category(questions: list[dict], per: int) -> list[dict]:
   counts: dict[str, int] = {}
   out = []
   for q in questions:
@@ -54,7 +54,7 @@ class AcceptanceEval:
   def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh):
     questions = heldout_questions(config, workdir)
     if config.acceptance_prompts_per_language and not config.acceptance_prompts.startswith("heldout:"):
-      questions = _first_per_category(questions, config.acceptance_prompts_per_language)
+      questions = first_per_category(questions, config.acceptance_prompts_per_language)
     if not questions:
       raise SpecjaxError(f"config field `acceptance_prompts`={config.acceptance_prompts!r}: no prompts")
     self.prompts = [encode_prompt(tokenizer, apply_template(config.template, q["turns"][0])) for q in questions]
