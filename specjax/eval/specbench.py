@@ -382,15 +382,8 @@ def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
 
 def _select_questions(questions: list[dict], per_category: int) -> list[dict]:
   """The first `per_category` questions of each category (0 = all), in file order."""
-  if not per_category:
-    return questions
-  taken: dict[str, int] = {}
-  out = []
-  for q in questions:
-    if taken.get(q["category"], 0) < per_category:
-      taken[q["category"]] = taken.get(q["category"], 0) + 1
-      out.append(q)
-  return out
+  from specjax.train.acceptance import first_per_category
+  return first_per_category(questions, per_category) if per_category else questions
 
 
 def _read_references(reference_paths: dict[str, str], all_questions: list[dict],
