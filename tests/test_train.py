@@ -187,6 +187,18 @@ def test_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_checkpoint_under_a_relative_workdir(tmp_path, monkeypatch):
+  """orbax rejects relative paths only when the first save is written (minutes into a run)."""
+  monkeypatch.chdir(tmp_path)
+  state = {"w": jnp.arange(4.0)}
+  ckpt = Checkpointer(os.path.join("runs", "rel", "checkpoints"), save_every=1, keep=1)
+  ckpt.save(1, state, {"step": 1})
+  ckpt.close()
+  assert os.path.isdir(tmp_path / "runs" / "rel" / "checkpoints" / "1")
+  restored, _ = Checkpointer("runs/rel/checkpoints", save_every=1, keep=1).restore(state)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+
+
 # --- the trainer end to end ----------------------------------------------------------------
 
 

@@ -26,12 +26,18 @@ def _abstract(tree, shardings=None):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _absolute(directory: str) -> str:
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
 class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
     if save_every < 1:
       raise SpecjaxError(f"config field `checkpoint_every`={save_every}: must be >= 1")
     if keep < 1:
       raise SpecjaxError(f"config field `checkpoints_to_keep`={keep}: must be >= 1")
+    # orbax's OCDBT writer rejects relative paths, and only at the first save (minutes in).
+    directory = _absolute(directory)
     self.directory = directory
     self.save_every = save_every
     self.manager = ocp.CheckpointManager(
@@ -79,7 +85,7 @@ def restore_params(path: str, params_like, shardings=None):
   directory = path if os.path.basename(os.path.normpath(path)) == "checkpoints" else checkpoint_dir(path)
   if not os.path.isdir(directory) and "://" not in directory:
     raise SpecjaxError(f"init={path!r}: no checkpoints folder at {directory}")
-  manager = ocp.CheckpointManager(directory)
+  manager = ocp.CheckpointManager(_absolute(directory))
   step = manager.latest_step()
   if step is None:
     raise SpecjaxError(f"init={path!r}: {directory} holds no checkpoint")
