@@ -24,6 +24,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 PRESETS = {"cpu": "mini_cpu", "gpu": "mini_gpu", "smoke": "tiny"}
+# T=1 runs every method once per seed: on 2 CPU cores the 80 prompts per language are a T=0-only
+# budget, so T=1 takes the first N of each language there (0 = all).
+SAMPLED_PROMPTS_PER_LANGUAGE = {"cpu": 16, "gpu": 0, "smoke": 2}
 
 
 def main(argv=None) -> int:
@@ -31,7 +34,9 @@ def main(argv=None) -> int:
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data"))
-  parser.add_argument("--specbench_prompts_per_language", type=int, default=0, help="0 = all 80")
+  parser.add_argument("--specbench_prompts_per_language", type=int, default=0, help="T=0; 0 = all 80")
+  parser.add_argument("--specbench_sampled_prompts_per_language", type=int, default=None,
+                      help="T=1; default: the preset's (cpu 16, gpu all)")
   args = parser.parse_args(argv)
 
   from configs import demo as demo_config
@@ -61,20 +66,36 @@ def main(argv=None) -> int:
                 for name in ("general",) + langs}
     from specjax.decoding.prompts import read_prompt_files
     questions = [q for q in read_prompt_files(bench_glob) if q["category"][:2] in langs]
-    if args.specbench_prompts_per_language or args.preset == "smoke":
-      from specjax.train.acceptance import first_per_category
-      questions = first_per_category(questions, args.specbench_prompts_per_language or 2)
+    from specjax.train.acceptance import first_per_category
+    greedy_cap = args.specbench_prompts_per_language or (2 if args.preset == "smoke" else 0)
+    sampled_cap = args.specbench_sampled_prompts_per_language
+    if sampled_cap is None:
+      sampled_cap = SAMPLED_PROMPTS_PER_LANGUAGE[args.preset]
+    greedy_questions = first_per_category(questions, greedy_cap) if greedy_cap else questions
+    sampled_questions = first_per_category(greedy_questions, sampled_cap) if sampled_cap else greedy_questions
     common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
                   batch_size=1, eos_id=tokenizer.eos_token_id, prompt_bucket=config.prompt_bucket)
-    bench, _ = specbench.evaluate(target, tokenizer, drafters, questions, temperatures=(0.0,), seeds=(0,),
-                                  runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")], **common)
-    sampled, _ = specbench.evaluate(target, tokenizer, drafters, questions, temperatures=(1.0,),
-                                    seeds=tuple(config.sampling_seeds),
-                                    runs=[("ar", None), ("sps", "general"), ("sps", "auto")], **common)
-    bench += sampled
+
+    def evaluated(name, fn):  # each temperature's records are kept: a rerun does not redo them
+      cache = os.path.join(workdir, "specbench", f"{name}.json")
+      if not os.path.exists(cache):
+        records, _ = fn()
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(cache, "w", encoding="utf-8") as f:
+          json.dump(records, f, ensure_ascii=False)
+      with open(cache, encoding="utf-8") as f:
+        return json.load(f)
+    bench = evaluated("records_T0", lambda: specbench.evaluate(
+        target, tokenizer, drafters, greedy_questions, temperatures=(0.0,), seeds=(0,),
+        runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")], **common))
+    bench += evaluated("records_T1", lambda: specbench.evaluate(
+        target, tokenizer, drafters, sampled_questions, temperatures=(1.0,), seeds=tuple(config.sampling_seeds),
+        runs=[("ar", None), ("sps", "general"), ("sps", "auto")], **common))
     report.write_report(bench, os.path.join(workdir, "specbench"),
                         f"mini paper ({args.preset}): multilingual Spec-Bench prompts",
-                        notes=[f"Prompts: {bench_glob}, {len(questions)} questions."])
+                        notes=[f"Prompts: {bench_glob}: {len(greedy_questions)} questions at T=0, "
+                               f"{len(sampled_questions)} at T=1 (the first of each language; "
+                               f"{len(config.sampling_seeds)} seeds)."])
   except SpecjaxError as e:
     print(f"mini_paper: error: {e}", file=sys.stderr)
     return 2
