@@ -3,7 +3,7 @@ r"""The paper's experiment at a larger scale (not in CI): the demo's recipe on t
 evaluated on the held-out WMT sentences (the eval split) and on the paper's 80-prompt
 multilingual Spec-Bench files.
 
-  python benchmarks/mini_paper.py --preset cpu --workdir runs/mini_paper_cpu   # ~2 h on 2 CPU cores
+  python benchmarks/mini_paper.py --preset cpu --workdir runs/mini_paper_cpu   # 84 min on 2 CPU cores
   python benchmarks/mini_paper.py --preset gpu --workdir runs/mini_paper_gpu   # one NVIDIA GPU
   python benchmarks/mini_paper.py --preset smoke --workdir /tmp/mini_smoke     # minutes: the plumbing
 

@@ -52,8 +52,9 @@ SCALES = {
         sampling_seeds=(0, 1), log_every=5, langs=("de", "ja"), acceptance_during_training=False,
         tensorboard=False),
     # benchmarks/mini_paper.py: the same recipe on ../shared/data's training split, target >= 100M
-    # parameters. mini_cpu is sized for about 2 hours on 2 CPU cores: the 102M target's train step
-    # runs about 210 tokens/s there, so it sees 246k tokens in ~20 min; mini_gpu for one NVIDIA GPU (bfloat16 would be the next step; float32 here).
+    # parameters. mini_cpu ran 84 min on 2 CPU cores (README has its numbers): the 102M target's
+    # train step runs about 210 tokens/s there, so it sees 246k tokens in ~23 min. mini_gpu is for
+    # one NVIDIA GPU (float32 here; bfloat16 would be the next step).
     "mini_cpu": dict(
         target_model=_MINI_TARGET, drafter_model=_MINI_DRAFTER,
         vocab_size=8192, sequence_length=256, batch_size=8, target_steps=120, target_lr=1e-3,
