@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     sampled_cap = args.specbench_sampled_prompts_per_language
     if sampled_cap is None:
       sampled_cap = SAMPLED_PROMPTS_PER_LANGUAGE[args.preset]
-    greedy_questions = first_per_category(questions, greedy_cap) if greedy_cap else questions
-    sampled_questions = first_per_category(greedy_questions, sampled_cap) if sampled_cap else greedy_questions
+    greedy_questions = first_per_category(questions, greedy_cap)
+    sampled_questions = first_per_category(greedy_questions, sampled_cap)
     common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
                   batch_size=1, eos_id=tokenizer.eos_token_id, prompt_bucket=config.prompt_bucket)
 

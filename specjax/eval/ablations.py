@@ -38,6 +38,7 @@ from specjax import fileio
 from specjax.errors import SpecjaxError
 from specjax.eval import report
 from specjax.models.config import LlamaConfig
+from specjax.train.writers import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SWEEP_PY = os.path.join(REPO, "launch", "sweep.py")
@@ -106,25 +107,6 @@ def _number(value) -> float | None:
 # --- reading runs ------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  with fileio.open(path, encoding="utf-8") as f:
-    lines = f.read().splitlines()
-  out = []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      if n == len(lines):
-        break  # a half-written last line of a run still going (or killed)
-      raise SpecjaxError(f"{path}:{n}: not a JSON line") from None
-    if not isinstance(record, dict):
-      raise SpecjaxError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
-    out.append(record)
-  return out
-
-
 def _read_json(path: str):
   try:
     with fileio.open(path, encoding="utf-8") as f:
@@ -145,7 +127,7 @@ def _drafter_params(path: str) -> int:
 def _trainer_numbers(workdir: str) -> dict:
   """The last eval line's τ (per temperature and category) and loss; tokens and steps trained."""
   path = fileio.join(workdir, "metrics.jsonl")
-  lines = _read_jsonl(path)
+  lines = read_jsonl(path)
   train = [r for r in lines if r.get("kind") == "train"]
   evals = [r for r in lines if r.get("kind") == "eval"]
   out = {"kind": "train", "tau": {}, "category_tau": {}, "eval_loss": None, "eval_step": None,

@@ -383,7 +383,7 @@ def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
 def _select_questions(questions: list[dict], per_category: int) -> list[dict]:
   """The first `per_category` questions of each category (0 = all), in file order."""
   from specjax.train.acceptance import first_per_category
-  return first_per_category(questions, per_category) if per_category else questions
+  return first_per_category(questions, per_category)
 
 
 def _read_references(reference_paths: dict[str, str], all_questions: list[dict],

@@ -39,6 +39,9 @@ def heldout_questions(config, workdir: str) -> list[dict]:
 
 
 def first_per_category(questions: list[dict], per: int) -> list[dict]:
+  """The first `per` questions of each category, in order (per <= 0: all of them)."""
+  if per <= 0:
+    return list(questions)
   counts: dict[str, int] = {}
   out = []
   for q in questions:

@@ -92,6 +92,25 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = fileio.join(workdir, "metrics.jsonl")
+  return read_jsonl(fileio.join(workdir, "metrics.jsonl"))
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """JSON objects, one per line; a half-written last line (a run still going, or killed) is skipped."""
   with fileio.open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.read().splitlines()
+  out = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if n == len(lines):
+        break  # a half-written last line of a run still going (or killed)
+      raise SpecjaxError(f"{path}:{n}: not a JSON line") from None
+    if not isinstance(record, dict):
+      raise SpecjaxError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+    out.append(record)
+  return out
+
