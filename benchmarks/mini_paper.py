@@ -10,6 +10,10 @@ multilingual Spec-Bench files.
 Writes WORKDIR/report/report.md (held-out WMT), WORKDIR/specbench/report.md (Spec-Bench prompts)
 and WORKDIR/mini_paper.json (both record sets, hardware, stage times, the command). A rerun
 resumes at the first unfinished stage.
+
+Spec-Bench prompts: all 80 per language at T=0 (--specbench_prompts_per_language N takes the
+first N); at T=1 the first 16 on the cpu preset, all on gpu (--specbench_sampled_prompts_per_language N).
+Each temperature's records are kept in WORKDIR/specbench/records_T{0,1}_first{N,all}.json.
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
                   batch_size=1, eos_id=tokenizer.eos_token_id, prompt_bucket=config.prompt_bucket)
 
-    def evaluated(name, fn):  # each temperature's records are kept: a rerun does not redo them
+    def evaluated(name, fn):  # kept per temperature and prompt count: a rerun does not redo them
       cache = os.path.join(workdir, "specbench", f"{name}.json")
       if not os.path.exists(cache):
         records, _ = fn()
@@ -85,10 +89,10 @@ def main(argv=None) -> int:
           json.dump(records, f, ensure_ascii=False)
       with open(cache, encoding="utf-8") as f:
         return json.load(f)
-    bench = evaluated("records_T0", lambda: specbench.evaluate(
+    bench = evaluated(f"records_T0_first{greedy_cap or 'all'}", lambda: specbench.evaluate(
         target, tokenizer, drafters, greedy_questions, temperatures=(0.0,), seeds=(0,),
         runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")], **common))
-    bench += evaluated("records_T1", lambda: specbench.evaluate(
+    bench += evaluated(f"records_T1_first{sampled_cap or 'all'}", lambda: specbench.evaluate(
         target, tokenizer, drafters, sampled_questions, temperatures=(1.0,), seeds=tuple(config.sampling_seeds),
         runs=[("ar", None), ("sps", "general"), ("sps", "auto")], **common))
     report.write_report(bench, os.path.join(workdir, "specbench"),
