@@ -115,9 +115,22 @@ def test_new_prompt_length_in_bucket_does_not_recompile(target, drafter):
   decoder = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=8, batch_size=2)
   decoder.generate([[5, 6, 7]], eos_id=NO_EOS)
   decoder.generate([list(range(3, 40)), [9] * 20], eos_id=NO_EOS)
-  assert len(decoder._compiled) == 1
-  (program,) = decoder._compiled.values()
+  (program,) = decoder.programs()
   assert program._cache_size() == 1
+
+
+def test_same_shaped_drafters_share_one_compiled_program():
+  """An evaluation swaps several same-shaped drafters: each program compiles once for all of them,
+  and each call still runs its own drafter's weights (the target itself is accepted every time)."""
+  small_target = init_model(get_preset("tiny-drafter"), 11)
+  drafters = [small_target, init_model(get_preset("tiny-drafter"), 12)]
+  decoders = [Decoder(small_target, d, method="sps", gamma=3, max_new_tokens=12, batch_size=2) for d in drafters]
+  results = [decoder.generate([[5, 6, 7]], eos_id=NO_EOS) for decoder in decoders]
+  (first,), (second,) = decoders[0].programs(), decoders[1].programs()
+  assert first is second and first._cache_size() == 1
+  plain = Decoder(small_target, method="ar", max_new_tokens=12, batch_size=2).generate([[5, 6, 7]], eos_id=NO_EOS)
+  assert results[0].new_tokens == results[1].new_tokens == plain.new_tokens
+  assert results[0].accepted[0] == results[0].proposed[0] > results[1].accepted[0]
 
 
 def test_bad_input_is_a_clear_error(target):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from specjax import local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, LANGUAGE_NAMES, load_pairs, translation_message
-from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt
+from specjax.decoding.prompts import apply_template, check_template, encode_prompt
 from specjax.errors import SpecjaxError
 
 FIELDS = ("record_id", "source_id", "source", "prompt", "chat_prompt", "response", "response_token_ids",
@@ -54,8 +54,7 @@ def _check_config(config, target: str | None) -> None:
     raise SpecjaxError(f"config field `temperatures`={tuple(config.temperatures)}: need at least one, all >= 0")
   if len(set(config.temperatures)) != len(config.temperatures):
     raise SpecjaxError(f"config field `temperatures`={tuple(config.temperatures)}: repeats a value")
-  if config.template not in TEMPLATES:
-    raise SpecjaxError(f"config field `template`={config.template!r}: templates are {', '.join(TEMPLATES)}")
+  check_template(config.template)
   for field in ("num_shards", "batch_size", "max_new_tokens"):
     if config[field] < 1:
       raise SpecjaxError(f"config field `{field}`={config[field]}: must be >= 1")
@@ -79,12 +78,12 @@ def _sources(config, data_dir: str) -> list[str]:
   return [en if config.src == "en" else x for x, en in pairs]
 
 
-def _plan(config, sources: list[str]) -> list[dict]:
+def _plan(config, sources: list[str], tokenizer) -> list[dict]:
   """Every record without its response, in record id order."""
   records = []
   for source_id, source in enumerate(sources):
     prompt = translation_message(config.src, config.tgt, source)
-    chat_prompt = apply_template(config.template, prompt)
+    chat_prompt = apply_template(config.template, prompt, tokenizer=tokenizer)
     for t, temperature in enumerate(config.temperatures):
       records.append({"record_id": source_id * len(config.temperatures) + t, "source_id": source_id,
                       "source": source, "prompt": prompt, "chat_prompt": chat_prompt,
@@ -155,7 +154,8 @@ def run(config, workdir: str) -> dict:
   sources = _sources(config, data_dir)
   if not sources:
     raise SpecjaxError(f"no source sentences for {config.src}->{config.tgt} in {data_dir}")
-  records = _plan(config, sources)
+  tokenizer = _load_tokenizer(config, target, workdir)
+  records = _plan(config, sources, tokenizer)
   shards = _shards(records, config.num_shards)
   echo = {k: (list(config[k]) if k == "temperatures" else config.get(k)) for k in ECHO}
   echo.update(target=target, tokenizer=workdir_path(config, "tokenizer", workdir), data_dir=data_dir)
@@ -188,7 +188,7 @@ def run(config, workdir: str) -> dict:
   logging.info("distill_data: %d records in %d shards; %d shards done, %d to do in this run", len(records),
                len(shards), sum(d is not None for d in done), len(todo))
   if todo:
-    _generate(config, target, workdir, shards, todo, paths, done, writer,
+    _generate(config, target, tokenizer, shards, todo, paths, done, writer,
               lambda: _write_manifest(manifest_path, echo, done, len(records)))
   finished = [d for d in done if d is not None]
   return {"records": sum(d["records"] for d in finished),
@@ -196,11 +196,9 @@ def run(config, workdir: str) -> dict:
           "shards_done": len(finished), "shards_total": len(shards)}
 
 
-def _generate(config, target, workdir, shards, todo, paths, done, writer, write_manifest) -> None:
-  """Loads the target and fills the shards in `todo`, writing each as soon as it is complete."""
-  from specjax.decoding.decoder import Decoder
-  from specjax.models.hf import load_model, load_tokenizer
-  from specjax.sharding import make_mesh
+def _load_tokenizer(config, target: str, workdir: str):
+  """The target's tokenizer (or config field `tokenizer`'s); runlocal builds its checkpoint first."""
+  from specjax.models.hf import load_tokenizer
 
   if config.local_assets and not target.startswith("preset:"):
     local_assets.ensure_checkpoints([(target, "tiny")])
@@ -211,8 +209,18 @@ def _generate(config, target, workdir, shards, todo, paths, done, writer, write_
   tokenizer = load_tokenizer(tokenizer_dir)
   if tokenizer.eos_token_id is None:
     raise SpecjaxError(f"{tokenizer_dir}: the tokenizer has no EOS token, so responses would never end")
+  return tokenizer
+
+
+def _generate(config, target, tokenizer, shards, todo, paths, done, writer, write_manifest) -> None:
+  """Loads the target and fills the shards in `todo`, writing each as soon as it is complete."""
+  from specjax.decoding.decoder import Decoder, stop_ids
+  from specjax.models.hf import load_model
+  from specjax.sharding import make_mesh
+
   mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
-  model, _ = load_model(target, config.dtype, mesh, seed=config.seed)
+  model, model_config = load_model(target, config.dtype, mesh, seed=config.seed)
+  eos = stop_ids(model_config, tokenizer)
   decoder = Decoder(model, method="ar", max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                     mesh=mesh, max_cache_len=config.max_cache_len, prompt_bucket=config.prompt_bucket)
 
@@ -228,7 +236,7 @@ def _generate(config, target, workdir, shards, todo, paths, done, writer, write_
         batch = rows[lo:lo + config.batch_size]
         result = decoder.generate([encode_prompt(tokenizer, r["chat_prompt"]) for r in batch],
                                   temperature=float(temperature), seed=config.seed,
-                                  row_ids=[r["record_id"] for r in batch], eos_id=tokenizer.eos_token_id,
+                                  row_ids=[r["record_id"] for r in batch], eos_id=eos,
                                   names=[f"record {r['record_id']} (source {r['source_id']})" for r in batch])
         for r, ids in zip(batch, result.new_tokens):
           responses[r["record_id"]] = [int(t) for t in ids]

@@ -88,10 +88,11 @@ def finetune_mixture(src: str, tgt: str) -> str:
   return f"finetune_{src}_{tgt}"
 
 
-def prompt_parts(template: str, src: str, tgt: str) -> tuple[str, str]:
+def prompt_parts(template: str, src: str, tgt: str, tokenizer=None) -> tuple[str, str]:
   """(prefix, suffix) with apply_template(template, translation_message(src, tgt, text)) ==
-  prefix + text + suffix, so TF can build prompts (TFDS sources) without Python per example."""
-  rendered = apply_template(template, translation_message(src, tgt, _MESSAGE_SLOT))
+  prefix + text + suffix, so TF can build prompts (TFDS sources) without Python per example.
+  tokenizer: for the `hf` and `auto` templates (the tokenizer's own chat template)."""
+  rendered = apply_template(template, translation_message(src, tgt, _MESSAGE_SLOT), tokenizer=tokenizer)
   parts = rendered.split(_MESSAGE_SLOT)
   if len(parts) != 2:
     raise SpecjaxError(f"template {template!r} does not render the user message verbatim once; "
@@ -306,7 +307,7 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
 
   for src, tgt in PAIRS:
     x = src if tgt == "en" else tgt
-    prefix, suffix = prompt_parts(template, src, tgt)
+    prefix, suffix = prompt_parts(template, src, tgt, vocab.tokenizer)
     if translate_source == "tfds" and x in TFDS_WMT:
       source, src_key, tgt_key = _tfds_source(TFDS_WMT[x], tfds_data_dir), src, tgt
     else:  # local files; with translate_source="tfds" also the pairs TFDS has no WMT set for (ja)

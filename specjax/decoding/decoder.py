@@ -19,8 +19,31 @@ from specjax.errors import SpecjaxError
 from specjax.models.llama import KVCache, Llama
 
 
+# (target graph, drafter graph, LoopSpec, batch size, mesh) -> jitted decode loop; see Decoder._program.
+_PROGRAMS: dict[tuple, object] = {}
+
+
 def _round_up(n: int, multiple: int) -> int:
   return max(multiple, multiple * math.ceil(n / multiple))
+
+
+def stop_ids(config, tokenizer=None) -> tuple[int, ...]:
+  """The ids generation stops at: the checkpoint's EOS list (config.json / generation_config.json)
+  plus the tokenizer's EOS id, no repeats: a chat model may end a turn with either."""
+  ids = tuple(config.stop_token_ids)
+  eos = getattr(tokenizer, "eos_token_id", None)
+  return tuple(dict.fromkeys(ids + (() if eos is None else (int(eos),))))
+
+
+def _eos_array_E(eos_id) -> np.ndarray:
+  """An int or a sequence of ints -> int32 [engine.MAX_EOS_IDS], padded with -1 (a negative id stops nothing)."""
+  ids = [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
+  if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in ids):
+    raise SpecjaxError(f"eos_id={eos_id!r}: expected a token id or a sequence of token ids")
+  ids = list(dict.fromkeys(int(i) for i in ids if i >= 0))
+  if len(ids) > engine.MAX_EOS_IDS:
+    raise SpecjaxError(f"eos_id={eos_id!r}: {len(ids)} stop ids, at most {engine.MAX_EOS_IDS} are supported")
+  return np.array(ids + [-1] * (engine.MAX_EOS_IDS - len(ids)), np.int32)
 
 
 @dataclasses.dataclass
@@ -87,12 +110,16 @@ class Decoder:
     self.target_config = target.config
     self.drafter_config = drafter.config if method == "sps" else None
     self.drafter_graph, self.drafter_state = nnx.split(drafter) if method == "sps" else (None, None)
-    self._compiled = {}
+    self.program_keys: set[tuple] = set()  # the _PROGRAMS entries this decoder has used
 
   # --- compile cache --------------------------------------------------------------------
 
   def _program(self, spec: engine.LoopSpec):
-    if spec not in self._compiled:
+    """The jitted loop, shared by every Decoder of the same model structures: an evaluation that
+    swaps six same-shaped drafters compiles each program once, not six times."""
+    key = (self.target_graph, self.drafter_graph, spec, self.batch_size, self.mesh)
+    self.program_keys.add(key)
+    if key not in _PROGRAMS:
       cache_sharding = None
       if self.mesh is not None:
         def sharding_of(config):
@@ -100,10 +127,10 @@ class Decoder:
           return shd.cache_sharding(abstract, self.mesh)
         cache_sharding = (sharding_of(self.target_config),
                           sharding_of(self.drafter_config) if self.drafter_config else None)
-      self._compiled[spec] = jax.jit(
-          lambda ts, ds, x: engine.decode_loop(self.target_graph, ts, self.drafter_graph, ds, x, spec,
-                                               cache_sharding))
-    return self._compiled[spec]
+      target_graph, drafter_graph = self.target_graph, self.drafter_graph
+      _PROGRAMS[key] = jax.jit(
+          lambda ts, ds, x: engine.decode_loop(target_graph, ts, drafter_graph, ds, x, spec, cache_sharding))
+    return _PROGRAMS[key]
 
   def _spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
     need = prompt_len + self.max_new_tokens + self.gamma + 2
@@ -111,16 +138,21 @@ class Decoder:
                            gamma=self.gamma, dynamic_gamma=self.dynamic_gamma, gamma_start=self.gamma_start,
                            ngram_max=self.ngram[0], ngram_min=self.ngram[1])
 
+  def programs(self) -> list:
+    """The jitted loops this decoder has run (for compile-count checks)."""
+    return [_PROGRAMS[key] for key in self.program_keys]
+
   # --- calls ----------------------------------------------------------------------------
 
   def generate(self, prompts: Sequence[Sequence[int]], *, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, row_ids: Sequence[int] | None = None,
-               eos_id: int | None = None, max_new_tokens: int | Sequence[int] | None = None,
+               eos_id: int | Sequence[int] | None = None, max_new_tokens: int | Sequence[int] | None = None,
                names: Sequence[str] | None = None) -> DecodeResult:
     """Decodes every prompt (token id lists); batches of `batch_size`, one transfer per batch.
 
     row_ids: each prompt's stable id (default: its index); sampled outputs depend on (seed,
     row id, position) only. names: labels for error messages (e.g. question ids).
+    eos_id: a stop id or several (default: the target config's stop_token_ids); negative ids stop nothing.
     """
     if len(prompts) == 0:
       raise SpecjaxError("no prompts to decode")
@@ -144,7 +176,7 @@ class Decoder:
         raise SpecjaxError(f"{name}: token id {max(p) if max(p) >= vocab else min(p)} is outside the "
                            f"vocabulary [0, {vocab})")
     mode = SamplingMode.from_values(temperature, top_k, top_p)
-    eos = self.target_config.eos_token_id if eos_id is None else eos_id
+    eos = _eos_array_E(self.target_config.stop_token_ids if eos_id is None else eos_id)
     outputs = []
     start = time.perf_counter()
     for lo in range(0, len(prompts), self.batch_size):
@@ -177,10 +209,12 @@ class Decoder:
         max_new_B=np.array(list(budgets) + [0] * pad, np.int32),
         temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
         top_k_B=np.full((B,), top_k, np.int32), top_p_B=np.full((B,), top_p, np.float32),
-        seed=np.int32(seed), eos_id=np.int32(eos))
-    if self.mesh is not None:
+        seed=np.int32(seed), eos_ids_E=eos)
+    if self.mesh is not None:  # per-row arrays split by batch; the seed and the stop ids replicated
+      replicated = shd.logical_sharding((), (), self.mesh)
       x = jax.tree.map(lambda a: jax.device_put(a, shd.batch_sharding(a.shape, self.mesh)
-                                                if np.ndim(a) else shd.logical_sharding((), (), self.mesh)), x)
+                                                if np.ndim(a) else replicated), x.replace(eos_ids_E=None))
+      x = x.replace(eos_ids_E=jax.device_put(eos, replicated))
     s = self._program(spec)(self.target_state, self.drafter_state, x)
     fetch = jax.device_get
     if jax.process_count() > 1:  # rows live on every host's devices: gather them to each process

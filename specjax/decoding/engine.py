@@ -24,6 +24,7 @@ from specjax.decoding import sampling as smp
 from specjax.models.llama import KVCache
 
 METHODS = ("ar", "sps", "pld")
+MAX_EOS_IDS = 8  # E: stop ids per call, padded with -1 (Llama-3 lists 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Inputs:
   top_k_B: jax.Array
   top_p_B: jax.Array
   seed: jax.Array  # int32 scalar
-  eos_id: jax.Array  # int32 scalar
+  eos_ids_E: jax.Array  # int32 [E]: generation stops after any of them; -1 pads
 
 
 @flax.struct.dataclass
@@ -87,10 +88,11 @@ def prefill(model, prompt_BP, prompt_lens_B, buffer_len: int) -> KVCache:
 
 
 def _commit(s: State, x: Inputs, candidates_BT, available_B, spec: LoopSpec):
-  """Appends up to available_B of candidates_BT per row, stopping after EOS or at the budget."""
+  """Appends up to available_B of candidates_BT per row, stopping after any EOS id or at the budget."""
   T = candidates_BT.shape[1]
   t_T = jnp.arange(T)
-  is_eos_BT = (candidates_BT == x.eos_id) & (t_T[None] < available_B[:, None])
+  eos_BT = jnp.any((candidates_BT[..., None] == x.eos_ids_E) & (x.eos_ids_E >= 0), axis=-1)
+  is_eos_BT = eos_BT & (t_T[None] < available_B[:, None])
   has_eos_B = jnp.any(is_eos_BT, axis=1)
   upto_eos_B = jnp.where(has_eos_B, jnp.argmax(is_eos_BT, axis=1) + 1, available_B)
   count_B = jnp.minimum(upto_eos_B, x.max_new_B - s.num_new_B)
@@ -141,7 +143,40 @@ def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
 # --- drafting ------------------------------------------------------------------------------
 
 
-def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter, gamma_B):
+@dataclasses.dataclass(frozen=True)
+class DraftModel:
+  """The drafter as the loop calls it: forward(tokens_BT, cache, positions_BT) -> (scores_BTK,
+  cache) over its K draft tokens, and ids_K mapping score index -> token id (None: K = V, the
+  identity). A reduced-vocabulary drafter (specjax.models.draft_vocab) scores only its subset
+  with the output columns gathered once per call, so each draft step reads [D, K], not [D, V]."""
+  forward: object
+  ids_K: jax.Array | None
+  vocab_size: int
+
+  @classmethod
+  def of(cls, drafter) -> "DraftModel":
+    vocab = getattr(drafter, "draft_vocab", None)
+    if vocab is None:
+      return cls(drafter, None, drafter.config.vocab_size)
+    ids_K = vocab[...]
+    head_DK = drafter.head_DK(ids_K)  # gathered once, before the loop
+
+    def forward(tokens_BT, cache, positions_BT):
+      h_BTD, cache = drafter.hidden_states(tokens_BT, cache, positions_BT)
+      return jnp.dot(h_BTD, head_DK.astype(h_BTD.dtype)).astype(jnp.float32), cache
+    return cls(forward, ids_K, drafter.config.vocab_size)
+
+  def tokens(self, index_B):
+    return index_B if self.ids_K is None else self.ids_K[index_B]
+
+  def full_probs(self, q_BK):
+    """q over the whole vocabulary (zero outside the subset), as verification reads it."""
+    if q_BK is None or self.ids_K is None:
+      return q_BK
+    return jnp.zeros(q_BK.shape[:-1] + (self.vocab_size,), q_BK.dtype).at[..., self.ids_K].set(q_BK)
+
+
+def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, gamma_B):
   """Drafts up to max(gamma_B) tokens with the drafter; returns (drafts_BG, q_BGV or None, cache, steps)."""
   B, G, L_B = s.lengths_B.shape[0], spec.gamma, s.lengths_B
   # Catch-up and first draft in one two-token chunk at positions L-2, L-1: after a fully
@@ -151,14 +186,15 @@ def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter, gamma_B):
   start_B = jnp.maximum(L_B - 2, 0)
   pos_B2 = start_B[:, None] + jnp.arange(2)[None]
   chunk_B2 = jnp.take_along_axis(s.tokens_BN, pos_B2, axis=1)
-  logits_B2V, cache = drafter(chunk_B2, s.drafter_cache, pos_B2)
-  logits_BV = jnp.take_along_axis(logits_B2V, (L_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
+  logits_B2K, cache = drafter.forward(chunk_B2, s.drafter_cache, pos_B2)
+  logits_BK = jnp.take_along_axis(logits_B2K, (L_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
 
-  def choose(logits_BV, i):
+  def choose(logits_BK, i):
     keys_B = smp.row_keys(x.seed, x.row_ids_B, L_B + i, smp.TAG_DRAFT)
-    return smp.choose_tokens(logits_BV, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+    index_B, q_BK = smp.choose_tokens(logits_BK, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+    return drafter.tokens(index_B), drafter.full_probs(q_BK)
 
-  d_B, q_BV = choose(logits_BV, 0)
+  d_B, q_BV = choose(logits_BK, 0)
   drafts_BG = jnp.zeros((B, G), jnp.int32).at[:, 0].set(d_B)
   q_BGV = None if q_BV is None else jnp.zeros((B, G, q_BV.shape[-1]), jnp.float32).at[:, 0].set(q_BV)
   steps = jnp.maximum(jnp.max(gamma_B), 1)
@@ -166,8 +202,8 @@ def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter, gamma_B):
   def body(carry):
     i, drafts_BG, q_BGV, cache = carry
     prev_B = jax.lax.dynamic_index_in_dim(drafts_BG, i - 1, axis=1, keepdims=False)
-    logits_B1V, cache = drafter(prev_B[:, None], cache, (L_B - 1 + i)[:, None])
-    d_B, q_BV = choose(logits_B1V[:, 0], i)
+    logits_B1K, cache = drafter.forward(prev_B[:, None], cache, (L_B - 1 + i)[:, None])
+    d_B, q_BV = choose(logits_B1K[:, 0], i)
     drafts_BG = jax.lax.dynamic_update_index_in_dim(drafts_BG, d_B, i, axis=1)
     if q_BGV is not None:
       q_BGV = jax.lax.dynamic_update_index_in_dim(q_BGV, q_BV, i, axis=1)
@@ -296,5 +332,6 @@ def decode_loop(target_graph, target_state, drafter_graph, drafter_state, x: Inp
   if spec.method == "ar":
     body = functools.partial(_ar_round, x=x, spec=spec, target=target)
   else:
-    body = functools.partial(_spec_round, x=x, spec=spec, target=target, drafter=drafter)
+    body = functools.partial(_spec_round, x=x, spec=spec, target=target,
+                             drafter=None if drafter is None else DraftModel.of(drafter))
   return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, s)

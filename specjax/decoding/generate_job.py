@@ -19,7 +19,7 @@ from specjax import fileio, local_assets
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
-from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
+from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.models.hf import load_model, target_tokenizer
 from specjax.sharding import make_mesh, replicate_model
@@ -39,8 +39,7 @@ def _check_config(config, paths: dict[str, str | None]) -> None:
                        "method=ar or method=pld")
   if not paths["prompts"]:
     raise SpecjaxError("config field `prompts` is not set: give a Spec-Bench question.jsonl path or glob")
-  if config.template not in TEMPLATES:
-    raise SpecjaxError(f"config field `template`={config.template!r}: templates are {', '.join(TEMPLATES)}")
+  check_template(config.template)
   if config.drafter_sharding not in ("replicated", "sharded"):
     raise SpecjaxError(f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' "
                        "or 'sharded'")
@@ -94,7 +93,8 @@ def run(config, workdir: str) -> dict:
              disable=jax.process_index() != 0)
   for turn in range(max(len(q["turns"]) for q in questions)):
     active = [i for i, q in enumerate(questions) if len(q["turns"]) > turn]
-    texts = [apply_template(config.template, questions[i]["turns"][turn], history[i], config.system_prompt)
+    texts = [apply_template(config.template, questions[i]["turns"][turn], history[i], config.system_prompt,
+                            tokenizer)
              for i in active]
     prompts = [encode_prompt(tokenizer, text) for text in texts]
     names = [f"{questions[i]['source']} (question {questions[i]['question_id']!r}, turn {turn + 1})"

@@ -138,15 +138,52 @@ _TEMPLATES = {
     "llama-2": (("[INST]", "[/INST]"), _llama2),
     "plain": (("", ""), _plain),
 }
-TEMPLATES = tuple(_TEMPLATES)
+# hf: the tokenizer's own chat template (tokenizer_config.json / chat_template.jinja / GGUF);
+# auto: hf when the tokenizer has one, vicuna_v1.1 otherwise (the paper's Vicuna setting).
+TEMPLATES = tuple(_TEMPLATES) + ("hf", "auto")
+
+
+def check_template(name: str, field: str = "template") -> str:
+  """Raises the SpecjaxError a job reports for an unknown template name; returns the name."""
+  if name not in TEMPLATES:
+    raise SpecjaxError(f"config field `{field}`={name!r}: templates are {', '.join(TEMPLATES)}")
+  return name
+
+
+def resolve_template(name: str, tokenizer=None) -> str:
+  """`auto` -> `hf` when the tokenizer carries a chat template, else `vicuna_v1.1`; `hf` needs one."""
+  check_template(name)
+  has_template = bool(getattr(tokenizer, "chat_template", None))
+  if name == "auto":
+    return "hf" if has_template else "vicuna_v1.1"
+  if name == "hf" and not has_template:
+    where = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+    raise SpecjaxError(f"template 'hf': {where} has no chat template (tokenizer_config.json `chat_template` or "
+                       "chat_template.jinja); pick one of " + ", ".join(_TEMPLATES) + " or template=auto")
+  return name
+
+
+def _hf_chat(tokenizer, messages: list[tuple[str, str | None]], system: str | None) -> str:
+  """The tokenizer's own template over role/content messages, ending in the assistant's turn."""
+  chat = [{"role": "system", "content": system}] if system else []
+  chat += [{"role": role, "content": content} for role, content in messages if content is not None]
+  try:
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  except Exception as e:  # jinja errors: the template refuses these messages (e.g. no system role)
+    raise SpecjaxError(f"template 'hf': the tokenizer's chat template failed on these messages ({e})") from None
 
 
 def apply_template(name: str, user_message: str, history: Sequence[tuple[str, str]] = (),
-                   system: str | None = None) -> str:
+                   system: str | None = None, tokenizer=None) -> str:
   """The prompt text for `user_message` after the earlier (user, assistant) turns in `history`,
-  as FastChat's template `name` renders it. system: replaces the template's system prompt."""
-  if name not in _TEMPLATES:
-    raise SpecjaxError(f"template {name!r} is unknown; templates are {', '.join(TEMPLATES)}")
+  as FastChat's template `name` renders it, or the tokenizer's own (`hf`; `auto` picks).
+  system: replaces the template's system prompt."""
+  name = resolve_template(name, tokenizer) if name in ("hf", "auto") else check_template(name)
+  if name == "hf":
+    messages = []
+    for question, answer in history:
+      messages += [("user", question), ("assistant", answer)]
+    return _hf_chat(tokenizer, messages + [("user", user_message)], system)
   (user, assistant), render = _TEMPLATES[name]
   messages: list[tuple[str, str | None]] = []
   for question, answer in history:

@@ -26,8 +26,8 @@ from specjax import fileio, local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
-from specjax.decoding.decoder import Decoder
-from specjax.decoding.prompts import TEMPLATES, apply_template, encode_prompt, read_prompt_files
+from specjax.decoding.decoder import Decoder, stop_ids
+from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.models.hf import load_model, target_tokenizer
 from specjax.models.llama import Llama
@@ -158,7 +158,7 @@ class _Evaluation:
           groups.setdefault(self.decoder_key(run, i), []).append(i)
       for key, rows in groups.items():
         prompts = [encode_prompt(self.tokenizer, apply_template(self.template, self.questions[i]["turns"][turn],
-                                                                history[i], self.system_prompt)) for i in rows]
+                                                                history[i], self.system_prompt, self.tokenizer)) for i in rows]
         names = [f"{self.questions[i].get('source', '?')} (question {self.questions[i]['question_id']!r}, "
                  f"turn {turn + 1})" for i in rows]
         starts = range(0, len(rows), self.batch_size)
@@ -186,7 +186,7 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
              runs: Sequence[tuple], temperatures: Sequence[float] = (0.0, 1.0), seeds: Sequence[int] = (0, 1, 2),
              greedy_seeds: Sequence[int] = (0,), gamma: int = 5, dynamic_gamma: bool = False, gamma_start: int = 5,
              max_new_tokens: int = 1024, template: str = "vicuna_v1.1", system_prompt: str | None = None,
-             batch_size: int = 1, mesh=None, eos_id: int | None = None, prompt_bucket: int = 64,
+             batch_size: int = 1, mesh=None, eos_id: int | Sequence[int] | None = None, prompt_bucket: int = 64,
              max_cache_len: int | None = None, progress: bool = True) -> tuple[list[dict], list[dict]]:
   """Decodes every category's questions with every run; returns (records, answers).
 
@@ -206,13 +206,13 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
     raise SpecjaxError("runs: nothing to evaluate (give at least one (method, drafter) pair)")
   if not questions:
     raise SpecjaxError("questions: nothing to evaluate")
-  if template not in TEMPLATES:
-    raise SpecjaxError(f"template {template!r}: templates are {', '.join(TEMPLATES)}")
+  check_template(template)
   if any(t < 0 for t in temperatures) or not temperatures:
     raise SpecjaxError(f"temperatures={tuple(temperatures)}: need at least one, each >= 0")
   state = _Evaluation(target, tokenizer, drafters, questions, runs, gamma=gamma, dynamic_gamma=dynamic_gamma,
                       gamma_start=gamma_start, max_new_tokens=max_new_tokens, template=template,
-                      system_prompt=system_prompt, batch_size=batch_size, mesh=mesh, eos_id=eos_id,
+                      system_prompt=system_prompt, batch_size=batch_size, mesh=mesh,
+                      eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id,
                       prompt_bucket=prompt_bucket, max_cache_len=max_cache_len)
   by_category: dict[str, list[int]] = {}
   for i, q in enumerate(questions):
@@ -366,8 +366,7 @@ def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
   for name in drafter_paths:
     if name not in DRAFTER_NAMES:
       raise SpecjaxError(f"config field `drafters`: drafter name {name!r}: expected one of {', '.join(DRAFTER_NAMES)}")
-  if config.template not in TEMPLATES:
-    raise SpecjaxError(f"config field `template`={config.template!r}: templates are {', '.join(TEMPLATES)}")
+  check_template(config.template)
   if config.max_prompts_per_language < 0:
     raise SpecjaxError(f"config field `max_prompts_per_language`={config.max_prompts_per_language}: "
                        "must be >= 0 (0 = all)")

@@ -21,7 +21,8 @@ from specjax import fileio
 from specjax import sharding as shd
 from specjax.errors import SpecjaxError
 from specjax.models import safetensors_io
-from specjax.models.config import LlamaConfig, get_preset
+from specjax.models.config import LlamaConfig, get_preset, parse_eos_ids
+from specjax.models.draft_vocab import draft_token_ids, load_draft_vocab, save_draft_vocab, set_draft_vocab
 from specjax.models.llama import Llama, abstract_model, init_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -75,6 +76,18 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
   if not os.path.isdir(path):
     raise SpecjaxError(f"{path}: checkpoint directory not found")
   config = LlamaConfig.from_hf_json(os.path.join(path, "config.json"), dtype=dtype, param_dtype=dtype)
+  generation = os.path.join(path, "generation_config.json")
+  if os.path.exists(generation):  # its eos_token_id is what transformers' generate() stops at
+    try:
+      with open(generation, encoding="utf-8") as f:
+        generation_hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise SpecjaxError(f"{generation}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
+    if not isinstance(generation_hf, dict):
+      raise SpecjaxError(f"{generation}: expected a JSON object, got {type(generation_hf).__name__}")
+    eos_ids = parse_eos_ids(generation_hf.get("eos_token_id"), generation)
+    if eos_ids:
+      config = config.replace(eos_token_id=eos_ids[0], eos_token_ids=eos_ids if len(eos_ids) > 1 else ())
   files = _weight_files(path)
   graphdef, abstract_state = nnx.split(abstract_model(config))
   mapped: dict[str, dict[str, np.ndarray]] = {}
@@ -110,7 +123,9 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
   flat = nnx.to_flat_state(abstract_state)
   loaded = [(key, variable.replace(load_one(key, variable))) for key, variable in flat]
   state = nnx.from_flat_state(loaded)
-  return nnx.merge(graphdef, state), config
+  model = nnx.merge(graphdef, state)
+  set_draft_vocab(model, load_draft_vocab(path))  # a reduced-vocabulary drafter's subset, when it has one
+  return model, config
 
 
 def load_tokenizer(path: str):
@@ -155,7 +170,7 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
   with fileio.open(fileio.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config.to_hf_dict(), f, indent=2)
   with fileio.open(fileio.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+    json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.to_hf_dict()["eos_token_id"],
                "pad_token_id": config.pad_token_id}, f, indent=2)
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
@@ -179,6 +194,8 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
     with fileio.open(fileio.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
       json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": weight_map}, f, indent=2)
+  if draft_token_ids(model) is not None:
+    save_draft_vocab(path, draft_token_ids(model))
   if isinstance(tokenizer, str):
     for file in TOKENIZER_FILES:
       if fileio.exists(fileio.join(tokenizer, file)):

@@ -252,6 +252,13 @@ class Llama(nnx.Module):
       return h_BTD, None
     return h_BTD, KVCache(tuple(new_k), tuple(new_v), cache.lengths_B + T)
 
+  def head_DK(self, token_ids_K: jax.Array) -> jax.Array:
+    """The output layer's columns for tokens token_ids_K, [D, K] ([in, out], as XLA's dot wants):
+    a reduced-vocabulary drafter scores only these (see specjax.models.draft_vocab)."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...][token_ids_K].T
+    return self.lm_head.kernel[...][:, token_ids_K]
+
   def logits(self, h_BTD) -> jax.Array:
     if self.lm_head is None:
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)

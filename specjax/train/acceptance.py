@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from specjax.config_utils import workdir_path
 from specjax.decoding import metrics
-from specjax.decoding.decoder import Decoder
+from specjax.decoding.decoder import Decoder, stop_ids
+from specjax.models.draft_vocab import set_draft_vocab
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
 
@@ -54,27 +55,34 @@ def first_per_category(questions: list[dict], per: int) -> list[dict]:
 class AcceptanceEval:
   """Built once (one compile per temperature mode); each call swaps in the current parameters."""
 
-  def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh):
+  def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh, draft_ids_K=None):
     questions = heldout_questions(config, workdir)
     if config.acceptance_prompts_per_language and not config.acceptance_prompts.startswith("heldout:"):
       questions = first_per_category(questions, config.acceptance_prompts_per_language)
     if not questions:
       raise SpecjaxError(f"config field `acceptance_prompts`={config.acceptance_prompts!r}: no prompts")
-    self.prompts = [encode_prompt(tokenizer, apply_template(config.template, q["turns"][0])) for q in questions]
+    self.prompts = [encode_prompt(tokenizer, apply_template(config.template, q["turns"][0], tokenizer=tokenizer)) for q in questions]
     self.categories = [q["category"] for q in questions]
     self.temperatures = tuple(config.acceptance_temperatures)
     self.seed = config.seed
     self.mesh = mesh if jax.device_count() > 1 else None
-    self.decoder = Decoder(target, nnx.merge(drafter_graphdef, params), method="sps", gamma=config.acceptance_gamma,
+    self.drafter_graphdef, self.draft_ids_K = drafter_graphdef, draft_ids_K
+    self.decoder = Decoder(target, self._drafter(params), method="sps", gamma=config.acceptance_gamma,
                            max_new_tokens=config.acceptance_max_new_tokens, batch_size=config.acceptance_batch_size,
                            mesh=self.mesh, prompt_bucket=config.acceptance_prompt_bucket)
     self.decoder.drafter_state = None  # set per call: the train step donates parameter buffers
-    self.eos_id = tokenizer.eos_token_id
+    self.eos_id = stop_ids(target.config, tokenizer)
+
+  def _drafter(self, params):
+    """The drafter as it decodes: these parameters, with its reduced vocabulary when it has one."""
+    drafter = nnx.merge(self.drafter_graphdef, params)
+    set_draft_vocab(drafter, self.draft_ids_K)
+    return drafter
 
   def __call__(self, step: int, params) -> dict:
     if self.mesh is not None:  # the decoder keeps a full drafter copy per device
       params = jax.jit(lambda t: t, out_shardings=NamedSharding(self.mesh, P()))(params)
-    self.decoder.drafter_state = params
+    self.decoder.drafter_state = nnx.split(self._drafter(params))[1]
     record = {}
     try:
       for temperature in self.temperatures:

@@ -17,6 +17,11 @@ def trainer_config(job: str) -> ml_collections.ConfigDict:
   # acceptance evaluation. Never checkpointed.
   c.target = config_dict.placeholder(str)
   c.tokenizer = config_dict.placeholder(str)  # default: the target's directory
+  # A reduced-vocabulary drafter (specjax.models.draft_vocab): a directory or draft_vocab.json
+  # naming the tokens it predicts over, e.g. distill_data's WORKDIR (its responses' tokens,
+  # `draft_vocab_coverage` of them), or "" for the full vocabulary. Stored with the export.
+  c.draft_vocab = ""
+  c.draft_vocab_coverage = 0.99
   c.target_dtype = "bfloat16"
   c.dtype = "bfloat16"  # the drafter's compute dtype (float32 or bfloat16); weights stay float32
 

@@ -31,6 +31,7 @@ from specjax import sharding as shd
 from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
 from specjax.models.config import PRESETS
+from specjax.models.draft_vocab import DRAFT_VOCAB_FILE, choose_token_ids, load_draft_vocab, save_draft_vocab
 from specjax.models.hf import load_hf_checkpoint, load_model, load_tokenizer, save_hf_checkpoint
 from specjax.models.llama import init_model
 from specjax.train import losses
@@ -208,6 +209,33 @@ def _build_drafter(config, paths, vocab_size: int, mesh):
   return graphdef, params, cfg
 
 
+def _draft_vocab(config, workdir, paths, vocab_size: int, tokenizer) -> np.ndarray | None:
+  """The reduced vocabulary the drafter trains over: config field `draft_vocab` (a draft_vocab.json,
+  a directory holding one, or a distill_data workdir whose responses choose it), else the one a
+  `run:DIR` or Hugging Face drafter carries, else None (the full vocabulary)."""
+  spec = workdir_path(config, "draft_vocab", workdir)
+  if not spec:
+    drafter = paths["drafter"]
+    source = os.path.join(drafter[4:], "drafter") if drafter.startswith("run:") else drafter
+    return None if drafter.startswith("preset:") else load_draft_vocab(source)
+  if spec.endswith(".json"):
+    ids = load_draft_vocab(os.path.dirname(spec) or ".") if os.path.basename(spec) == DRAFT_VOCAB_FILE else None
+    if ids is None:
+      raise SpecjaxError(f"config field `draft_vocab`={spec!r}: expected a {DRAFT_VOCAB_FILE} file or a directory")
+  elif fileio.exists(fileio.join(spec, DRAFT_VOCAB_FILE)):
+    ids = load_draft_vocab(spec)
+  elif os.path.isdir(spec):
+    from specjax.data.selfdistill import read_records
+    stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    ids = choose_token_ids((r["response_token_ids"] for r in read_records(spec)), vocab_size,
+                           config.draft_vocab_coverage, always=stops)
+  else:
+    raise SpecjaxError(f"config field `draft_vocab`={spec!r}: no such file or directory")
+  if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab_size:
+    raise SpecjaxError(f"config field `draft_vocab`={spec!r}: token ids must lie in [0, {vocab_size})")
+  return ids
+
+
 def _finite(metrics: dict) -> bool:
   return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "param_norm"))
 
@@ -236,6 +264,7 @@ def run(config, workdir: str) -> dict:
   _register_data(config, workdir, tokenizer_dir)
 
   graphdef, params, drafter_cfg = _build_drafter(config, paths, vocab_size, mesh)
+  draft_ids_K = _draft_vocab(config, workdir, paths, vocab_size, tokenizer)
   tx, schedule = make_optimizer(config, steps)
   spec = StepSpec(loss=config.loss, with_target=config.loss != "cross_entropy")
   state = init_state(params, tx, config.seed)
@@ -243,8 +272,9 @@ def run(config, workdir: str) -> dict:
   batch_shapes = {k: (A, config.batch_size // A, L) for k in
                   ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions",
                    "decoder_segment_ids")}
+  device_ids_K = None if draft_ids_K is None else jax.numpy.asarray(draft_ids_K)
   step_fn, state_sh = jit_train_step(make_train_step(graphdef, target_graphdef if spec.with_target else None, tx,
-                                                     schedule, spec),
+                                                     schedule, spec, device_ids_K),
                                      state, target_params if spec.with_target else None, batch_shapes, mesh)
   state = jax.device_put(state, state_sh)
 
@@ -262,7 +292,7 @@ def run(config, workdir: str) -> dict:
 
   writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
   evaluator = _Evaluator(config, workdir, mesh, graphdef, state["params"], target, target_graphdef, target_params,
-                         tokenizer, spec)
+                         tokenizer, spec, draft_ids_K)
   batches = _Batches(config, config.mixture, "train", mesh, start)
   tokens_per_step = config.batch_size * L
   last = {}
@@ -271,7 +301,7 @@ def run(config, workdir: str) -> dict:
       last = evaluator(0, state["params"], writer)
     last = _loop(config, state, step_fn, target_params if spec.with_target else None, batches, start, steps,
                  checkpointer, writer, evaluator, tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh,
-                 workdir)
+                 workdir, draft_ids_K)
   finally:
     batches.close()
     checkpointer.close()
@@ -280,7 +310,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _loop(config, state, step_fn, target_params, batches, start, steps, checkpointer, writer, evaluator,
-          tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh, workdir):
+          tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh, workdir, draft_ids_K):
   stop_at = steps if not config.max_steps_this_run else min(steps, start + config.max_steps_this_run)
   bar = tqdm(total=steps, initial=start, unit="step", desc=config.job, disable=jax.process_index() != 0)
   window = {"metrics": [], "t0": time.perf_counter(), "steps": 0}
@@ -350,6 +380,8 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
   if finished and config.export_hf:  # every process gathers the weights; process 0 writes them
     save_hf_checkpoint(nnx.merge(graphdef, state["params"]), drafter_cfg.replace(dtype="float32"),
                        os.path.join(workdir, "drafter"), tokenizer=tokenizer)
+    if draft_ids_K is not None and jax.process_index() == 0:
+      save_draft_vocab(os.path.join(workdir, "drafter"), draft_ids_K, {"coverage": config.draft_vocab_coverage})
   logging.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
                "finished" if finished else "interrupted", good_step)
   return {**last, "step": step, "finished": finished}
@@ -360,10 +392,11 @@ class _Evaluator:
   against the target (`accept/`), both on the current drafter parameters."""
 
   def __init__(self, config, workdir, mesh, graphdef, params, target, target_graphdef, target_params,
-               tokenizer, spec):
+               tokenizer, spec, draft_ids_K=None):
     self.config, self.mesh, self.graphdef = config, mesh, graphdef
     self.target_params = target_params if spec.with_target else None
-    self.eval_step = jax.jit(make_eval_step(graphdef, target_graphdef if spec.with_target else None, spec))
+    self.eval_step = jax.jit(make_eval_step(graphdef, target_graphdef if spec.with_target else None, spec,
+                                            None if draft_ids_K is None else jax.numpy.asarray(draft_ids_K)))
     self.has_heldout = False
     if config.eval_every and config.eval_batches:
       import seqio
@@ -371,7 +404,7 @@ class _Evaluator:
       self.has_heldout = "eval" in provider.splits
     self.acceptance = None
     if config.eval_every and config.acceptance_prompts and target is not None:
-      self.acceptance = AcceptanceEval(config, workdir, target, graphdef, params, tokenizer, mesh)
+      self.acceptance = AcceptanceEval(config, workdir, target, graphdef, params, tokenizer, mesh, draft_ids_K)
 
   def __call__(self, step, params, writer) -> dict:
     record = {}
