@@ -42,6 +42,7 @@ class LlamaConfig:
   max_position_embeddings: int = 2048
   bos_token_id: int = 1
   eos_token_id: int = 2
+  eos_token_ids: tuple[int, ...] = ()  # every EOS id the checkpoint lists (Llama-3: 3); () = eos_token_id only
   pad_token_id: int = 0
   dtype: str = "float32"  # activations and matmuls
   param_dtype: str = "float32"  # stored weights
@@ -59,6 +60,11 @@ class LlamaConfig:
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
+
+  @property
+  def stop_token_ids(self) -> tuple[int, ...]:
+    """The ids that end generation: eos_token_id first, then the other listed ones, no repeats."""
+    return tuple(dict.fromkeys((self.eos_token_id,) + tuple(self.eos_token_ids)))
 
   @property
   def num_params(self) -> int:
@@ -92,7 +98,7 @@ class LlamaConfig:
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
+        "eos_token_id": self.eos_token_id if len(self.stop_token_ids) == 1 else list(self.stop_token_ids),
         "pad_token_id": self.pad_token_id,
         "torch_dtype": torch_dtype,
         "dtype": torch_dtype,
@@ -156,9 +162,7 @@ class LlamaConfig:
             original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
       except KeyError as e:
         raise SpecjaxError(f"{source}: rope_scaling is missing {e}") from None
-    eos = hf.get("eos_token_id", 2)
-    if isinstance(eos, list):  # Llama-3 lists several; the first ends a chat turn in our loop.
-      eos = eos[0]
+    eos_ids = parse_eos_ids(hf.get("eos_token_id"), source)
     stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     stored = stored if stored in DTYPES else "float32"
     return cls(
@@ -175,7 +179,8 @@ class LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=field("max_position_embeddings", int, 2048),
         bos_token_id=int(hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1),
-        eos_token_id=int(eos if eos is not None else 2),
+        eos_token_id=eos_ids[0] if eos_ids else 2,
+        eos_token_ids=eos_ids if len(eos_ids) > 1 else (),
         pad_token_id=int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0),
         dtype=dtype or stored,
         param_dtype=param_dtype or dtype or stored,
@@ -193,6 +198,16 @@ class LlamaConfig:
     if not isinstance(hf, dict):
       raise SpecjaxError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     return cls.from_hf_dict(hf, source=path, **kwargs)
+
+
+def parse_eos_ids(value, source: str = "config.json") -> tuple[int, ...]:
+  """`eos_token_id` as Hugging Face writes it (an int, a list of ints, or null) -> a tuple, no repeats."""
+  if value is None:
+    return ()
+  values = value if isinstance(value, list) else [value]
+  if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+    raise SpecjaxError(f"{source}: field 'eos_token_id' must be a token id or a list of them, got {value!r}")
+  return tuple(dict.fromkeys(values))
 
 
 _LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
