@@ -23,11 +23,14 @@ import platform
 import time
 
 import jax
+import numpy as np
 
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, load_pairs, translation_message
+from specjax.decoding.decoder import stop_ids
 from specjax.errors import SpecjaxError
 from specjax.models.config import LlamaConfig
+from specjax.train.acceptance import first_per_category
 
 
 def _model_config(fields) -> LlamaConfig:
@@ -73,7 +76,8 @@ def _distill_config(config, lang: str, target_dir: str, data_dir: str):
   return ml_collections.ConfigDict(dict(
       job="distill_data", target=target_dir, tokenizer=None, dtype="float32", data_dir=data_dir, src=lang,
       tgt="en", num_sources=config.distill_sources, template=config.template,
-      temperatures=tuple(config.distill_temperatures), max_new_tokens=config.max_new_tokens,
+      temperatures=tuple(config.distill_temperatures),
+      max_new_tokens=config.get("distill_max_new_tokens") or config.max_new_tokens,
       batch_size=config.distill_batch_size, seed=config.seed, max_cache_len=None, prompt_bucket=config.prompt_bucket,
       mesh_shape=(1, -1, 1), num_shards=4, max_shards_this_run=0, local_assets=False))
 
@@ -109,6 +113,10 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   path = lambda *p: os.path.join(workdir, *p)
   started = time.perf_counter()
+
+  if config.target:
+    _real_target_pipeline(config, langs, data_dir, path, started)
+    return _evaluate_and_report(config, langs, data_dir, path, started, path("target"))
 
   def tokenizer_stage():
     texts = []
@@ -156,34 +164,132 @@ def run(config, workdir: str) -> dict:
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
 
   # 5. One drafter per language: the general one finetuned on the target's outputs.
-  def finetune_config(lang, steps, start, acceptance_prompts=4, acceptance_gamma=None):
-    return _trainer_config(config, "finetune", drafter=start, target=target_dir, tokenizer=path("tokenizer"),
-                           mixture=f"finetune_{lang}_en", selfdistill_dir=path("selfdistill"), num_train_steps=steps,
-                           batch_size=config.batch_size, sequence_length=config.sequence_length,
-                           learning_rate=config.finetune_lr,
-                           eval_every=steps if config.acceptance_during_training else 0, eval_at_start=True,
-                           acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=acceptance_prompts,
-                           acceptance_temperatures=(0.0,), acceptance_gamma=acceptance_gamma or config.gamma,
-                           acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4)
-
   for lang in langs:
     _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: trainer.run(
-        finetune_config(lang, config.finetune_steps, f"run:{path('drafters', 'general')}"), path("drafters", lang)))
+        _finetune_config(config, path, target_dir, lang, config.finetune_steps, f"run:{path('drafters', 'general')}"),
+        path("drafters", lang)))
 
-  # 6. Evaluation and report.
+  return _evaluate_and_report(config, langs, data_dir, path, started, target_dir)
+
+
+def _finetune_config(config, path, target_dir, lang, steps, start, acceptance_prompts=4, acceptance_gamma=None,
+                     **fields):
+  return _trainer_config(config, "finetune", drafter=start, target=target_dir, tokenizer=target_dir,
+                         mixture=f"finetune_{lang}_en", selfdistill_dir=path("selfdistill"), num_train_steps=steps,
+                         batch_size=config.batch_size, sequence_length=config.sequence_length,
+                         learning_rate=config.finetune_lr,
+                         eval_every=steps if config.acceptance_during_training else 0, eval_at_start=True,
+                         acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=acceptance_prompts,
+                         acceptance_temperatures=(0.0,), acceptance_gamma=acceptance_gamma or config.gamma,
+                         acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4, **fields)
+
+
+def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
+  """Stages 1-5 for a real checkpoint: import it, distil, choose each language's vocabulary,
+  build the general drafter from the target's own embeddings and lowest layers, pretrain it on the
+  corpus's text, finetune one per language on the target's outputs."""
+  from specjax.data import selfdistill
+  from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
+  from specjax.train import trainer
+
+  target_dir = path("target")
+
+  def import_stage():  # one conversion (GGUF dequantised to float32): every later load is a memory map
+    model, cfg = load_model(config.target, "float32")
+    save_hf_checkpoint(model, cfg, target_dir, tokenizer=load_tokenizer(config.target))
+    return {"source": config.target, "parameters": cfg.num_params}
+  _stage(f"import the target ({config.target})", target_dir, import_stage)
+
+  for lang in langs:
+    def one(lang=lang):
+      c = _distill_config(config, lang, target_dir, data_dir)
+      return selfdistill.run(c, path("selfdistill", lang))
+    _stage(f"self-distillation data {lang}->en", path("selfdistill", lang), one)
+
+  def vocab_stage():
+    return _choose_vocabularies(config, langs, path, target_dir)
+  if config.draft_vocab_coverage:
+    _stage("draft vocabularies", path("draft_vocab"), vocab_stage)
+
+  drafter_init = path("drafter_init")
+  if not os.path.exists(os.path.join(drafter_init, "config.json")):
+    _drafter_from_target(target_dir, tuple(config.drafter_layers), drafter_init)
+  vocab = lambda name: path("draft_vocab", name) if config.draft_vocab_coverage else ""
+
+  def general_stage():
+    c = _trainer_config(config, "pretrain", drafter=drafter_init, tokenizer=target_dir,
+                        mixture="pretrain_multilingual", num_train_steps=config.pretrain_steps,
+                        batch_size=config.batch_size, sequence_length=config.sequence_length,
+                        learning_rate=config.drafter_lr, draft_vocab=vocab("general"))
+    trainer.run(c, path("drafters", "general"))
+  _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
+  for lang in langs:
+    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: trainer.run(
+        _finetune_config(config, path, target_dir, lang, config.finetune_steps,
+                         f"run:{path('drafters', 'general')}", draft_vocab=vocab(lang)), path("drafters", lang)))
+
+
+def _choose_vocabularies(config, langs, path, target_dir) -> dict:
+  """Each language's reduced vocabulary from the target's responses in it; the general drafter's
+  from all of them. Returns each one's size and how much of its responses it covers."""
+  from specjax.data.selfdistill import read_records
+  from specjax.models.config import LlamaConfig
+  from specjax.models.draft_vocab import choose_token_ids, coverage_of, save_draft_vocab
+
+  target_config = LlamaConfig.from_hf_json(os.path.join(target_dir, "config.json"))
+  stops = target_config.stop_token_ids
+  responses = {lang: [r["response_token_ids"] for r in read_records(path("selfdistill", lang))] for lang in langs}
+  info = {}
+  for name, rows in [(lang, responses[lang]) for lang in langs] + [("general", sum(responses.values(), []))]:
+    ids = choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops)
+    save_draft_vocab(path("draft_vocab", name), ids, {"coverage": config.draft_vocab_coverage,
+                                                       "responses": len(rows)})
+    info[name] = {"size": int(len(ids)), "coverage": coverage_of(ids, rows)}
+    print(f"[demo] draft vocabulary {name}: {len(ids)} tokens cover {info[name]['coverage']:.3f} of the "
+          f"target's responses", flush=True)
+  return info
+
+
+def _drafter_from_target(target_dir: str, layers: tuple[int, ...], out_dir: str) -> None:
+  """A drafter made of the target's embeddings (tied output layer included), final norm and
+  `layers`: it starts out predicting in the target's own representation space, which a drafter
+  trained from random weights would need far more than the demo's few thousand steps to learn."""
+  from flax import nnx
+  from specjax.models.hf import load_hf_checkpoint, save_hf_checkpoint
+  from specjax.models.llama import init_model
+
+  target, cfg = load_hf_checkpoint(target_dir, "float32")
+  if not layers or max(layers) >= cfg.num_layers:
+    raise SpecjaxError(f"config field `drafter_layers`={layers}: expected target layer indices in "
+                       f"[0, {cfg.num_layers})")
+  drafter = init_model(cfg.replace(num_layers=len(layers)), 0)
+  drafter.embed_tokens = target.embed_tokens
+  drafter.norm = target.norm
+  if cfg.tie_word_embeddings is False:
+    drafter.lm_head = target.lm_head
+  drafter.layers = nnx.List([target.layers[i] for i in layers])
+  save_hf_checkpoint(drafter, drafter.config, out_dir, tokenizer=target_dir)
+
+
+def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> dict:
+  """Stage 6: every method on the held-out prompts at T=0 and T=1, the report and summary.json."""
   from specjax.eval import report, specbench
+  from specjax.models.hf import load_model, load_tokenizer
+  tokenizer = load_tokenizer(target_dir)
   questions = _heldout_questions(config, data_dir)
   target, _ = load_model(target_dir, "float32")
   drafters = {name: load_model(path("drafters", name, "drafter"), "float32")[0] for name in ("general",) + langs}
   common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
-                batch_size=1, eos_id=tokenizer.eos_token_id, prompt_bucket=config.prompt_bucket)
+                batch_size=1, eos_id=stop_ids(target.config, tokenizer), prompt_bucket=config.prompt_bucket)
+  sampled_questions = first_per_category(questions, config.sampled_prompts_per_language)
+
   def evaluate_stage():  # minutes at the mini paper's scale: kept, so a rerun goes straight to the report
     records, answers = specbench.evaluate(
         target, tokenizer, drafters, questions, temperatures=(0.0,), seeds=(config.seed,),
         runs=[("ar", None), ("pld", None), ("sps", "general")] + [("sps", lang) for lang in langs]
         + [("sps", "auto")], **common)
     sampled, sampled_answers = specbench.evaluate(
-        target, tokenizer, drafters, questions, temperatures=(1.0,), seeds=tuple(config.sampling_seeds),
+        target, tokenizer, drafters, sampled_questions, temperatures=(1.0,), seeds=tuple(config.sampling_seeds),
         runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")], **common)
     os.makedirs(path("eval"), exist_ok=True)
     with open(path("eval", "records.json"), "w", encoding="utf-8") as f:
@@ -209,6 +315,9 @@ def run(config, workdir: str) -> dict:
   ]
   ablations = []
   if config.ablations:
+    def finetune_config(lang, steps, start, acceptance_prompts=4, acceptance_gamma=None):
+      return _finetune_config(config, path, target_dir, lang, steps, start, acceptance_prompts, acceptance_gamma,
+                              draft_vocab=path("draft_vocab", lang) if config.draft_vocab_coverage else "")
     ablations = _ablations(config, langs[0], path, finetune_config, target, tokenizer, drafters, questions, common)
   report_path = report.write_report(records, path("report"), "specjax demo: the recipe in miniature", notes=notes,
                                     ablations=ablations)
@@ -217,8 +326,11 @@ def run(config, workdir: str) -> dict:
       f.write(json.dumps(a, ensure_ascii=False) + "\n")
   for temperature in (0.0, 1.0):
     report.print_table(records, temperature)
+  summary = _summary(config, records, target, drafters, elapsed)
+  with open(path("report", "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
   print(f"[demo] report: {report_path}", flush=True)
-  return {"records": records, "report": report_path, "quality": quality, "seconds": elapsed}
+  return {"summary": summary, "records": records, "report": report_path, "quality": quality, "seconds": elapsed}
 
 
 def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters, questions, common) -> list[tuple]:
@@ -265,6 +377,38 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
            pf_points,
            "0 = finetune only, 1 = pretrain + finetune", "τ", False, False),
           (f"γ ({lang}, T=0, specialized drafter)", gamma_points, "γ (drafts per round)", "speedup, τ", False, False)]
+
+
+def _summary(config, records, target, drafters, seconds) -> dict:
+  """report/summary.json: per temperature, method and language, speedup over plain decoding and τ.
+  Methods: plain, pld, general, specialized (each language's own drafter), routed (auto)."""
+  from specjax.eval.report import speedups
+  from specjax.models.draft_vocab import draft_token_ids
+
+  def method_of(r):
+    if r["method"] != "sps":
+      return {"ar": "plain", "pld": "pld"}[r["method"]]
+    if r["drafter"] in ("general", "auto"):
+      return {"general": "general", "auto": "routed"}[r["drafter"]]
+    return "specialized" if r["drafter"] == r["language"] else None  # the matrix's other cells
+
+  out = {"target": {"name": config.target or "trained from scratch", "parameters": target.config.num_params},
+         "drafters": {name: {"parameters": d.config.num_params, "layers": d.config.num_layers,
+                             "draft_vocab_size": None if draft_token_ids(d) is None else len(draft_token_ids(d))}
+                      for name, d in drafters.items()},
+         "gamma": config.gamma, "max_new_tokens": config.max_new_tokens, "seconds": seconds}
+  cells: dict[tuple, list] = {}
+  plain = [{**r, "speedup": 1.0} for r in records if r["method"] == "ar"]
+  for row in plain + speedups(records):
+    method = method_of(row)
+    if method is not None:
+      cells.setdefault((f"T{row['temperature']:g}", method, row["language"]), []).append(row)
+  for (key, method, lang), rows in sorted(cells.items()):  # T=1: the mean over seeds
+    taus = [r["tau"] for r in rows if r["tau"] is not None]
+    out.setdefault(key, {}).setdefault(method, {})[lang] = {
+        "speedup": float(np.mean([r["speedup"] for r in rows])), "tau": float(np.mean(taus)) if taus else None,
+        "seeds": len(rows)}
+  return out
 
 
 def _sizes_note(target, drafter) -> str:

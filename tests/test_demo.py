@@ -58,3 +58,36 @@ def test_demo_config_errors(tmp_path):
   c = demo_config.get_config(f"scale=tiny,data_dir={tmp_path}/none")
   with pytest.raises(SpecjaxError, match="missing"):
     demo.run(c, str(tmp_path))
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_tiny_demo_on_a_checkpoint_with_a_chat_template(tmp_path):
+  """The real-target path (make demo's default) on a tiny random checkpoint with its own chat
+  template: import, distillation in that template, reduced vocabularies, drafters made of the
+  target's embeddings and first layer, evaluation, summary.json."""
+  from specjax import demo
+  from specjax.local_assets import corpus_texts
+  from specjax.models.draft_vocab import load_draft_vocab
+  from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
+  tokenizer = train_tokenizer(corpus_texts(), 1024)
+  tokenizer.chat_template = CHATML
+  make_random_checkpoint(str(tmp_path / "ckpt"), "tiny", tokenizer=tokenizer)
+  config = demo_config.get_config("scale=tiny")
+  config.unlock()
+  config.update(target=str(tmp_path / "ckpt"), template="auto", drafter_layers=(1,), draft_vocab_coverage=0.99,
+                sampled_prompts_per_language=2)
+  out = demo.run(config, str(tmp_path / "run"))
+  record = json.loads(open(tmp_path / "run" / "selfdistill" / "de" / "data" / os.listdir(
+      tmp_path / "run" / "selfdistill" / "de" / "data")[0], encoding="utf-8").readline())
+  assert record["chat_prompt"].startswith("<|im_start|>user\n")  # the checkpoint's own template
+  vocab = load_draft_vocab(str(tmp_path / "run" / "drafters" / "de" / "drafter"))
+  assert vocab is not None and len(vocab) < 1024
+  summary = json.load(open(tmp_path / "run" / "report" / "summary.json"))
+  assert summary == out["summary"]
+  for key in ("T0", "T1"):
+    for method in ("plain", "pld", "general", "routed") + (("specialized",) if key == "T0" else ()):
+      assert set(summary[key][method]) == set(config.langs), (key, method)
+  assert summary["drafters"]["de"]["layers"] == 1 and summary["drafters"]["de"]["draft_vocab_size"] == len(vocab)
