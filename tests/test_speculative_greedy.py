@@ -166,3 +166,18 @@ def test_per_position_counters_with_dynamic_gamma(target, drafter, prompts):
 def test_plain_decoding_counts_one_token_rounds(target, prompts):
   r = Decoder(target, method="ar", max_new_tokens=5, batch_size=8).generate(prompts[:8], eos_id=NO_EOS)
   assert (r.steps == 5).all() and (r.accept_hist[:, 0] == 5).all() and (r.accepted == 0).all()
+
+
+@pytest.mark.parametrize("method,gamma,dynamic", [("sps", 5, False), ("sps", 8, True), ("pld", 4, False)])
+def test_cache_limit_gives_plain_output(target, drafter, prompts, method, gamma, dynamic):
+  """When the cache limit, not EOS or the budget, ends generation, the last rounds draft fewer
+  tokens and every row fills the cache as plain decoding does, token for token."""
+  limit = 48
+  kw = dict(max_new_tokens=40, batch_size=8, max_cache_len=limit)
+  rows = [p for p in prompts if len(p) <= 30][:16]
+  plain = Decoder(target, method="ar", **kw).generate(rows, eos_id=NO_EOS)
+  assert [len(t) for t in plain.new_tokens] == [min(40, limit - len(p)) for p in rows]
+  spec = Decoder(target, drafter if method == "sps" else None, method=method, gamma=gamma, dynamic_gamma=dynamic,
+                 **kw).generate(rows, eos_id=NO_EOS)
+  assert spec.new_tokens == plain.new_tokens
+  assert spec.accepted.sum() > 0

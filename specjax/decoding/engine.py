@@ -5,6 +5,9 @@ output). The target cache holds keys/values of every committed token but the las
 too, but for at most one token that the next round's two-token chunk rewrites. A round drafts
 d1..dg from the last committed token, verifies [last, d1..dG] in one target forward at positions
 L-1..L+G-1, accepts n drafts, emits one more token (residual or bonus) and commits n+1 tokens.
+Near the end of the buffer a round drafts only what still fits (γ <= N-1-L) and the verified
+window moves back to end at the buffer's last position, so a row fills the buffer exactly as
+plain decoding does; it is done when the buffer is full.
 Rejected entries stay in the caches beyond the new length; the position mask hides them and the
 next round overwrites them. Rows keep their own lengths, γ and counters; a finished row commits
 nothing more. Prompt length, sampling values, budgets and seeds are arrays (no recompiles);
@@ -103,7 +106,7 @@ def _commit(s: State, x: Inputs, candidates_BT, available_B, spec: LoopSpec):
   tokens_BN = s.tokens_BN.at[rows_BT, write_BT].set(candidates_BT, mode="drop")
   lengths_B = s.lengths_B + count_B
   num_new_B = s.num_new_B + count_B
-  full_B = lengths_B + spec.gamma + 1 > spec.buffer_len  # no room for another round
+  full_B = lengths_B >= spec.buffer_len  # no room for even one more token (rounds near the end draft fewer)
   done_B = s.done_B | (has_eos_B & (upto_eos_B <= count_B)) | (num_new_B >= x.max_new_B) | full_B
   return s.replace(tokens_BN=tokens_BN, lengths_B=lengths_B, num_new_B=num_new_B, done_B=done_B)
 
@@ -279,23 +282,38 @@ def _accept(s: State, x: Inputs, spec: LoopSpec, logits_BTV, drafts_BG, q_BGV, g
   return n_B, smp.sample_from_probs(keys_B, residual_BV)
 
 
+def _verify_window(s: State, spec: LoopSpec, drafts_BG):
+  """The G+1 tokens the target verifies and their positions: [last, d1..dG] at L-1..L+G-1, or,
+  when that would run past the buffer, a window ending at its last position that starts with
+  committed tokens (their keys/values are rewritten unchanged). Returns (tokens_BT, positions_BT,
+  offset_B): the logits for position L-1+t are at index offset_B + t."""
+  G, N, L_B = spec.gamma, spec.buffer_len, s.lengths_B
+  start_B = jnp.minimum(L_B - 1, N - G - 1)
+  positions_BT = start_B[:, None] + jnp.arange(G + 1)[None]
+  committed_BT = jnp.take_along_axis(s.tokens_BN, positions_BT, axis=1)
+  drafted_BT = jnp.take_along_axis(drafts_BG, jnp.clip(positions_BT - L_B[:, None], 0, G - 1), axis=1)
+  return jnp.where(positions_BT < L_B[:, None], committed_BT, drafted_BT), positions_BT, L_B - 1 - start_B
+
+
 def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
   G, L_B = spec.gamma, s.lengths_B
   active_B = ~s.done_B
-  gamma_B = jnp.where(active_B, s.gamma_B, 0)
+  schedule_B = jnp.where(active_B, s.gamma_B, 0)
+  # A round commits up to γ+1 tokens: near the buffer's end it drafts only what still fits.
+  gamma_B = jnp.clip(schedule_B, 0, jnp.maximum(spec.buffer_len - 1 - L_B, 0))
   if spec.method == "sps":
     drafts_BG, q_BGV, dcache, steps = _draft_with_model(s, x, spec, drafter, gamma_B)
     s = s.replace(drafter_cache=dcache, drafter_calls=s.drafter_calls + steps)
   else:
     drafts_BG, gamma_B = _draft_prompt_lookup(s, spec, gamma_B)
     q_BGV = None
-  last_B = _gather_B(s.tokens_BN, L_B - 1)
-  verify_BT = jnp.concatenate([last_B[:, None], drafts_BG], axis=1)
-  positions_BT = (L_B - 1)[:, None] + jnp.arange(G + 1)[None]
+  verify_BT, positions_BT, offset_B = _verify_window(s, spec, drafts_BG)
   logits_BTV, tcache = target(verify_BT, s.target_cache, positions_BT)
+  t_T = jnp.arange(G + 1)
+  # Only index >= offset + n, n <= γ <= G - offset, is read; the clipped rest is never used.
+  logits_BTV = jnp.take_along_axis(logits_BTV, jnp.minimum(offset_B[:, None] + t_T[None], G)[..., None], axis=1)
   n_B, next_B = _accept(s, x, spec, logits_BTV, drafts_BG, q_BGV, gamma_B)
 
-  t_T = jnp.arange(G + 1)
   candidates_BT = jnp.where(t_T[None] < n_B[:, None], jnp.pad(drafts_BG, ((0, 0), (0, 1))), next_B[:, None])
   i_G = jnp.arange(G)
   act = active_B.astype(jnp.int32)
@@ -309,8 +327,8 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
       pos_accepted_BG=s.pos_accepted_BG + act[:, None] * (i_G[None] < n_B[:, None]),
       pos_reached_BG=s.pos_reached_BG + act[:, None] * ((i_G[None] < gamma_B[:, None]) & (i_G[None] <= n_B[:, None])))
   if spec.dynamic_gamma:  # transformers' schedule: +2 after a fully accepted draft, -1 otherwise
-    grown_B = jnp.where(n_B >= gamma_B, jnp.minimum(gamma_B + 2, G), jnp.maximum(gamma_B - 1, 1))
-    s = s.replace(gamma_B=jnp.where(active_B, grown_B, s.gamma_B))
+    grown_B = jnp.where(n_B >= gamma_B, jnp.minimum(schedule_B + 2, G), jnp.maximum(schedule_B - 1, 1))
+    s = s.replace(gamma_B=jnp.where(active_B & (gamma_B > 0), grown_B, s.gamma_B))
   s = _commit(s, x, candidates_BT, n_B + 1, spec)
   # Roll back by moving lengths: both caches hold every committed token but the last.
   s = s.replace(target_cache=tcache.replace(lengths_B=s.lengths_B - 1))
