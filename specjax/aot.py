@@ -285,7 +285,9 @@ def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg
   from specjax.models.llama import KVCache
   gamma = 1 if method == "ar" else args.gamma
   mode = SamplingMode(greedy=True) if args.sampling == "greedy" else SamplingMode(False, True, True)
-  spec = engine.LoopSpec(method=method, mode=mode, buffer_len=args.max_len, gamma=gamma)
+  draft_positions = drafter_cfg.max_position_embeddings if method == "sps" else 0
+  spec = engine.LoopSpec(method=method, mode=mode, buffer_len=args.max_len, gamma=gamma,
+                         draft_positions=draft_positions if draft_positions < args.max_len else 0)
   target_graph, target_params = _abstract_params(target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype))
   target_params = _with_shardings(target_params, shd.state_shardings(target_params, mesh))
   drafter_graph = drafter_params = None
@@ -338,7 +340,7 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--methods", default="sps,ar", help="decoding loops to compile: sps, ar, pld")
   g.add_argument("--batch", type=int, default=1, help="prompts per call (the generate job's batch_size)")
   g.add_argument("--max_len", type=int, default=0,
-                 help="cache positions (prompt + new tokens); default: the models' max_position_embeddings")
+                 help="cache positions (prompt + new tokens); default: the target's max_position_embeddings")
   g.add_argument("--prompt_len", type=int, default=0,
                  help="prompt bucket; default: the longest the cache admits (the most prefill memory)")
   g.add_argument("--gamma", type=int, default=5, help="drafts per round")
@@ -401,10 +403,7 @@ def check(args) -> dict[str, Any]:
                          f"from the target's ({target_cfg.vocab_size}); a drafter must share the target's tokenizer")
     drafter_cfg = drafter_cfg.replace(vocab_size=target_cfg.vocab_size)  # as the trainer builds a preset drafter
     notes.append(f"drafter preset built with the target's vocabulary ({target_cfg.vocab_size} tokens)")
-  limit = target_cfg.max_position_embeddings
-  if "sps" in args.methods:
-    limit = min(limit, drafter_cfg.max_position_embeddings)
-  args.max_len = args.max_len or limit
+  args.max_len = args.max_len or target_cfg.max_position_embeddings  # a shorter drafter caps drafting only
   longest = args.max_len - args.gamma - 2
   args.prompt_len = args.prompt_len or longest
   if "decode" in args.what and not 1 <= args.prompt_len <= longest:

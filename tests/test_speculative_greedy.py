@@ -181,3 +181,20 @@ def test_cache_limit_gives_plain_output(target, drafter, prompts, method, gamma,
                  **kw).generate(rows, eos_id=NO_EOS)
   assert spec.new_tokens == plain.new_tokens
   assert spec.accepted.sum() > 0
+
+
+def test_drafter_with_shorter_positions_drafts_within_them(target, prompts):
+  """A drafter whose max_position_embeddings (32) is below the target's (512) caps drafting,
+  not generation: rows past it continue with plain steps, and outputs stay plain decoding's."""
+  drafter = noisy_copy(target, 0.01, 7)
+  short = init_model(target.config.replace(max_position_embeddings=32), 7)
+  nnx.update(short, nnx.state(drafter, nnx.Param))
+  rows = [p for p in prompts if len(p) <= 20][:7] + [list(range(3, 43))]  # the last starts past 32
+  for limit in (None, 64):
+    kw = dict(max_new_tokens=30, batch_size=8, max_cache_len=limit)
+    plain = Decoder(target, method="ar", **kw).generate(rows, eos_id=NO_EOS)
+    spec = Decoder(target, short, method="sps", gamma=4, **kw).generate(rows, eos_id=NO_EOS)
+    assert spec.new_tokens == plain.new_tokens
+    assert len(spec.new_tokens[-1]) == (30 if limit is None else 64 - 40)
+    assert spec.proposed[-1] == 0 and spec.steps[-1] == len(spec.new_tokens[-1])  # never drafted
+    assert (spec.accepted[:-1] > 0).all()

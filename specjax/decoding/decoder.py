@@ -72,7 +72,9 @@ class Decoder:
   gamma: drafts per round; with dynamic_gamma it is the ceiling of transformers' schedule
   (start `gamma_start`, +2 after a fully accepted draft, -1 otherwise), with no recompiles.
   batch_size: the static batch; calls with fewer prompts are padded, more are split.
-  max_cache_len: cache positions available (default: the target's max_position_embeddings).
+  max_cache_len: cache positions available (default: the target's max_position_embeddings). A
+  drafter with fewer positions caps drafting, not generation: a row longer than the drafter's
+  max_position_embeddings continues with plain steps (γ=0), so outputs stay the target's.
   """
 
   def __init__(self, target: Llama, drafter: Llama | None = None, *, method: str = "sps", gamma: int = 5,
@@ -104,8 +106,6 @@ class Decoder:
     self.prompt_bucket = prompt_bucket
     self.ngram = (ngram_max, ngram_min)
     self.max_cache_len = max_cache_len or target.config.max_position_embeddings
-    if drafter is not None and method == "sps":
-      self.max_cache_len = min(self.max_cache_len, max_cache_len or drafter.config.max_position_embeddings)
     self.target_graph, self.target_state = nnx.split(target)
     self.target_config = target.config
     self.drafter_config = drafter.config if method == "sps" else None
@@ -134,9 +134,12 @@ class Decoder:
 
   def _spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
     need = prompt_len + self.max_new_tokens + self.gamma + 2
-    return engine.LoopSpec(method=self.method, mode=mode, buffer_len=min(_round_up(need, 64), self.max_cache_len),
+    buffer_len = min(_round_up(need, 64), self.max_cache_len)
+    draft_positions = self.drafter_config.max_position_embeddings if self.drafter_config else buffer_len
+    return engine.LoopSpec(method=self.method, mode=mode, buffer_len=buffer_len,
                            gamma=self.gamma, dynamic_gamma=self.dynamic_gamma, gamma_start=self.gamma_start,
-                           ngram_max=self.ngram[0], ngram_min=self.ngram[1])
+                           ngram_max=self.ngram[0], ngram_min=self.ngram[1],
+                           draft_positions=draft_positions if draft_positions < buffer_len else 0)
 
   def programs(self) -> list:
     """The jitted loops this decoder has run (for compile-count checks)."""

@@ -41,6 +41,7 @@ class LoopSpec:
   gamma_start: int = 5
   ngram_max: int = 3
   ngram_min: int = 1
+  draft_positions: int = 0  # the drafter's max_position_embeddings when below buffer_len, else 0 (no cap)
 
 
 @flax.struct.dataclass
@@ -300,7 +301,10 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
   active_B = ~s.done_B
   schedule_B = jnp.where(active_B, s.gamma_B, 0)
   # A round commits up to γ+1 tokens: near the buffer's end it drafts only what still fits.
-  gamma_B = jnp.clip(schedule_B, 0, jnp.maximum(spec.buffer_len - 1 - L_B, 0))
+  room_B = spec.buffer_len - 1 - L_B
+  if spec.draft_positions:  # draft i comes from the drafter's position L+i-2: keep it inside the drafter's range
+    room_B = jnp.minimum(room_B, spec.draft_positions + 1 - L_B)
+  gamma_B = jnp.clip(schedule_B, 0, jnp.maximum(room_B, 0))
   if spec.method == "sps":
     drafts_BG, q_BGV, dcache, steps = _draft_with_model(s, x, spec, drafter, gamma_B)
     s = s.replace(drafter_cache=dcache, drafter_calls=s.drafter_calls + steps)
