@@ -66,7 +66,7 @@ def get_config(arg=None):
   c.gamma_start = 5
   c.max_new_tokens = 1024
   c.batch_size = 1
-  c.max_cache_len = config_dict.placeholder(int)  # default: the models' max_position_embeddings
+  c.max_cache_len = config_dict.placeholder(int)  # default: the target's max_position_embeddings
   c.prompt_bucket = 64  # prompts are padded to a multiple of this: one compile per bucket
 
   # Prompts: Spec-Bench question.jsonl files (a glob or a comma-separated list).

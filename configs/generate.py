@@ -53,7 +53,7 @@ def get_config(arg=None):
   c.max_new_tokens = arg.max_new_tokens or 1024
   c.batch_size = arg.batch_size or 1
   c.seed = arg.seed
-  c.max_cache_len = config_dict.placeholder(int)  # default: the models' max_position_embeddings
+  c.max_cache_len = config_dict.placeholder(int)  # default: the target's max_position_embeddings
   c.prompt_bucket = 64  # prompts are padded to a multiple of this: one compile per bucket
 
   # Prompts: Spec-Bench question.jsonl files (a path, a glob, or a comma-separated list).
