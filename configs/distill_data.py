@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.src = arg.src
   c.tgt = arg.tgt  # one of src, tgt is "en"
   c.num_sources = arg.num_sources  # 0 = every training sentence
-  c.template = "vicuna_v1.1"  # the target's chat template: vicuna_v1.1, llama-2 or plain
+  c.template = "auto"  # hf (the tokenizer's chat template) when it has one, else vicuna_v1.1; or llama-2, plain
 
   # Generation: plain decoding, one record per (sentence, temperature).
   c.temperatures = (0.0, 0.3, 0.7, 1.0)

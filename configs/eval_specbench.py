@@ -72,7 +72,7 @@ def get_config(arg=None):
   # Prompts: Spec-Bench question.jsonl files (a glob or a comma-separated list).
   c.prompts = "../shared/data/multilingual-specbench/*_question.jsonl"
   c.max_prompts_per_language = arg.max_prompts  # 0 = all; otherwise the first N per category
-  c.template = "vicuna_v1.1"
+  c.template = "auto"  # hf (the tokenizer's chat template) when it has one, else vicuna_v1.1
   c.system_prompt = config_dict.placeholder(str)  # default: the template's own
   # Reference translations for BLEU/chrF: "deen=/path/ref.en,..." line-aligned with the questions.
   c.references = ""

@@ -59,7 +59,7 @@ def get_config(arg=None):
   # Prompts: Spec-Bench question.jsonl files (a path, a glob, or a comma-separated list).
   c.prompts = "../shared/data/multilingual-specbench/*_question.jsonl"
   c.max_prompts = 0  # 0 = all; otherwise the first N questions
-  c.template = "vicuna_v1.1"  # vicuna_v1.1, llama-2 or plain
+  c.template = "auto"  # hf (the tokenizer's chat template) when it has one, else vicuna_v1.1; or llama-2, plain
   c.system_prompt = config_dict.placeholder(str)  # default: the template's own
 
   c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor); used when there is more than one device

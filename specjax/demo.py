@@ -1,16 +1,22 @@
-"""The paper's recipe in miniature (job `demo`; `make demo`): train a target, distil, train drafters,
-evaluate per language, report.
+"""The paper's recipe in miniature (job `demo`; `make demo`): a target, self-distillation, drafters,
+evaluation per language, a report.
 
-1. A byte-level BPE tokenizer on the corpus's training split.
-2. A small target trained from scratch to translate X->English (X = de, fr, ja, ru, zh).
-3. Self-distillation data: the target's own translations of the training sources at T=0 and T=1.
-4. A general drafter pretrained on monolingual text of every language (no prompts, no target).
-5. One drafter per language finetuned from the general one on the target's outputs for that
-   language (the paper's P+F).
+With a real target (config field `target`: a checkpoint directory, a .gguf file or `smollm2`,
+the default):
+1. The target, imported once into WORKDIR/target (a GGUF file dequantised to float32).
+2. Self-distillation data: its own translations of the training sources, in its chat template.
+3. Reduced vocabularies (specjax.models.draft_vocab): per language, the tokens of
+   `draft_vocab_coverage` of the target's responses, all padded to one size.
+4. A general drafter: the target's embeddings, final norm and `drafter_layers`
+   (specjax.models.derive), trained on monolingual text of every language.
+5. One drafter per language finetuned from the general one on the target's outputs (P+F).
+Without one (scale=scratch, tiny, mini_*), steps 1-2 are a byte-level BPE tokenizer and a small
+target trained from scratch to translate X->English, and drafters start from random weights.
 6. Evaluation on held-out sentences never used in training: plain decoding, prompt lookup,
    the general drafter and every language's drafter on every language (the cross-language
    matrix) at T=0; plain, prompt lookup, general and routed (`auto`: each prompt's own language
-   drafter) at T=1 over several seeds. WORKDIR/report/report.md holds the tables and plots.
+   drafter) at T=1 over several seeds. WORKDIR/report/ holds report.md, the plots and
+   summary.json (speedup and τ per temperature, method and language).
 
 Every stage leaves a DONE file; a killed demo rerun with the same command resumes at the first
 unfinished stage (and inside a training stage, at its last checkpoint).
@@ -189,6 +195,7 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
   build the general drafter from the target's own embeddings and lowest layers, pretrain it on the
   corpus's text, finetune one per language on the target's outputs."""
   from specjax.data import selfdistill
+  from specjax.models.derive import drafter_from_target
   from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
   from specjax.train import trainer
 
@@ -213,7 +220,7 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
 
   drafter_init = path("drafter_init")
   if not os.path.exists(os.path.join(drafter_init, "config.json")):
-    _drafter_from_target(target_dir, tuple(config.drafter_layers), drafter_init)
+    drafter_from_target(target_dir, tuple(config.drafter_layers), drafter_init)
   vocab = lambda name: path("draft_vocab", name) if config.draft_vocab_coverage else ""
 
   def general_stage():
@@ -240,35 +247,19 @@ def _choose_vocabularies(config, langs, path, target_dir) -> dict:
   stops = target_config.stop_token_ids
   responses = {lang: [r["response_token_ids"] for r in read_records(path("selfdistill", lang))] for lang in langs}
   info = {}
-  for name, rows in [(lang, responses[lang]) for lang in langs] + [("general", sum(responses.values(), []))]:
-    ids = choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops)
+  groups = [(lang, responses[lang]) for lang in langs] + [("general", sum(responses.values(), []))]
+  # One size for all (the largest): same-shaped drafters share one compiled decoding loop.
+  size = max(len(choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops))
+             for _, rows in groups)
+  for name, rows in groups:
+    ids = choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops,
+                           min_size=size)
     save_draft_vocab(path("draft_vocab", name), ids, {"coverage": config.draft_vocab_coverage,
                                                        "responses": len(rows)})
     info[name] = {"size": int(len(ids)), "coverage": coverage_of(ids, rows)}
     print(f"[demo] draft vocabulary {name}: {len(ids)} tokens cover {info[name]['coverage']:.3f} of the "
           f"target's responses", flush=True)
   return info
-
-
-def _drafter_from_target(target_dir: str, layers: tuple[int, ...], out_dir: str) -> None:
-  """A drafter made of the target's embeddings (tied output layer included), final norm and
-  `layers`: it starts out predicting in the target's own representation space, which a drafter
-  trained from random weights would need far more than the demo's few thousand steps to learn."""
-  from flax import nnx
-  from specjax.models.hf import load_hf_checkpoint, save_hf_checkpoint
-  from specjax.models.llama import init_model
-
-  target, cfg = load_hf_checkpoint(target_dir, "float32")
-  if not layers or max(layers) >= cfg.num_layers:
-    raise SpecjaxError(f"config field `drafter_layers`={layers}: expected target layer indices in "
-                       f"[0, {cfg.num_layers})")
-  drafter = init_model(cfg.replace(num_layers=len(layers)), 0)
-  drafter.embed_tokens = target.embed_tokens
-  drafter.norm = target.norm
-  if cfg.tie_word_embeddings is False:
-    drafter.lm_head = target.lm_head
-  drafter.layers = nnx.List([target.layers[i] for i in layers])
-  save_hf_checkpoint(drafter, drafter.config, out_dir, tokenizer=target_dir)
 
 
 def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> dict:

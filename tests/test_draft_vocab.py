@@ -102,3 +102,8 @@ def test_training_scores_only_the_subset():
               for t in range(6) if int(targets[0, t]) in index]
   assert float(aux["weight"]) == 5.0
   np.testing.assert_allclose(float(loss_sum), float(sum(expected)), rtol=1e-5)
+
+
+def test_min_size_pads_with_the_next_most_frequent():
+  responses = [[5] * 50 + [6] * 30 + [7] * 15 + [8] * 5]
+  assert choose_token_ids(responses, 20, coverage=0.8, multiple=1, min_size=3).tolist() == [5, 6, 7]

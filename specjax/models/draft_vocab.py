@@ -34,10 +34,11 @@ class DraftVocab(nnx.Variable):
 
 
 def choose_token_ids(responses: Iterable[Sequence[int]], vocab_size: int, coverage: float = 0.99,
-                     always: Sequence[int] = (), multiple: int = 128) -> np.ndarray:
+                     always: Sequence[int] = (), multiple: int = 128, min_size: int = 0) -> np.ndarray:
   """The most frequent tokens of `responses` that together make up `coverage` of all their
   tokens, plus `always` (the EOS ids), padded with the next most frequent to a multiple of
-  `multiple` (whole SIMD tiles for the output matmul). Sorted int32."""
+  `multiple` (whole SIMD tiles for the output matmul) and to at least `min_size` (drafters of
+  one size share one compiled decoding loop). Sorted int32."""
   if not 0 < coverage <= 1:
     raise SpecjaxError(f"draft vocabulary coverage={coverage}: must be in (0, 1]")
   counts_V = np.zeros(vocab_size, np.int64)
@@ -53,7 +54,7 @@ def choose_token_ids(responses: Iterable[Sequence[int]], vocab_size: int, covera
   covered = np.cumsum(counts_V[order_V]) / total
   k = int(np.searchsorted(covered, coverage - 1e-12) + 1)
   chosen = list(dict.fromkeys([int(t) for t in always] + order_V[:k].tolist()))
-  size = min(vocab_size, -(-len(chosen) // multiple) * multiple)
+  size = min(vocab_size, -(-max(len(chosen), min_size) // multiple) * multiple)
   if len(chosen) < size:
     taken = set(chosen)
     chosen += [int(t) for t in order_V if int(t) not in taken][:size - len(chosen)]

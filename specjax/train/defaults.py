@@ -29,7 +29,7 @@ def trainer_config(job: str) -> ml_collections.ConfigDict:
   c.data_dir = "../shared/data"  # the shared data layout, or {lang}-en/{train,eval}.{lang,en} files
   c.selfdistill_dir = config_dict.placeholder(str)  # distill_data's workdir (finetuning)
   c.mixture = "pretrain_multilingual"
-  c.template = "vicuna_v1.1"
+  c.template = "auto"  # hf (the tokenizer's chat template) when it has one, else vicuna_v1.1
   c.pretrain_source = "local"  # or tfds (C4 + Wiki-40B; needs TFDS_DATA_DIR)
   c.translate_source = "local"  # or tfds (WMT)
   c.tfds_data_dir = config_dict.placeholder(str)
