@@ -26,12 +26,15 @@ setuptools.setup(
         "matplotlib",
         "tensorboard",  # event files (flax.metrics.tensorboard) and the viewer
         "sacrebleu",  # BLEU and chrF of the evaluation's translations against references
+        "gguf>=0.17",  # reads llama.cpp .gguf files (specjax.models.gguf): metadata, tensors, dequantization
     ],
     extras_require={
         # torch==2.13.0: its CPU build is what the test machines have; another
         # version pulls several GB of CUDA packages.
         # nbformat, nbclient, ipykernel: tests/test_colab.py runs colabs/quickstart.ipynb in a kernel.
-        "test": ["pytest", "scipy", "torch==2.13.0", "safetensors", "nbformat", "nbclient", "ipykernel"],
+        # accelerate: transformers refuses to load a GGUF file without it (tests/test_gguf.py's parity test).
+        "test": ["pytest", "scipy", "torch==2.13.0", "safetensors", "nbformat", "nbclient", "ipykernel",
+                 "accelerate"],
         "tpu": ["jax[tpu]"],
         "dev": ["pytest", "scipy", "ruff"],
     },

@@ -129,7 +129,10 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
 
 
 def load_tokenizer(path: str):
-  """The checkpoint directory's tokenizer, through transformers, without network access."""
+  """The checkpoint directory's tokenizer (or a GGUF file's), through transformers, without network access."""
+  from specjax.models import gguf  # here, not at the top: gguf.py imports this module
+  if gguf.is_gguf_spec(path):
+    return gguf.load_gguf_tokenizer(path)
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -222,8 +225,12 @@ def _save_shard(tensors: dict[str, np.ndarray], path: str) -> None:
 
 
 def load_model(spec: str, dtype: str = "float32", mesh=None, seed: int = 0) -> tuple[Llama, LlamaConfig]:
-  """A model from a config string: a Hugging Face checkpoint directory, or `preset:NAME`
-  (random weights, for tests and smoke runs)."""
+  """A model from a config string: a Hugging Face checkpoint directory, a GGUF file (`*.gguf`, or
+  `smollm2` for the packaged SmolLM2-135M-Instruct), or `preset:NAME` (random weights, for tests and
+  smoke runs)."""
+  from specjax.models import gguf  # here, not at the top: gguf.py imports this module
+  if gguf.is_gguf_spec(spec):
+    return gguf.load_gguf_checkpoint(spec, dtype=dtype, mesh=mesh)
   if spec.startswith("preset:"):
     config = get_preset(spec[len("preset:"):]).replace(dtype=dtype, param_dtype=dtype)
     model = init_model(config, seed)
@@ -235,5 +242,5 @@ def load_model(spec: str, dtype: str = "float32", mesh=None, seed: int = 0) -> t
   if os.path.isdir(spec):
     raise SpecjaxError(f"{spec}: not a model directory (no config.json); expected a Hugging Face "
                        "checkpoint directory or preset:NAME")
-  raise SpecjaxError(f"model {spec!r}: no such directory; expected a Hugging Face checkpoint directory "
-                     "or preset:NAME")
+  raise SpecjaxError(f"model {spec!r}: no such directory; expected a Hugging Face checkpoint directory, "
+                     "a .gguf file, or preset:NAME")
