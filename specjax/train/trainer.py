@@ -32,7 +32,7 @@ from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
 from specjax.models.config import PRESETS
 from specjax.models.draft_vocab import DRAFT_VOCAB_FILE, choose_token_ids, load_draft_vocab, save_draft_vocab
-from specjax.models.hf import load_hf_checkpoint, load_model, load_tokenizer, save_hf_checkpoint
+from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
 from specjax.models.llama import init_model
 from specjax.train import losses
 from specjax.train.acceptance import AcceptanceEval
@@ -186,7 +186,7 @@ def _drafter_config(config, paths, vocab_size: int):
             return LlamaConfig.from_hf_dict(json.load(f), source=path), None
         return LlamaConfig.from_hf_json(path), None
     raise SpecjaxError(f"config field `drafter`={spec!r}: {run_config} not found (is it a specjax training run?)")
-  model, cfg = load_hf_checkpoint(spec, "float32")
+  model, cfg = load_model(spec, "float32")  # a Hugging Face directory or a .gguf file
   return cfg, model
 
 
