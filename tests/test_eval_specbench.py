@@ -14,7 +14,7 @@ from specjax.eval import specbench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FIELDS = {"language", "category", "method", "drafter", "temperature", "seed", "prompts", "new_tokens",
-                 "wall_s", "tokens_per_second", "tau", "acceptance_rate", "per_position",
+                 "wall_s", "tokens_per_second", "tau", "tau_drafted", "acceptance_rate", "per_position",
                  "per_position_conditional"}
 
 

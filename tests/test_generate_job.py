@@ -131,6 +131,7 @@ def test_metrics_by_hand():
   m = metrics.compute(_result(), categories=["de", "fr"])
   json.dumps(m)  # plain Python numbers only
   assert m["tau"] == pytest.approx(1 + 8 / 5)
+  assert m["tau_drafted"] == m["tau"] and m["drafted_steps"] == 5  # every round proposed drafts
   assert m["acceptance_rate"] == pytest.approx(8 / 15)
   assert m["new_tokens"] == 13 and m["tokens_per_second"] == pytest.approx(6.5)
   assert m["target_forward_passes"] == 3 and m["verification_steps"] == 5

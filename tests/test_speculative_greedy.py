@@ -198,3 +198,42 @@ def test_drafter_with_shorter_positions_drafts_within_them(target, prompts):
     assert len(spec.new_tokens[-1]) == (30 if limit is None else 64 - 40)
     assert spec.proposed[-1] == 0 and spec.steps[-1] == len(spec.new_tokens[-1])  # never drafted
     assert (spec.accepted[:-1] > 0).all()
+
+
+def _prompt_lookup_rounds(prompt, output, gamma, ngram_max=3, ngram_min=1):
+  """Replays prompt lookup over a known greedy output: (rounds, rounds that proposed a draft)."""
+  tokens, rounds, drafted = list(prompt), 0, 0
+  while len(tokens) < len(prompt) + len(output):
+    L, drafts = len(tokens), []
+    for n in range(ngram_max, ngram_min - 1, -1):
+      starts = [j for j in range(L - n) if L >= n + 1 and tokens[j:j + n] == tokens[L - n:]]
+      if starts:
+        drafts = tokens[starts[-1] + n:][:gamma]
+        break
+    truth = output[L - len(prompt):]
+    accepted = 0
+    while accepted < len(drafts) and accepted < len(truth) and drafts[accepted] == truth[accepted]:
+      accepted += 1
+    tokens += truth[:accepted + 1]
+    rounds, drafted = rounds + 1, drafted + bool(drafts)
+  return rounds, drafted
+
+
+def test_prompt_lookup_tau_over_drafted_rounds(target, prompts, reference):
+  """pld rounds with no n-gram match propose nothing: tau counts every round, tau_drafted only
+  those that proposed a draft (vLLM's mean acceptance length)."""
+  from specjax.decoding import metrics
+  rows = [[7, 8, 9] + list(range(100, 110)), [200 + i for i in range(20)]] + prompts[:6]  # the second: no repeats
+  plain = Decoder(target, method="ar", max_new_tokens=MAX_NEW, batch_size=8).generate(rows, eos_id=NO_EOS)
+  result = Decoder(target, method="pld", gamma=4, max_new_tokens=MAX_NEW, batch_size=8).generate(rows, eos_id=NO_EOS)
+  assert result.new_tokens == plain.new_tokens
+  replay = [_prompt_lookup_rounds(p, out, 4) for p, out in zip(rows, plain.new_tokens)]
+  assert result.steps.tolist() == [r for r, _ in replay]
+  assert result.drafted_steps.tolist() == [d for _, d in replay]
+  assert (result.drafted_steps < result.steps).any() and result.drafted_steps.sum() > 0
+  m = metrics.compute(result)
+  assert m["verification_steps"] == result.steps.sum() and m["drafted_steps"] == result.drafted_steps.sum()
+  assert m["tau"] == pytest.approx(1 + result.accepted.sum() / result.steps.sum())
+  assert m["tau_drafted"] == pytest.approx(1 + result.accepted.sum() / result.drafted_steps.sum())
+  assert m["tau_drafted"] > m["tau"]
+  assert metrics.compute(plain)["tau_drafted"] is None  # plain decoding drafts nothing

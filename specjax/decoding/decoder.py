@@ -65,6 +65,12 @@ class DecodeResult:
   def num_new(self) -> np.ndarray:
     return np.array([len(t) for t in self.new_tokens])
 
+  @property
+  def drafted_steps(self) -> np.ndarray:
+    """Rounds per row that proposed at least one draft: those that proposed draft position 1
+    (prompt lookup proposes nothing when no n-gram matches; γ=0 rounds near a length limit)."""
+    return np.asarray(self.pos_proposed)[:, 0]
+
 
 class Decoder:
   """Plain (`ar`), drafter-model speculative (`sps`) or prompt-lookup (`pld`) decoding.

@@ -32,6 +32,7 @@ class Counters:
   rows: int = 0
   new_tokens: int = 0
   steps: int = 0  # verification rounds summed over rows
+  drafted_steps: int = 0  # of those, rounds that proposed at least one draft
   accepted: int = 0
   proposed: int = 0
   accept_hist_H: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
@@ -50,7 +51,8 @@ class Counters:
     return cls(
         rows=len(rows),
         new_tokens=int(sum(len(result.new_tokens[i]) for i in rows)),
-        steps=int(np.sum(result.steps[rows])), accepted=int(np.sum(result.accepted[rows])),
+        steps=int(np.sum(result.steps[rows])), drafted_steps=int(np.sum(result.drafted_steps[rows])),
+        accepted=int(np.sum(result.accepted[rows])),
         proposed=int(np.sum(result.proposed[rows])),
         accept_hist_H=np.asarray(result.accept_hist[rows], np.int64).sum(0),
         pos_proposed_G=np.asarray(result.pos_proposed[rows], np.int64).sum(0),
@@ -62,7 +64,8 @@ class Counters:
   def __add__(self, other: "Counters") -> "Counters":
     return Counters(
         rows=self.rows + other.rows, new_tokens=self.new_tokens + other.new_tokens,
-        steps=self.steps + other.steps, accepted=self.accepted + other.accepted,
+        steps=self.steps + other.steps, drafted_steps=self.drafted_steps + other.drafted_steps,
+        accepted=self.accepted + other.accepted,
         proposed=self.proposed + other.proposed,
         accept_hist_H=_pad_sum(self.accept_hist_H, other.accept_hist_H),
         pos_proposed_G=_pad_sum(self.pos_proposed_G, other.pos_proposed_G),
@@ -85,6 +88,9 @@ def summarize(c: Counters) -> dict:
   """The reported numbers of one set of counters (JSON-serialisable).
 
   tau: 1 + accepted / steps (1.0 without steps: plain decoding emits one token per step).
+  tau_drafted: 1 + accepted / drafted_steps, over the rounds that proposed at least one draft
+  (vLLM's mean acceptance length; None when none did). They differ for prompt lookup, whose
+  rounds without an n-gram match propose nothing and emit one token.
   acceptance_rate: accepted / proposed drafts (None when nothing was proposed).
   per_position_acceptance.cumulative[i]: fraction of rounds proposing draft i+1 whose first
   i+1 drafts were all accepted; .conditional[i]: of the rounds that proposed draft i+1 with
@@ -101,10 +107,12 @@ def summarize(c: Counters) -> dict:
       "wall_s": float(c.wall_s),
       "tokens_per_second": _ratio(c.new_tokens, c.wall_s),
       "tau": 1.0 + c.accepted / c.steps if c.steps else 1.0,
+      "tau_drafted": 1.0 + c.accepted / c.drafted_steps if c.drafted_steps else None,
       "acceptance_rate": _ratio(c.accepted, c.proposed),
       "accepted_drafts": c.accepted,
       "proposed_drafts": c.proposed,
       "verification_steps": c.steps,
+      "drafted_steps": c.drafted_steps,
       "target_forward_passes": _number(c.target_calls),
       "drafter_forward_passes": _number(c.drafter_calls),
       "per_position_acceptance": {"cumulative": cumulative, "conditional": conditional},

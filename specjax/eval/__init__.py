@@ -11,6 +11,7 @@ The record every evaluation produces and every report reads, one per
    "temperature": 0.0, "seed": 0,
    "prompts": 20, "new_tokens": 812, "wall_s": 3.1, "tokens_per_second": 261.9,
    "tau": 2.8, "acceptance_rate": 0.45 | None,
+   "tau_drafted": 3.1 | None,   # over rounds that proposed a draft (differs from tau for pld; metrics.summarize)
    "per_position": [0.7, 0.5, ...],              # cumulative per-position acceptance (metrics.summarize)
    "per_position_conditional": [0.7, 0.71, ...]}
 

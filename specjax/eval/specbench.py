@@ -236,7 +236,7 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
         "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed,
         "prompts": len(indices), "new_tokens": m["new_tokens"], "wall_s": wall_s,
         "tokens_per_second": m["new_tokens"] / wall_s if wall_s else None,
-        "tau": m["tau"], "acceptance_rate": m["acceptance_rate"],
+        "tau": m["tau"], "tau_drafted": m["tau_drafted"], "acceptance_rate": m["acceptance_rate"],
         "per_position": _trim_none(m["per_position_acceptance"]["cumulative"]),
         "per_position_conditional": _trim_none(m["per_position_acceptance"]["conditional"])})
     for i in indices:
