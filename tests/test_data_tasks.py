@@ -38,18 +38,24 @@ def setup(shared_data, tmp_path_factory):
     rows = []
     for i, (x, en) in enumerate(load_pairs(shared_data, src, "train", limit=LIMIT)):
       prompt = translation_message(src, "en", x)
+      ids = tok(en, add_special_tokens=False)["input_ids"]
+      cut = i % 4 == 3  # cut off by max_new_tokens: no EOS
+      other_stop = (src, i) == ("zh", 5)  # ended at another stop id (not the vocabulary's EOS)
       rows.append({"record_id": i, "source_id": i, "source": x, "prompt": prompt,
                    "chat_prompt": apply_template(TEMPLATE, prompt), "response": en,
-                   "response_token_ids": tok(en, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                   "response_token_ids": ids if cut or other_stop else ids + [tok.eos_token_id],
                    "temperature": 0.0, "src_lang": src, "tgt_lang": "en"})
+      if src == "zh" and i % 2:  # distill_data's marker on some; others (and all of de) in the older format
+        rows[-1]["truncated"] = cut
     (workdir / f"selfdistill-{src}en-00000-of-00001.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     records[src] = rows
   args = dict(data_dir=shared_data, vocab_dir=str(root / "tok"), template=TEMPLATE,
               selfdistill_dir=str(root / "distill"), limit=LIMIT, shuffle_buffer_size=64)
   tasks.register_tasks(**args)
+  cut_off = {tuple(r["response_token_ids"]) for rows in records.values() for r in rows if r["record_id"] % 4 == 3}
   return {"tok": tok, "vocab": tasks.vocabulary(), "records": records, "args": args, "root": root,
-          "data": shared_data}
+          "data": shared_data, "cut_off": cut_off}
 
 
 def _examples(name, n, **kw):
@@ -118,13 +124,29 @@ def test_selfdistill_task_uses_the_targets_token_ids(setup):
   vocab = setup["vocab"]
   for ex, record in zip(_examples("selfdistill_zh_en", 5), setup["records"]["zh"]):
     assert vocab.decode(ex["inputs"]) == record["chat_prompt"]
-    assert list(ex["targets"]) == record["response_token_ids"]  # ends with one EOS, not two
+    assert list(ex["targets"][:len(record["response_token_ids"])]) == record["response_token_ids"]
   mixtures = {name: [t.name for t in seqio.get_mixture_or_task(name).tasks]
               for name in ("finetune_de_en", "finetune_fr_en", "finetune_multilingual")}
   assert mixtures["finetune_de_en"] == ["selfdistill_de_en"]
   assert mixtures["finetune_fr_en"] == ["translate_fr_en"]  # no self-distillation records for fr
   assert sorted(mixtures["finetune_multilingual"]) == sorted(
       ["selfdistill_de_en", "translate_fr_en", "translate_ja_en", "translate_ru_en", "selfdistill_zh_en"])
+
+
+def test_selfdistill_responses_cut_off_get_no_eos(setup):
+  """A response that max_new_tokens cut off ends without EOS in its target: an EOS there would teach
+  the drafter to stop where the target did not. The record's `truncated` field decides; records
+  without it (older shards) count as cut off when their last token is not the EOS."""
+  vocab = setup["vocab"]
+  for src in ("de", "zh"):
+    records = setup["records"][src]
+    exs = _examples(f"selfdistill_{src}_en", len(records), lengths={"inputs": 2048, "targets": 512})
+    assert [vocab.decode(ex["inputs"]) for ex in exs] == [r["chat_prompt"] for r in records]
+    for ex, r in zip(exs, records):
+      ids, cut = r["response_token_ids"], r["record_id"] % 4 == 3
+      complete = ids if ids[-1] == vocab.eos_id else ids + [vocab.eos_id]
+      assert list(ex["targets"]) == (ids if cut else complete), (src, r["record_id"])
+  assert setup["records"]["zh"][5]["truncated"] is False  # no EOS, yet complete: the field wins
 
 
 def test_prompts_longer_than_their_budget_are_dropped_not_cut(setup):
@@ -168,7 +190,8 @@ def test_packing_keeps_examples_apart(setup):
         w = row["decoder_loss_weights"][idx]
         n_prompt = int(np.argmax(w))
         assert n_prompt > 0 and w[n_prompt:].all() and not w[:n_prompt].any()  # prompt, then response
-        assert targets[-1] == vocab.eos_id  # the segment's weights end at its own EOS
+        # the segment's weights end at its own EOS, but for responses cut off by max_new_tokens
+        assert targets[-1] == vocab.eos_id or tuple(targets[n_prompt:]) in setup["cut_off"]
         prompt = vocab.decode(targets[:n_prompt])
         assert prompt.startswith(apply_template(TEMPLATE, "")[:60]) and prompt.endswith("ASSISTANT:")
   assert packed > 0  # some rows do hold several examples

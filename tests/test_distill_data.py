@@ -76,7 +76,7 @@ def test_records_and_manifest(full_run, data_dir):
   sources = [x for x, _ in parallel.load_pairs(data_dir, "de", "train")][:NUM_TRAIN]
   assert "eval Satz 0.0: der Hund läuft." not in sources
   for r in records:
-    assert set(r) == set(selfdistill.FIELDS)
+    assert set(r) == set(selfdistill.FIELDS) | {"truncated"}
     assert r["source"] == sources[r["source_id"]] and r["record_id"] == 2 * r["source_id"] + (r["temperature"] == 1.0)
     assert r["prompt"] == f"Translate German to English:{r['source']}"
     assert r["chat_prompt"].endswith(f"USER: {r['prompt']} ASSISTANT:")
@@ -173,7 +173,8 @@ def test_cli_reports_bad_fields(tmp_path):
 
 def test_generated_records_read_back_through_their_seqio_task(full_run, data_dir, assets, tmp_path):
   """The job's own output through `selfdistill_de_en`: inputs are the chat prompt, targets the
-  target's response ids (one EOS); a vocabulary other than the generating target's is refused."""
+  target's response ids (one EOS, none after a response cut off by max_new_tokens); a vocabulary
+  other than the generating target's is refused."""
   import seqio
   from specjax.data import tasks
   from specjax.models.tokenizer_utils import train_tokenizer
@@ -185,11 +186,13 @@ def test_generated_records_read_back_through_their_seqio_task(full_run, data_dir
                                                                   shuffle=False)
   examples = list(ds.as_numpy_iterator())
   assert len(examples) == len(records)
+  truncated = [r["truncated"] for r in records]
+  assert any(truncated) and not all(truncated)  # 8 new tokens: some responses end, some are cut off
   for ex, r in zip(examples, records):
     assert vocab.decode(ex["inputs"]) == r["chat_prompt"]
     ids = r["response_token_ids"]
-    ids = ids[:-1] if ids and ids[-1] == vocab.eos_id else ids
-    assert list(ex["targets"]) == ids + [vocab.eos_id]
+    assert r["truncated"] == (len(ids) == 8 and ids[-1] != vocab.eos_id)
+    assert list(ex["targets"]) == (ids if r["truncated"] else ids[:-1] + [vocab.eos_id])
   train_tokenizer(["Ein ganz anderer Text.", "Something else entirely."] * 20, 300, str(tmp_path / "other"))
   with pytest.raises(SpecjaxError, match="manifest.json.*differs from the vocabulary"):
     tasks.register_tasks(data_dir=data_dir, vocab_dir=str(tmp_path / "other"), selfdistill_dir=workdir)

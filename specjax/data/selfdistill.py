@@ -10,7 +10,8 @@ Output in WORKDIR/data/: `selfdistill-{src}{tgt}-{shard:05d}-of-{n:05d}.jsonl`, 
 order, cut into contiguous shards. A shard is written to a temporary file and renamed when
 complete, so a killed job leaves only whole shards; a restart checks them and does the rest.
 WORKDIR/manifest.json (rewritten atomically after every shard) counts what is done and echoes
-the settings, which a restart must match.
+the settings, which a restart must match. A record's `truncated` is true when the response
+reached max_new_tokens (or the cache) before any stop id; training then appends no EOS to it.
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ from specjax.errors import SpecjaxError
 
 FIELDS = ("record_id", "source_id", "source", "prompt", "chat_prompt", "response", "response_token_ids",
           "temperature", "src_lang", "tgt_lang")
+# Written after FIELDS. Shards from before it lack it: specjax.data.tasks then takes a response
+# without a final EOS as cut off, which is what those runs (one stop id, the tokenizer's) meant.
+OPTIONAL_FIELDS = ("truncated",)
 # The settings that decide every record's bytes: a restart with other values would mix outputs.
 ECHO = ("target", "tokenizer", "data_dir", "src", "tgt", "temperatures", "num_sources", "num_shards",
         "max_new_tokens", "seed", "template", "dtype")
@@ -229,7 +233,7 @@ def _generate(config, target, tokenizer, shards, todo, paths, done, writer, writ
   tokens_total, start = 0, time.perf_counter()
   for k in todo:
     shard = shards[k]
-    responses = {}
+    responses, truncated = {}, {}
     for temperature in config.temperatures:  # one decode call per temperature: sampling mode is static
       rows = [r for r in shard if r["temperature"] == float(temperature)]
       for lo in range(0, len(rows), config.batch_size):
@@ -240,14 +244,16 @@ def _generate(config, target, tokenizer, shards, todo, paths, done, writer, writ
                                   names=[f"record {r['record_id']} (source {r['source_id']})" for r in batch])
         for r, ids in zip(batch, result.new_tokens):
           responses[r["record_id"]] = [int(t) for t in ids]
+          truncated[r["record_id"]] = not ids or int(ids[-1]) not in eos
           tokens_total += len(ids)
         bar.update(len(batch))
         bar.set_postfix(tokens_per_s=f"{tokens_total / (time.perf_counter() - start):.1f}")
     lines = []
     for r in shard:
       ids = responses[r["record_id"]]
-      out = {**r, "response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "response_token_ids": ids}
-      lines.append(json.dumps({f: out[f] for f in FIELDS}, ensure_ascii=False) + "\n")
+      out = {**r, "response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "response_token_ids": ids,
+             "truncated": truncated[r["record_id"]]}
+      lines.append(json.dumps({f: out[f] for f in FIELDS + OPTIONAL_FIELDS}, ensure_ascii=False) + "\n")
     done[k] = {"file": os.path.basename(paths[k]), "records": len(shard),
                "response_tokens": sum(len(responses[r["record_id"]]) for r in shard)}
     if writer:
@@ -294,6 +300,8 @@ def _parse_record(line: str, path: str, line_no: int) -> dict:
     raise SpecjaxError(f"{where}: field 'response_token_ids' must be a list of token ids (integers >= 0)")
   if not isinstance(record["temperature"], (int, float)) or isinstance(record["temperature"], bool):
     raise SpecjaxError(f"{where}: field 'temperature' must be a number")
+  if not isinstance(record.get("truncated", False), bool):
+    raise SpecjaxError(f"{where}: field 'truncated' must be true or false")
   return record
 
 

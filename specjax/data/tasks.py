@@ -10,7 +10,8 @@ Tasks need a vocabulary (the target's tokenizer) and data paths, so they are reg
   decoding job renders it, `targets` = the reference translation + EOS. Local pairs, or TFDS WMT
   with `translate_source="tfds"` (de, fr, ru, zh; TFDS has no WMT set for ja, whose pairs stay local).
 - `selfdistill_<src>_<tgt>`: the target's own generations (specjax.data.selfdistill records):
-  `inputs` = chat_prompt, `targets` = the response's token ids + EOS.
+  `inputs` = chat_prompt, `targets` = the response's token ids + EOS, without the EOS when
+  max_new_tokens cut the response off (the record's `truncated`).
 - Mixtures: `pretrain_multilingual` (the six pretrain tasks), `finetune_<src>_<tgt>` (selfdistill
   when records exist for the pair, else translate), `finetune_multilingual` (finetune_<X>_en of
   the five languages). Mixtures use equal rates: each language gets the same share of steps
@@ -179,6 +180,18 @@ def _nonempty_targets(ds):
   return ds.filter(lambda ex: tf.size(ex["targets"]) > 0)
 
 
+def _append_eos_unless_truncated(ds, output_features, sequence_length=None):
+  """seqio's append_eos_after_trim for responses that ended; one cut off by max_new_tokens
+  (`truncated`) keeps its tokens without an EOS, which would teach the drafter to stop where
+  the target did not (the pipeline's final trim still cuts it to length)."""
+  def fn(ex):
+    ex = dict(ex)
+    truncated = ex.pop("truncated")
+    with_eos = seqio.preprocessors.append_eos_after_trim_impl(dict(ex), output_features, sequence_length)  # in place
+    return dict(with_eos, targets=tf.cond(truncated, lambda: ex["targets"], lambda: with_eos["targets"]))
+  return _map(fn)(ds)
+
+
 # --- registration ----------------------------------------------------------------------------
 
 
@@ -240,14 +253,16 @@ def _check_generating_tokenizer(paths: list[str], vocab) -> None:
 
 
 def _selfdistill_columns(paths: tuple[str, ...], src: str, tgt: str, eos_id: int | None) -> dict:
-  """chat_prompt strings and the response's token ids, EOS stripped (the feature appends it).
+  """chat_prompt strings, the response's token ids with EOS stripped (the task appends it), and
+  whether max_new_tokens cut the response off: the record's `truncated`, or for shards written
+  before that field, whether the response does not end with EOS (those runs stopped only there).
 
   The target's own ids are used, not the response re-tokenised: the drafter must learn the
   exact ids the target emits (re-tokenising can merge differently at the prompt boundary).
   """
   from specjax.data.selfdistill import read_records
 
-  prompts, ids = [], []
+  prompts, ids, truncated = [], [], []
   for path in paths:
     for r in read_records(path):
       if (r["src_lang"], r["tgt_lang"]) != (src, tgt):
@@ -256,8 +271,9 @@ def _selfdistill_columns(paths: tuple[str, ...], src: str, tgt: str, eos_id: int
       t = list(r["response_token_ids"])
       prompts.append(r["chat_prompt"])
       ids.append(t[:-1] if t and t[-1] == eos_id else t)
+      truncated.append(bool(r["truncated"]) if "truncated" in r else not (t and t[-1] == eos_id))
   return {"inputs": prompts, "targets": tf.ragged.constant(ids, dtype=tf.int32, ragged_rank=1, row_splits_dtype=tf.int64)
-          if ids else tf.zeros([0, 0], tf.int32)}
+          if ids else tf.zeros([0, 0], tf.int32), "truncated": tf.constant(truncated, tf.bool)}
 
 
 def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1", selfdistill_dir: str | None = None,
@@ -330,7 +346,7 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
         lambda split, shuffle_files, seed=None, columns=columns: tf.data.Dataset.from_tensor_slices(columns()),
         splits=("train",))
     add_task(selfdistill_task(src, tgt), source, [_map(_tokenize_inputs(vocab)), _prompt_fits, _nonempty_targets,
-                                                  seqio.preprocessors.append_eos_after_trim], True)
+                                                  _append_eos_unless_truncated], True)
 
   def add_mixture(name, tasks):
     seqio.MixtureRegistry.remove(name)
