@@ -1,7 +1,8 @@
 """Entry point: `python -m specjax.main --config configs/JOB.py[:ARGS] --workdir DIR`.
 
 Dispatches on `config.job`. A SpecjaxError (a mistake in a file, field or value the user gave)
-ends the run with its message and exit code 2; a traceback would only bury the message.
+ends the run with its message and exit code 2; a traceback would only bury the message. The
+libraries log warnings and errors only, unless --verbose or SPECJAX_VERBOSE=1 (specjax.console).
 """
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from specjax import console
 from specjax.errors import SpecjaxError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/generate.py:runlocal.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Let the libraries (absl, jax, orbax, seqio, TensorFlow) log at INFO; "
+                             "also SPECJAX_VERBOSE=1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # job name -> "module:function" taking (config, workdir).
@@ -63,6 +67,7 @@ def run_job(config, workdir: str):
 
 
 def main(argv):
+  console.setup(_VERBOSE.value)  # before anything imports jax or TensorFlow (the jobs import them lazily)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; use --config and --workdir")
   try:

@@ -22,10 +22,9 @@ import time
 from typing import Iterator
 
 import jax
-from absl import logging
 from tqdm import tqdm
 
-from specjax import local_assets
+from specjax import console, local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, LANGUAGE_NAMES, load_pairs, translation_message
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt
@@ -76,7 +75,7 @@ def _sources(config, data_dir: str) -> list[str]:
     if config.src == "en":
       raise SpecjaxError(f"data_dir {data_dir!r} does not exist and local assets hold no English sentences: "
                          "point `data_dir` at the shared data folder for en->X")
-    logging.warning("distill_data: %s is absent; using local_assets' %s sentences", data_dir, LANGUAGE_NAMES[lang])
+    console.warning("distill_data: %s is absent; using local_assets' %s sentences", data_dir, LANGUAGE_NAMES[lang])
     return [text for _, name, text in local_assets.SENTENCES if name == LANGUAGE_NAMES[lang]][:limit]
   pairs = load_pairs(data_dir, lang, "train", limit=limit)
   return [en if config.src == "en" else x for x, en in pairs]
@@ -170,7 +169,7 @@ def run(config, workdir: str) -> dict:
   if writer:
     os.makedirs(out_dir, exist_ok=True)
     for tmp in glob.glob(os.path.join(out_dir, "*.tmp")):
-      logging.info("distill_data: discarding %s, a shard that an earlier run did not finish", tmp)
+      console.info("distill_data: discarding %s, a shard that an earlier run did not finish", tmp)
       os.remove(tmp)
 
   paths = [os.path.join(out_dir, shard_name(config.src, config.tgt, k, len(shards))) for k in range(len(shards))]
@@ -189,7 +188,7 @@ def run(config, workdir: str) -> dict:
     todo = todo[:config.max_shards_this_run]
   if writer:
     _write_manifest(manifest_path, echo, done, len(records))
-  logging.info("distill_data: %d records in %d shards; %d shards done, %d to do in this run", len(records),
+  console.info("distill_data: %d records in %d shards; %d shards done, %d to do in this run", len(records),
                len(shards), sum(d is not None for d in done), len(todo))
   if todo:
     _generate(config, target, tokenizer, shards, todo, paths, done, writer,
@@ -260,7 +259,7 @@ def _generate(config, target, tokenizer, shards, todo, paths, done, writer, writ
       _write_atomic(paths[k], lines)
       write_manifest()
   bar.close()
-  logging.info("distill_data: %d records, %d response tokens in %.1f s", sum(len(shards[k]) for k in todo),
+  console.info("distill_data: %d records, %d response tokens in %.1f s", sum(len(shards[k]) for k in todo),
                tokens_total, time.perf_counter() - start)
 
 

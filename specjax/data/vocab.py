@@ -20,7 +20,10 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from specjax import console
 from specjax.errors import SpecjaxError
+
+console.hide_gpus_from_tensorflow(tf)  # every seqio part of specjax.data imports this module first
 
 # Scripts of every language the drafters cover, so a mismatch anywhere in the vocabulary shows.
 PROBE_TEXT = ("USER: Translate German to English: Der Zug fährt um 9:30 ab. ASSISTANT: The train leaves "

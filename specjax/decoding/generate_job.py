@@ -12,10 +12,9 @@ import math
 import time
 
 import jax
-from absl import logging
 from tqdm import tqdm
 
-from specjax import fileio, local_assets
+from specjax import console, fileio, local_assets
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
@@ -129,7 +128,7 @@ def run(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     _write(workdir, answers, out)
   rate = out["acceptance_rate"]
-  logging.info("generate: %d answers, %d new tokens in %.2f s (%.1f tokens/s), tau %.3f, acceptance %s, "
+  console.info("generate: %d answers, %d new tokens in %.2f s (%.1f tokens/s), tau %.3f, acceptance %s, "
                "compile %.1f s; wrote %s", len(answers), out["new_tokens"], out["wall_s"],
                out["tokens_per_second"] or 0.0, out["tau"], "n/a" if rate is None else f"{rate:.3f}",
                compile_s, workdir)

@@ -19,10 +19,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 import jax
-from absl import logging
 from tqdm import tqdm
 
-from specjax import fileio, local_assets
+from specjax import console, fileio, local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
@@ -257,7 +256,7 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
   bar.close()
   order = {q["question_id"]: i for i, q in enumerate(questions)}
   answers.sort(key=lambda a: (a["model_id"], a["temperature"], a["seed"], order[a["question_id"]]))
-  logging.info("eval_specbench: %d records from %d decoders; compile (warm-up, not timed) %.1f s",
+  console.info("eval_specbench: %d records from %d decoders; compile (warm-up, not timed) %.1f s",
                len(records), len(state.decoders), state.compile_s)
   return records, answers
 
@@ -466,7 +465,7 @@ def run(config, workdir: str) -> dict:
     target_name = os.path.basename(paths["target"].rstrip("/"))
     _write(workdir, files, out, title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x "
                                       f"{device.device_kind}", notes=_notes(config, drafter_paths, len(questions)))
-  logging.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
+  console.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
   return out
 
 

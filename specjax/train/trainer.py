@@ -22,11 +22,10 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from specjax import fileio
+from specjax import console, fileio
 from specjax import sharding as shd
 from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
@@ -57,7 +56,7 @@ class _Preempted:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+    console.warning("SIGTERM: saving a checkpoint after this step, then stopping")
     self.flag = True
 
   def __exit__(self, *exc):
@@ -205,7 +204,7 @@ def _build_drafter(config, paths, vocab_size: int, mesh):
   params = jax.device_put(params, shd.state_shardings(params, mesh))
   if paths["drafter"].startswith("run:"):
     params, step = restore_params(paths["drafter"][4:], params, shd.state_shardings(params, mesh))
-    logging.info("drafter: parameters of %s at step %d", paths["drafter"], step)
+    console.info("drafter: parameters of %s at step %d", paths["drafter"], step)
   return graphdef, params, cfg
 
 
@@ -284,7 +283,7 @@ def run(config, workdir: str) -> dict:
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state, shardings=state_sh)
     start = int(meta["step"])
-    logging.info("resuming from %s at step %d", checkpointer.directory, start)
+    console.info("resuming from %s at step %d", checkpointer.directory, start)
   if jax.process_index() == 0:
     fileio.makedirs(workdir, exist_ok=True)
     with fileio.open(fileio.join(workdir, "drafter_config.json"), "w") as f:
@@ -382,7 +381,7 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
                        os.path.join(workdir, "drafter"), tokenizer=tokenizer)
     if draft_ids_K is not None and jax.process_index() == 0:
       save_draft_vocab(os.path.join(workdir, "drafter"), draft_ids_K, {"coverage": config.draft_vocab_coverage})
-  logging.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
+  console.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
                "finished" if finished else "interrupted", good_step)
   return {**last, "step": step, "finished": finished}
 
