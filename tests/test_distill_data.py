@@ -85,7 +85,7 @@ def test_records_and_manifest(full_run, data_dir):
     manifest = json.load(f)
   assert manifest["records"] == 24 and manifest["shards_done"] == manifest["shards_total"] == 4
   assert manifest["response_tokens"] == sum(len(r["response_token_ids"]) for r in records)
-  assert manifest["config"]["temperatures"] == [0.0, 1.0] and manifest["config"]["template"] == "vicuna_v1.1"
+  assert manifest["config"]["temperatures"] == [0.0, 1.0] and manifest["config"]["template"] == "auto"
   assert manifest["config"]["seed"] == 0 and manifest["config"]["src"] == "de"
 
 

@@ -177,7 +177,7 @@ def test_config_strings():
     sys.path.remove(REPO)
   c = generate.get_config("runlocal,method=pld,gamma=3")
   assert (c.job, c.method, c.gamma, c.local_assets, c.dtype) == ("generate", "pld", 3, True, "float32")
-  assert generate.get_config(None).template == "vicuna_v1.1"
+  assert generate.get_config(None).template == "auto"
   with pytest.raises(SpecjaxError, match="unknown argument 'gama'"):
     generate.get_config("gama=3")
   with pytest.raises(SpecjaxError, match="expected an integer"):
