@@ -1,10 +1,12 @@
 r"""The paper's experiment at a larger scale (not in CI): the demo's recipe on the training split of
-../shared/data (all five pairs), a target of about 100M parameters, one drafter per language,
+../shared/data (all five pairs) with the real target, SmolLM2-135M-Instruct (cpu, gpu), or with
+a ~100M target trained from scratch (scratch_cpu, scratch_gpu), one drafter per language,
 evaluated on the held-out WMT sentences (the eval split) and on the paper's 80-prompt
 multilingual Spec-Bench files.
 
-  python benchmarks/mini_paper.py --preset cpu --workdir runs/mini_paper_cpu   # 84 min on 2 CPU cores
+  python benchmarks/mini_paper.py --preset cpu --workdir runs/mini_paper_cpu   # not run yet (2-core CPU)
   python benchmarks/mini_paper.py --preset gpu --workdir runs/mini_paper_gpu   # one NVIDIA GPU
+  python benchmarks/mini_paper.py --preset scratch_cpu --workdir runs/mini_scratch   # 84 min on 2 CPU cores
   python benchmarks/mini_paper.py --preset smoke --workdir /tmp/mini_smoke     # minutes: the plumbing
 
 Writes WORKDIR/report/report.md (held-out WMT), WORKDIR/specbench/report.md (Spec-Bench prompts)
