@@ -190,14 +190,19 @@ class LlamaConfig:
   def from_hf_json(cls, path: str, **kwargs) -> "LlamaConfig":
     if not os.path.exists(path):
       raise SpecjaxError(f"{path}: file not found (a Hugging Face checkpoint directory needs config.json)")
-    try:
-      with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise SpecjaxError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
-    if not isinstance(hf, dict):
-      raise SpecjaxError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-    return cls.from_hf_dict(hf, source=path, **kwargs)
+    return cls.from_hf_dict(read_json_object(path), source=path, **kwargs)
+
+
+def read_json_object(path: str) -> dict:
+  """A JSON file that must hold one object; a mistake names the file, line and column."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except json.JSONDecodeError as e:
+    raise SpecjaxError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
+  if not isinstance(value, dict):
+    raise SpecjaxError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
 
 
 def parse_eos_ids(value, source: str = "config.json") -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from specjax import fileio
 from specjax import sharding as shd
 from specjax.errors import SpecjaxError
 from specjax.models import safetensors_io
-from specjax.models.config import LlamaConfig, get_preset, parse_eos_ids
+from specjax.models.config import LlamaConfig, get_preset, parse_eos_ids, read_json_object
 from specjax.models.draft_vocab import draft_token_ids, load_draft_vocab, save_draft_vocab, set_draft_vocab
 from specjax.models.llama import Llama, abstract_model, init_model
 
@@ -78,14 +78,7 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
   config = LlamaConfig.from_hf_json(os.path.join(path, "config.json"), dtype=dtype, param_dtype=dtype)
   generation = os.path.join(path, "generation_config.json")
   if os.path.exists(generation):  # its eos_token_id is what transformers' generate() stops at
-    try:
-      with open(generation, encoding="utf-8") as f:
-        generation_hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise SpecjaxError(f"{generation}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
-    if not isinstance(generation_hf, dict):
-      raise SpecjaxError(f"{generation}: expected a JSON object, got {type(generation_hf).__name__}")
-    eos_ids = parse_eos_ids(generation_hf.get("eos_token_id"), generation)
+    eos_ids = parse_eos_ids(read_json_object(generation).get("eos_token_id"), generation)
     if eos_ids:
       config = config.replace(eos_token_id=eos_ids[0], eos_token_ids=eos_ids if len(eos_ids) > 1 else ())
   files = _weight_files(path)
