@@ -21,13 +21,14 @@ data_dir may contain {workdir}.
 import ml_collections
 from ml_collections import config_dict
 
-from specjax.config_utils import parse_arg
+from specjax.config_utils import given, parse_arg, unset
 
 
 def get_config(arg=None):
-  # Numbers left at 0 take the variant's default (runlocal's are small).
-  arg = parse_arg(arg, source="configs/distill_data.py", runlocal=False, src="de", tgt="en", num_sources=0,
-                  num_shards=0, batch_size=0, max_new_tokens=0, seed=0, max_shards_this_run=0)
+  # Numbers not given take the variant's default (runlocal's are small); num_sources=0 means all.
+  arg = parse_arg(arg, source="configs/distill_data.py", runlocal=False, src="de", tgt="en", num_sources=unset(int),
+                  num_shards=unset(int), batch_size=unset(int), max_new_tokens=unset(int), seed=0,
+                  max_shards_this_run=0)
   c = ml_collections.ConfigDict()
   c.job = "distill_data"
 
@@ -42,20 +43,20 @@ def get_config(arg=None):
   c.data_dir = "../shared/data"
   c.src = arg.src
   c.tgt = arg.tgt  # one of src, tgt is "en"
-  c.num_sources = arg.num_sources  # 0 = every training sentence
+  c.num_sources = given(arg.num_sources, 0)  # 0 = every training sentence
   c.template = "auto"  # hf (the tokenizer's chat template) when it has one, else vicuna_v1.1; or llama-2, plain
 
   # Generation: plain decoding, one record per (sentence, temperature).
   c.temperatures = (0.0, 0.3, 0.7, 1.0)
-  c.max_new_tokens = arg.max_new_tokens or 256
-  c.batch_size = arg.batch_size or 32
+  c.max_new_tokens = given(arg.max_new_tokens, 256)
+  c.batch_size = given(arg.batch_size, 32)
   c.seed = arg.seed
   c.max_cache_len = config_dict.placeholder(int)  # default: the target's max_position_embeddings
   c.prompt_bucket = 64  # prompts are padded to a multiple of this: one compile per bucket
   c.mesh_shape = (1, -1, 1)  # (data, fsdp, tensor); used when there is more than one device
 
   # Output: records cut into num_shards files, each written whole.
-  c.num_shards = arg.num_shards or 64
+  c.num_shards = given(arg.num_shards, 64)
   c.max_shards_this_run = arg.max_shards_this_run  # 0 = all; N = stop after N new shards
 
   # local_assets: build the target when absent (a random-weight `tiny` checkpoint with a tokenizer
@@ -65,9 +66,9 @@ def get_config(arg=None):
     c.local_assets = True
     c.target = "{workdir}/local_assets/target"
     c.dtype = "float32"
-    c.num_sources = arg.num_sources or 24
-    c.num_shards = arg.num_shards or 4
-    c.batch_size = arg.batch_size or 8
-    c.max_new_tokens = arg.max_new_tokens or 16
+    c.num_sources = given(arg.num_sources, 24)
+    c.num_shards = given(arg.num_shards, 4)
+    c.batch_size = given(arg.batch_size, 8)
+    c.max_new_tokens = given(arg.max_new_tokens, 16)
     c.prompt_bucket = 128
   return c

@@ -34,13 +34,13 @@ be set with --config.FIELD=VALUE. Paths may contain {workdir}.
 import ml_collections
 from ml_collections import config_dict
 
-from specjax.config_utils import parse_arg
+from specjax.config_utils import given, parse_arg, unset
 
 
 def get_config(arg=None):
-  # Numbers left at their sentinel take the variant's default (runlocal's are small).
+  # Numbers not given take the variant's default (runlocal's are small).
   arg = parse_arg(arg, source="configs/eval_specbench.py", runlocal=False, methods="ar+pld+sps", drafter="",
-                  temperature=-1.0, gamma=0, max_prompts=0)
+                  temperature=unset(float), gamma=unset(int), max_prompts=0)
   c = ml_collections.ConfigDict()
   c.job = "eval_specbench"
 
@@ -58,10 +58,10 @@ def get_config(arg=None):
   c.methods = arg.methods
   c.drafter = arg.drafter or "auto"
   c.cross_language = False
-  c.temperatures = (arg.temperature,) if arg.temperature >= 0 else (0.0, 1.0)
+  c.temperatures = (0.0, 1.0) if arg.temperature is None else (arg.temperature,)
   c.seeds = (0, 1, 2)  # sampled runs, one each
   c.greedy_seeds = (0,)  # greedy is deterministic: one run
-  c.gamma = arg.gamma or 10  # drafts per round; with dynamic_gamma the ceiling of the schedule
+  c.gamma = given(arg.gamma, 10)  # drafts per round; with dynamic_gamma the ceiling of the schedule
   c.dynamic_gamma = True  # transformers' schedule (start gamma_start, +2 / -1), as in the paper
   c.gamma_start = 5
   c.max_new_tokens = 1024
@@ -95,7 +95,7 @@ def get_config(arg=None):
     c.cross_language = True
     c.seeds = (0, 1)
     c.dtype = "float32"
-    c.gamma = arg.gamma or 4
+    c.gamma = given(arg.gamma, 4)
     c.gamma_start = 3
     c.max_new_tokens = 16
     c.prompt_bucket = 256  # every prompt, turn 2 included, in one bucket: one compile per program

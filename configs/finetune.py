@@ -21,15 +21,15 @@ scratch (true: skip pretraining, start from a random drafter), lr. Any field can
 --config.FIELD=VALUE (fields: specjax/train/defaults.py). Ablations: `sweep()` below, expanded
 by `python launch/sweep.py configs/finetune.py --workdir BASE`.
 """
-from specjax.config_utils import parse_arg
+from specjax.config_utils import given, parse_arg, unset
 from specjax.train.defaults import shrink_for_cpu, trainer_config
 
 LANGS = ("de", "fr", "ja", "ru", "zh")
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, source="configs/finetune.py", runlocal=False, lang="de", steps=0, tokens=0, scratch=False,
-                  lr=0.0)
+  arg = parse_arg(arg, source="configs/finetune.py", runlocal=False, lang="de", steps=unset(int), tokens=0,
+                  scratch=False, lr=unset(float))
   if arg.lang not in LANGS:
     from specjax.errors import SpecjaxError
     raise SpecjaxError(f"configs/finetune.py: lang={arg.lang!r}: expected one of {', '.join(LANGS)}")
@@ -42,14 +42,14 @@ def get_config(arg=None):
   c.learning_rate = 2e-5  # the paper's (3e-5 for Llama 68M)
   c.num_train_steps = 5000
   if arg.runlocal:
-    shrink_for_cpu(c, steps=arg.steps or 40)
+    shrink_for_cpu(c, steps=given(arg.steps, 40))
     c.drafter = "preset:tiny-drafter"
     c.selfdistill_dir = None
     c.acceptance_prompts_per_language = 4
     c.sequence_length = 384  # prompts in the Vicuna template are ~120 tokens; half the row is theirs
-  c.num_train_steps = arg.steps or c.num_train_steps
+  c.num_train_steps = given(arg.steps, c.num_train_steps)
   c.train_tokens = arg.tokens
-  c.learning_rate = arg.lr or c.learning_rate
+  c.learning_rate = given(arg.lr, c.learning_rate)
   return c
 
 

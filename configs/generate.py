@@ -25,13 +25,13 @@ Paths in target, drafter, tokenizer and prompts may contain {workdir}.
 import ml_collections
 from ml_collections import config_dict
 
-from specjax.config_utils import parse_arg
+from specjax.config_utils import given, parse_arg, unset
 
 
 def get_config(arg=None):
-  # Numbers left at 0 take the variant's default (runlocal's are small).
-  arg = parse_arg(arg, source="configs/generate.py", runlocal=False, method="sps", gamma=0, temperature=0.0,
-                  seed=0, batch_size=0, max_new_tokens=0)
+  # Numbers not given take the variant's default (runlocal's are small).
+  arg = parse_arg(arg, source="configs/generate.py", runlocal=False, method="sps", gamma=unset(int), temperature=0.0,
+                  seed=0, batch_size=unset(int), max_new_tokens=unset(int))
   c = ml_collections.ConfigDict()
   c.job = "generate"
 
@@ -44,14 +44,14 @@ def get_config(arg=None):
 
   # Decoding: ar (plain), sps (drafter model), pld (prompt lookup).
   c.method = arg.method
-  c.gamma = arg.gamma or 10  # drafts per round; with dynamic_gamma the ceiling of the schedule
+  c.gamma = given(arg.gamma, 10)  # drafts per round; with dynamic_gamma the ceiling of the schedule
   c.dynamic_gamma = True  # transformers' schedule, as in the paper: start gamma_start, +2 / -1
   c.gamma_start = 5
   c.temperature = arg.temperature  # 0 = greedy
   c.top_k = 0  # 0 = off
   c.top_p = 1.0
-  c.max_new_tokens = arg.max_new_tokens or 1024
-  c.batch_size = arg.batch_size or 1
+  c.max_new_tokens = given(arg.max_new_tokens, 1024)
+  c.batch_size = given(arg.batch_size, 1)
   c.seed = arg.seed
   c.max_cache_len = config_dict.placeholder(int)  # default: the target's max_position_embeddings
   c.prompt_bucket = 64  # prompts are padded to a multiple of this: one compile per bucket
@@ -76,8 +76,8 @@ def get_config(arg=None):
     c.drafter = "{workdir}/local_assets/drafter"
     c.prompts = "{workdir}/local_assets/question.jsonl"
     c.dtype = "float32"
-    c.gamma = arg.gamma or 4
-    c.max_new_tokens = arg.max_new_tokens or 16
-    c.batch_size = arg.batch_size or 4
+    c.gamma = given(arg.gamma, 4)
+    c.max_new_tokens = given(arg.max_new_tokens, 16)
+    c.batch_size = given(arg.batch_size, 4)
     c.prompt_bucket = 128
   return c

@@ -20,13 +20,13 @@ steps, batch_size, sequence_length, lr. Any field can be set with --config.FIELD
 fields are documented in specjax/train/defaults.py. Ablations: `sweep()` below, expanded by
 `python launch/sweep.py configs/pretrain.py --workdir BASE`.
 """
-from specjax.config_utils import parse_arg
+from specjax.config_utils import given, parse_arg, unset
 from specjax.train.defaults import shrink_for_cpu, trainer_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, source="configs/pretrain.py", runlocal=False, size="", steps=0, batch_size=0,
-                  sequence_length=0, lr=0.0)
+  arg = parse_arg(arg, source="configs/pretrain.py", runlocal=False, size="", steps=unset(int), batch_size=unset(int),
+                  sequence_length=unset(int), lr=unset(float))
   c = trainer_config("pretrain")
   c.mixture = "pretrain_multilingual"
   c.drafter = f"preset:{arg.size or 'vicuna-68m'}"
@@ -35,12 +35,12 @@ def get_config(arg=None):
   c.eval_every = 1000
   c.checkpoint_every = 1000
   if arg.runlocal:
-    shrink_for_cpu(c, steps=arg.steps or 40)
+    shrink_for_cpu(c, steps=given(arg.steps, 40))
     c.drafter = f"preset:{arg.size or 'tiny-drafter'}"
-  c.num_train_steps = arg.steps or c.num_train_steps
-  c.batch_size = arg.batch_size or c.batch_size
-  c.sequence_length = arg.sequence_length or c.sequence_length
-  c.learning_rate = arg.lr or c.learning_rate
+  c.num_train_steps = given(arg.steps, c.num_train_steps)
+  c.batch_size = given(arg.batch_size, c.batch_size)
+  c.sequence_length = given(arg.sequence_length, c.sequence_length)
+  c.learning_rate = given(arg.lr, c.learning_rate)
   return c
 
 

@@ -13,8 +13,31 @@ import ml_collections
 from specjax.errors import SpecjaxError
 
 
+class Unset:
+  """A config-string argument without a default value: None unless given, then of type `kind`.
+
+  Configs write `unset(int)` where a number's default depends on the variant (runlocal's are
+  small), so that an explicit value, 0 included, is the user's and is validated as such, never
+  read as "use the default" (`gamma=0` used to become 10)."""
+
+  def __init__(self, kind: type):
+    self.kind = kind
+
+  def __repr__(self):
+    return f"unset({self.kind.__name__})"
+
+
+def unset(kind: type) -> Unset:
+  return Unset(kind)
+
+
+def given(value, default):
+  """`value` unless it is None (an `unset` argument not given), else `default`."""
+  return default if value is None else value
+
+
 def _convert(key: str, value: str, default, source: str):
-  kind = type(default)
+  kind = default.kind if isinstance(default, Unset) else type(default)
   if kind is bool:
     if value.lower() in ("1", "true", "yes", ""):
       return True
@@ -32,10 +55,10 @@ def _convert(key: str, value: str, default, source: str):
 def parse_arg(arg: str | None, source: str = "config", **defaults) -> ml_collections.ConfigDict:
   """Parses "key=value,flag,..." against `defaults`; a bare key sets a boolean to True.
 
-  Values take the type of their default (bool, int, float, str). Unknown keys raise
-  SpecjaxError listing the known ones.
+  Values take the type of their default (bool, int, float, str), or `unset(kind)`'s kind (None
+  when not given). Unknown keys raise SpecjaxError listing the known ones.
   """
-  out = ml_collections.ConfigDict(dict(defaults))
+  out = ml_collections.ConfigDict({k: None if isinstance(v, Unset) else v for k, v in defaults.items()})
   for item in (arg or "").split(","):
     item = item.strip()
     if not item:
@@ -44,7 +67,7 @@ def parse_arg(arg: str | None, source: str = "config", **defaults) -> ml_collect
     key = key.strip()
     if key not in defaults:
       raise SpecjaxError(f"{source}: unknown argument {key!r} in {arg!r}; known: {', '.join(sorted(defaults))}")
-    if not has_value and type(defaults[key]) is not bool:
+    if not has_value and type(defaults[key]) is not bool:  # an unset(...) always needs a value
       raise SpecjaxError(f"{source}: argument {key!r} needs a value ({key}=...)")
     out[key] = _convert(key, value.strip(), defaults[key], source)
   return out

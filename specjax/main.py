@@ -48,20 +48,68 @@ def _specjax_error(e: BaseException) -> SpecjaxError | None:
   return found
 
 
+def _config_arg(argv) -> str | None:
+  """The value of --config in argv ("configs/generate.py:runlocal"), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec: str):
+  """configs/X.py[:ARG] -> get_config(ARG), as config_flags loads it (for reporting overrides)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("specjax_config_under_check", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _bad_override(argv) -> SpecjaxError | None:
+  """The SpecjaxError for a `--config.FIELD` in argv that names no field of the config (with a
+  did-you-mean), or None when every override names one (or the config itself did not load)."""
+  from specjax import validate
+  spec = _config_arg(argv)
+  if not spec:
+    return None
+  try:
+    config = _load_config(spec)
+  except Exception:  # noqa: BLE001 (the config did not load: the caller reports the original error)
+    return None
+  try:
+    validate.check_overrides(config, argv, source=spec.partition(":")[0])
+  except SpecjaxError as e:
+    return e
+  return None
+
+
 def _parse_flags(argv):
-  """absl's parsing, with mistakes reported like every other SpecjaxError (exit code 2)."""
+  """absl's parsing, with mistakes reported like every other SpecjaxError (exit code 2).
+
+  ml_collections raises AttributeError / KeyError / TypeError (not flags.Error) for an override
+  that names no field (`--config.gamm=3`); that becomes one line naming the field and the
+  closest fields the config has."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    cause = _specjax_error(e)
+    cause = _specjax_error(e) or _bad_override(argv)
     _fail(str(cause) if cause is not None else f"{e} (--helpfull lists the flags)")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    cause = _specjax_error(e) or _bad_override(argv)
+    _fail(str(cause) if cause is not None else f"cannot apply the --config overrides ({str(e).splitlines()[0]})")
 
 
 def run_job(config, workdir: str):
-  """Runs `config.job`; raises SpecjaxError for a job that does not exist (yet)."""
+  """Validates the config and the workdir (specjax.validate), then runs `config.job`; raises
+  SpecjaxError for a job that does not exist (yet) or a config or workdir that is wrong."""
   job = config.get("job")
   if job not in JOBS:
     raise SpecjaxError(f"config field `job`={job!r}: unknown job; available: {', '.join(JOBS)}")
+  from specjax import validate  # fields, paths and the workdir, before any job imports JAX
+  validate.check_job(config, workdir)
   module, function = JOBS[job].split(":")
   return getattr(importlib.import_module(module), function)(config, workdir)
 

@@ -67,10 +67,15 @@ def _check_config(config, target: str | None) -> None:
 
 
 def _sources(config, data_dir: str) -> list[str]:
-  """Training sentences in the source language; runlocal without the shared data folder falls back
-  to local_assets' sentences, so a smoke run works on a fresh machine."""
+  """Training sentences in the source language; runlocal without the shared data folder (its
+  default data_dir) falls back to local_assets' sentences, so a smoke run works on a fresh
+  machine. Any other data_dir must exist (specjax.validate checks it first)."""
+  from specjax.validate import DISTILL_DEFAULT_DATA_DIR
   lang = config.tgt if config.src == "en" else config.src
   limit = config.num_sources or None
+  if not os.path.isdir(data_dir) and not (config.local_assets and config.data_dir == DISTILL_DEFAULT_DATA_DIR):
+    raise SpecjaxError(f"config field `data_dir`={config.data_dir!r}: {os.path.abspath(data_dir)} does not exist "
+                       "or is not a directory")
   if config.local_assets and not os.path.isdir(data_dir):
     if config.src == "en":
       raise SpecjaxError(f"data_dir {data_dir!r} does not exist and local assets hold no English sentences: "

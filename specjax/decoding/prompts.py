@@ -59,6 +59,9 @@ def read_questions(path: str) -> list[dict]:
     turns = record["turns"]
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
       raise SpecjaxError(f"{where}: field 'turns' must be a non-empty list of strings, got {turns!r}")
+    empty = [k for k, t in enumerate(turns, 1) if not t.strip()]
+    if empty:
+      raise SpecjaxError(f"{where}: turn {empty[0]} of field 'turns' is empty: every turn needs a prompt")
     if qid in seen:
       raise SpecjaxError(f"{where}: question_id {qid!r} repeats line {seen[qid]}")
     seen[qid] = lineno

@@ -98,11 +98,11 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, *, steps: int) -> None:
   c.learning_rate = 3e-3
   c.shuffle_buffer_size = 1000
   c.log_every = 5
-  c.eval_every = steps // 2
+  c.eval_every = max(1, steps // 2)
   c.eval_batches = 2
   c.acceptance_prompts_per_language = 2
   c.acceptance_max_new_tokens = 16
   c.acceptance_gamma = 4
   c.acceptance_batch_size = 10
   c.acceptance_prompt_bucket = 128
-  c.checkpoint_every = steps // 2
+  c.checkpoint_every = max(1, steps // 2)
