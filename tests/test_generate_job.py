@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from specjax.decoding import metrics
 from specjax.decoding.decoder import DecodeResult
+from specjax.decoding.engine import RoundStats
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files, read_questions
 from specjax.errors import SpecjaxError
 
@@ -120,11 +122,11 @@ def test_encode_prompt_adds_one_bos(tmp_path):
 
 def _result():
   """Two rows, γ=3. Row 0 accepts 3, 1, 0 drafts in its three rounds; row 1 accepts 2, 2."""
-  return DecodeResult(
-      new_tokens=[[5] * 7, [6] * 6], steps=np.array([3, 2]), accepted=np.array([4, 4]),
-      proposed=np.array([9, 6]), accept_hist=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]),
-      pos_proposed=np.array([[3, 3, 3], [2, 2, 2]]), pos_accepted=np.array([[2, 1, 1], [2, 2, 0]]),
-      pos_reached=np.array([[3, 2, 1], [2, 2, 2]]), target_calls=3, drafter_calls=9, wall_s=2.0)
+  return DecodeResult(new_tokens=[[5] * 7, [6] * 6], stats=RoundStats(
+      rounds_B=np.array([3, 2]), accepted_B=np.array([4, 4]), proposed_B=np.array([9, 6]),
+      accept_hist_BH=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]), pos_proposed_BG=np.array([[3, 3, 3], [2, 2, 2]]),
+      pos_accepted_BG=np.array([[2, 1, 1], [2, 2, 0]]), pos_reached_BG=np.array([[3, 2, 1], [2, 2, 2]])),
+      target_calls=3, drafter_calls=9, wall_s=2.0)
 
 
 def test_metrics_by_hand():
@@ -148,11 +150,19 @@ def test_metrics_by_hand():
   assert metrics.row_tau(_result()) == pytest.approx([1 + 4 / 3, 3.0])
 
 
+
+def test_round_stats_shapes_and_old_names():
+  z = RoundStats.zeros(3, 4)  # shapes from the names' suffixes: B rows, G positions, H = G + 1
+  assert [a.shape for a in jax.tree.leaves(z)] == [(3,), (3,), (3,), (3, 5), (3, 4), (3, 4), (3, 4)]
+  r = _result()
+  assert r.steps is r.stats.rounds_B and r.accept_hist is r.stats.accept_hist_BH
+  assert r.pos_reached is r.stats.pos_reached_BG and r.drafted_steps.tolist() == [3, 2]
+  total = metrics.Counters.from_result(r) + metrics.Counters.from_result(r, [1])
+  assert total.rows == 3 and total.stats.accept_hist_BH.tolist() == [[1, 1, 4, 1]]
+
 def test_metrics_aggregate_sums_counters_then_divides():
-  plain = DecodeResult(new_tokens=[[1] * 4], steps=np.array([4]), accepted=np.array([0]),
-                       proposed=np.array([0]), accept_hist=np.zeros((1, 2), int),
-                       pos_proposed=np.zeros((1, 1), int), pos_accepted=np.zeros((1, 1), int),
-                       pos_reached=np.zeros((1, 1), int), target_calls=4, drafter_calls=0, wall_s=1.0)
+  stats = jax.tree.map(np.asarray, RoundStats.zeros(1, 1)).replace(rounds_B=np.array([4]))
+  plain = DecodeResult(new_tokens=[[1] * 4], stats=stats, target_calls=4, drafter_calls=0, wall_s=1.0)
   m = metrics.aggregate([_result(), _result()], [["de", "fr"], ["de", "de"]])
   assert m["tau"] == pytest.approx(1 + 16 / 10) and m["new_tokens"] == 26
   assert m["tokens_per_second"] == pytest.approx(26 / 4.0)

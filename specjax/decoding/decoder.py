@@ -50,14 +50,8 @@ def _eos_array_E(eos_id) -> np.ndarray:
 class DecodeResult:
   """Per-row outputs of one call (numpy), in the order of the prompts given."""
   new_tokens: list[list[int]]
-  steps: np.ndarray  # verification rounds per row (= target forwards for that row)
-  accepted: np.ndarray
-  proposed: np.ndarray
-  accept_hist: np.ndarray  # [rows, G+1]
-  pos_proposed: np.ndarray  # [rows, G]
-  pos_accepted: np.ndarray  # [rows, G]
-  pos_reached: np.ndarray  # [rows, G]: proposed with every earlier draft accepted
-  target_calls: int
+  stats: engine.RoundStats  # numpy, one row per prompt: rounds_B, accepted_B, accept_hist_BH, ...
+  target_calls: int  # forwards of whole batches, summed over the call's batches
   drafter_calls: int
   wall_s: float
 
@@ -67,9 +61,18 @@ class DecodeResult:
 
   @property
   def drafted_steps(self) -> np.ndarray:
-    """Rounds per row that proposed at least one draft: those that proposed draft position 1
-    (prompt lookup proposes nothing when no n-gram matches; γ=0 rounds near a length limit)."""
-    return np.asarray(self.pos_proposed)[:, 0]
+    """Rounds per row that proposed at least one draft (`RoundStats.drafted_B`)."""
+    return np.asarray(self.stats.drafted_B)
+
+  # The names these arrays had before `stats` (README, jobs), read-only; new counters get none.
+  steps = property(lambda self: self.stats.rounds_B, doc="verification rounds per row (= target forwards)")
+  accepted = property(lambda self: self.stats.accepted_B)
+  proposed = property(lambda self: self.stats.proposed_B)
+  accept_hist = property(lambda self: self.stats.accept_hist_BH, doc="[rows, G+1]")
+  pos_proposed = property(lambda self: self.stats.pos_proposed_BG, doc="[rows, G]")
+  pos_accepted = property(lambda self: self.stats.pos_accepted_BG, doc="[rows, G]")
+  pos_reached = property(lambda self: self.stats.pos_reached_BG,
+                         doc="[rows, G]: proposed with every earlier draft accepted")
 
 
 class Decoder:
@@ -193,11 +196,10 @@ class Decoder:
                                           budgets[lo:lo + self.batch_size], temperature, top_k, top_p,
                                           seed, eos, mode))
     wall = time.perf_counter() - start
-    cat = lambda name: np.concatenate([o[name] for o in outputs])
     return DecodeResult(
-        new_tokens=[t for o in outputs for t in o["new_tokens"]], steps=cat("steps"), accepted=cat("accepted"),
-        proposed=cat("proposed"), accept_hist=cat("hist"), pos_proposed=cat("pos_proposed"),
-        pos_accepted=cat("pos_accepted"), pos_reached=cat("pos_reached"), target_calls=int(sum(o["target_calls"] for o in outputs)),
+        new_tokens=[t for o in outputs for t in o["new_tokens"]],
+        stats=jax.tree.map(lambda *rows: np.concatenate(rows), *[o["stats"] for o in outputs]),
+        target_calls=int(sum(o["target_calls"] for o in outputs)),
         drafter_calls=int(sum(o["drafter_calls"] for o in outputs)), wall_s=wall)
 
   def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode):
@@ -230,10 +232,8 @@ class Decoder:
       from jax.experimental import multihost_utils
       fetch = lambda tree: jax.device_get(multihost_utils.process_allgather(tree, tiled=True))
     out = fetch({  # the one device-to-host transfer of the call
-        "tokens": s.tokens_BN, "lengths": s.lengths_B, "steps": s.steps_B, "accepted": s.accepted_B,
-        "proposed": s.proposed_B, "hist": s.hist_BH, "pos_proposed": s.pos_proposed_BG,
-        "pos_accepted": s.pos_accepted_BG, "pos_reached": s.pos_reached_BG, "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})
+        "tokens": s.tokens_BN, "lengths": s.lengths_B, "stats": s.stats,
+        "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})
     out["new_tokens"] = [out["tokens"][i, lens_B[i]:out["lengths"][i]].tolist() for i in range(n)]
-    for key in ("steps", "accepted", "proposed", "hist", "pos_proposed", "pos_accepted", "pos_reached"):
-      out[key] = out[key][:n]
+    out["stats"] = jax.tree.map(lambda a: a[:n], out["stats"])  # the prompts' rows, not the padding
     return out

@@ -59,6 +59,55 @@ class Inputs:
 
 
 @flax.struct.dataclass
+class RoundStats:
+  """Per-row statistics of the verification rounds: the one place a decoding counter is defined.
+
+  The loop carries it in `State`, `Decoder` returns it (numpy) as `DecodeResult.stats`, and
+  `metrics` sums it; every step after `add_round` maps over the fields with `jax.tree.map`
+  (slice rows, concatenate batches, sum rows, pad to a longer γ), and `zeros` reads each shape
+  from the name's suffix (B rows, G draft positions, H = G + 1 accepted counts 0..G). A new
+  counter is a field and its update in `add_round` (plus a key in `metrics.summarize` to report
+  it). Only rounds in which the row is still active count.
+  """
+  rounds_B: jax.Array  # verification rounds (target forwards)
+  accepted_B: jax.Array  # drafts accepted by verification
+  proposed_B: jax.Array  # drafts proposed
+  accept_hist_BH: jax.Array  # rounds by number of accepted drafts, 0..G
+  pos_proposed_BG: jax.Array  # rounds in which draft position i was proposed
+  pos_accepted_BG: jax.Array  # rounds whose first i+1 drafts were all accepted
+  pos_reached_BG: jax.Array  # rounds that proposed draft i after accepting drafts 0..i-1
+
+  @classmethod
+  def zeros(cls, B: int, G: int) -> "RoundStats":
+    size = {"B": B, "G": G, "H": G + 1}
+    return cls(**{f.name: jnp.zeros([size[c] for c in f.name.rsplit("_", 1)[1]], jnp.int32)
+                  for f in dataclasses.fields(cls)})
+
+  def add_round(self, active_B, gamma_B, n_B) -> "RoundStats":
+    """Counts one round: per row, gamma_B drafts proposed and n_B accepted (rows not active_B unchanged)."""
+    G = self.pos_proposed_BG.shape[1]
+    i_G = jnp.arange(G)
+    act_B = active_B.astype(jnp.int32)
+    proposed_BG = i_G[None] < gamma_B[:, None]
+    accepted_BG = i_G[None] < n_B[:, None]
+    reached_BG = proposed_BG & (i_G[None] <= n_B[:, None])
+    return RoundStats(
+        rounds_B=self.rounds_B + act_B,
+        accepted_B=self.accepted_B + act_B * n_B,
+        proposed_B=self.proposed_B + act_B * gamma_B,
+        accept_hist_BH=self.accept_hist_BH + act_B[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
+        pos_proposed_BG=self.pos_proposed_BG + act_B[:, None] * proposed_BG,
+        pos_accepted_BG=self.pos_accepted_BG + act_B[:, None] * accepted_BG,
+        pos_reached_BG=self.pos_reached_BG + act_B[:, None] * reached_BG)
+
+  @property
+  def drafted_B(self):
+    """Rounds that proposed at least one draft: those that proposed draft position 1 (prompt
+    lookup proposes nothing when no n-gram matches; γ=0 rounds near a length limit)."""
+    return self.pos_proposed_BG[:, 0]
+
+
+@flax.struct.dataclass
 class State:
   tokens_BN: jax.Array
   lengths_B: jax.Array
@@ -67,14 +116,8 @@ class State:
   target_cache: KVCache
   drafter_cache: KVCache | None
   gamma_B: jax.Array
-  steps_B: jax.Array  # verification rounds (target forwards) while the row was active
-  accepted_B: jax.Array  # drafts accepted by verification
-  proposed_B: jax.Array  # drafts proposed
-  hist_BH: jax.Array  # rounds by number of accepted drafts, 0..G
-  pos_proposed_BG: jax.Array  # rounds in which draft position i was proposed
-  pos_accepted_BG: jax.Array  # rounds whose first i+1 drafts were all accepted
-  pos_reached_BG: jax.Array  # rounds that proposed draft i after accepting drafts 0..i-1
-  target_calls: jax.Array
+  stats: RoundStats
+  target_calls: jax.Array  # forwards of the whole batch
   drafter_calls: jax.Array
 
 
@@ -123,10 +166,7 @@ def _init_state(x: Inputs, spec: LoopSpec, target, drafter) -> State:
       target_cache=prefill(target, x.prompt_BP, x.prompt_lens_B, N),
       drafter_cache=None if drafter is None else prefill(drafter, x.prompt_BP, x.prompt_lens_B, N),
       gamma_B=jnp.full((B,), min(spec.gamma_start, G) if spec.dynamic_gamma else G, jnp.int32),
-      steps_B=zeros_B, accepted_B=zeros_B, proposed_B=zeros_B,
-      hist_BH=jnp.zeros((B, G + 1), jnp.int32),
-      pos_proposed_BG=jnp.zeros((B, G), jnp.int32), pos_accepted_BG=jnp.zeros((B, G), jnp.int32),
-      pos_reached_BG=jnp.zeros((B, G), jnp.int32),
+      stats=RoundStats.zeros(B, G),
       target_calls=jnp.zeros((), jnp.int32), drafter_calls=jnp.zeros((), jnp.int32))
 
 
@@ -139,8 +179,9 @@ def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
   keys_B = smp.row_keys(x.seed, x.row_ids_B, s.lengths_B, smp.TAG_SAMPLE)
   next_B, _ = smp.choose_tokens(logits_B1V[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
   active_B = ~s.done_B
+  zeros_B = jnp.zeros_like(s.lengths_B)  # a plain step: a round that proposes and accepts nothing
   s = s.replace(target_cache=cache.replace(lengths_B=s.lengths_B), target_calls=s.target_calls + 1,
-                steps_B=s.steps_B + active_B, hist_BH=s.hist_BH.at[:, 0].add(active_B))
+                stats=s.stats.add_round(active_B, zeros_B, zeros_B))
   return _commit(s, x, next_B[:, None], jnp.ones_like(s.lengths_B), spec)
 
 
@@ -328,17 +369,7 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
   n_B, next_B = _accept(s, x, spec, logits_BTV, drafts_BG, q_BGV, gamma_B)
 
   candidates_BT = jnp.where(t_T[None] < n_B[:, None], jnp.pad(drafts_BG, ((0, 0), (0, 1))), next_B[:, None])
-  i_G = jnp.arange(G)
-  act = active_B.astype(jnp.int32)
-  s = s.replace(
-      target_calls=s.target_calls + 1,
-      steps_B=s.steps_B + act,
-      accepted_B=s.accepted_B + act * n_B,
-      proposed_B=s.proposed_B + act * gamma_B,
-      hist_BH=s.hist_BH + act[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
-      pos_proposed_BG=s.pos_proposed_BG + act[:, None] * (i_G[None] < gamma_B[:, None]),
-      pos_accepted_BG=s.pos_accepted_BG + act[:, None] * (i_G[None] < n_B[:, None]),
-      pos_reached_BG=s.pos_reached_BG + act[:, None] * ((i_G[None] < gamma_B[:, None]) & (i_G[None] <= n_B[:, None])))
+  s = s.replace(target_calls=s.target_calls + 1, stats=s.stats.add_round(active_B, gamma_B, n_B))
   if spec.dynamic_gamma:  # transformers' schedule: +2 after a fully accepted draft, -1 otherwise
     grown_B = jnp.where(n_B >= gamma_B, jnp.minimum(schedule_B + 2, G), jnp.maximum(schedule_B - 1, 1))
     s = s.replace(gamma_B=jnp.where(active_B & (gamma_B > 0), grown_B, s.gamma_B))

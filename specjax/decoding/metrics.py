@@ -10,35 +10,42 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import flax.struct
+import jax
 import numpy as np
 
 from specjax.decoding.decoder import DecodeResult
+from specjax.decoding.engine import RoundStats
 
 
-def _pad_sum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Adds histograms of different lengths (calls with different maximum γ)."""
-  n = max(len(a), len(b))
-  return np.pad(a, (0, n - len(a))) + np.pad(b, (0, n - len(b)))
+def _add(a, b):
+  """Sums two counters; arrays of different shapes (histograms of calls with different maximum γ)
+  are zero-padded to the larger first."""
+  if np.ndim(a) == 0:
+    return a + b
+  shape = np.maximum(np.shape(a), np.shape(b))
+  pad = lambda x: np.pad(x, [(0, n - m) for m, n in zip(np.shape(x), shape)])
+  return pad(a) + pad(b)
 
 
-@dataclasses.dataclass
+def _no_rounds() -> RoundStats:
+  """The empty sum: one row of zeros with no draft positions (a sum pads it to the call's γ)."""
+  shapes = jax.eval_shape(lambda: RoundStats.zeros(1, 0))
+  return jax.tree.map(lambda a: np.zeros(a.shape[:1] + (0,) * (a.ndim - 1), np.int64), shapes)
+
+
+@flax.struct.dataclass
 class Counters:
-  """Totals from which every reported number derives.
+  """Totals from which every reported number derives; `+` adds every field (`jax.tree.map`).
 
-  target_calls, drafter_calls and wall_s belong to whole batch calls; a subset of a batch's
-  rows (one category) gets an equal per-row share, so per-category speed is exact when batches
-  do not mix categories (batch size 1, or prompt files grouped by category).
+  stats: the rows' `RoundStats` summed into one row (int64). target_calls, drafter_calls and
+  wall_s belong to whole batch calls; a subset of a batch's rows (one category) gets an equal
+  per-row share, so per-category speed is exact when batches do not mix categories (batch size
+  1, or prompt files grouped by category).
   """
   rows: int = 0
   new_tokens: int = 0
-  steps: int = 0  # verification rounds summed over rows
-  drafted_steps: int = 0  # of those, rounds that proposed at least one draft
-  accepted: int = 0
-  proposed: int = 0
-  accept_hist_H: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-  pos_proposed_G: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-  pos_accepted_G: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-  pos_reached_G: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+  stats: RoundStats = dataclasses.field(default_factory=_no_rounds)
   target_calls: float = 0.0
   drafter_calls: float = 0.0
   wall_s: float = 0.0
@@ -49,30 +56,13 @@ class Counters:
     rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
     share = len(rows) / n if n else 0.0
     return cls(
-        rows=len(rows),
-        new_tokens=int(sum(len(result.new_tokens[i]) for i in rows)),
-        steps=int(np.sum(result.steps[rows])), drafted_steps=int(np.sum(result.drafted_steps[rows])),
-        accepted=int(np.sum(result.accepted[rows])),
-        proposed=int(np.sum(result.proposed[rows])),
-        accept_hist_H=np.asarray(result.accept_hist[rows], np.int64).sum(0),
-        pos_proposed_G=np.asarray(result.pos_proposed[rows], np.int64).sum(0),
-        pos_accepted_G=np.asarray(result.pos_accepted[rows], np.int64).sum(0),
-        pos_reached_G=np.asarray(result.pos_reached[rows], np.int64).sum(0),
+        rows=len(rows), new_tokens=int(sum(len(result.new_tokens[i]) for i in rows)),
+        stats=jax.tree.map(lambda a: np.asarray(a, np.int64)[rows].sum(0, keepdims=True), result.stats),
         target_calls=result.target_calls * share, drafter_calls=result.drafter_calls * share,
         wall_s=result.wall_s * share)
 
   def __add__(self, other: "Counters") -> "Counters":
-    return Counters(
-        rows=self.rows + other.rows, new_tokens=self.new_tokens + other.new_tokens,
-        steps=self.steps + other.steps, drafted_steps=self.drafted_steps + other.drafted_steps,
-        accepted=self.accepted + other.accepted,
-        proposed=self.proposed + other.proposed,
-        accept_hist_H=_pad_sum(self.accept_hist_H, other.accept_hist_H),
-        pos_proposed_G=_pad_sum(self.pos_proposed_G, other.pos_proposed_G),
-        pos_accepted_G=_pad_sum(self.pos_accepted_G, other.pos_accepted_G),
-        pos_reached_G=_pad_sum(self.pos_reached_G, other.pos_reached_G),
-        target_calls=self.target_calls + other.target_calls,
-        drafter_calls=self.drafter_calls + other.drafter_calls, wall_s=self.wall_s + other.wall_s)
+    return jax.tree.map(_add, self, other)
 
 
 def _ratio(num, den) -> float | None:
@@ -98,26 +88,29 @@ def summarize(c: Counters) -> dict:
   Counting only rounds that proposed the draft keeps both right when γ varies per round.
   accepted_hist[n]: fraction of rounds that accepted n drafts (they emitted n+1 tokens).
   """
-  cumulative = [_ratio(a, p) for a, p in zip(c.pos_accepted_G, c.pos_proposed_G)]
-  conditional = [_ratio(a, r) for a, r in zip(c.pos_accepted_G, c.pos_reached_G)]
-  hist_total = int(c.accept_hist_H.sum())
+  t = jax.tree.map(lambda a: a.sum(0), c.stats)  # totals over rows: ints, histograms [H], [G]
+  steps, accepted, proposed = int(t.rounds_B), int(t.accepted_B), int(t.proposed_B)
+  drafted = int(c.stats.drafted_B.sum()) if t.pos_proposed_BG.size else 0  # the empty sum has G = 0
+  cumulative = [_ratio(a, p) for a, p in zip(t.pos_accepted_BG, t.pos_proposed_BG)]
+  conditional = [_ratio(a, r) for a, r in zip(t.pos_accepted_BG, t.pos_reached_BG)]
+  hist_total = int(t.accept_hist_BH.sum())
   return {
       "rows": c.rows,
       "new_tokens": c.new_tokens,
       "wall_s": float(c.wall_s),
       "tokens_per_second": _ratio(c.new_tokens, c.wall_s),
-      "tau": 1.0 + c.accepted / c.steps if c.steps else 1.0,
-      "tau_drafted": 1.0 + c.accepted / c.drafted_steps if c.drafted_steps else None,
-      "acceptance_rate": _ratio(c.accepted, c.proposed),
-      "accepted_drafts": c.accepted,
-      "proposed_drafts": c.proposed,
-      "verification_steps": c.steps,
-      "drafted_steps": c.drafted_steps,
+      "tau": 1.0 + accepted / steps if steps else 1.0,
+      "tau_drafted": 1.0 + accepted / drafted if drafted else None,
+      "acceptance_rate": _ratio(accepted, proposed),
+      "accepted_drafts": accepted,
+      "proposed_drafts": proposed,
+      "verification_steps": steps,
+      "drafted_steps": drafted,
       "target_forward_passes": _number(c.target_calls),
       "drafter_forward_passes": _number(c.drafter_calls),
       "per_position_acceptance": {"cumulative": cumulative, "conditional": conditional},
-      "accepted_hist": [_ratio(n, hist_total) for n in c.accept_hist_H],
-      "accepted_hist_counts": [int(n) for n in c.accept_hist_H],
+      "accepted_hist": [_ratio(n, hist_total) for n in t.accept_hist_BH],
+      "accepted_hist_counts": [int(n) for n in t.accept_hist_BH],
   }
 
 
@@ -152,4 +145,4 @@ def compute(result: DecodeResult, categories: Sequence[str] | None = None) -> di
 
 def row_tau(result: DecodeResult) -> list[float]:
   """Each row's mean accepted length, 1 + accepted / steps."""
-  return [1.0 + int(a) / int(s) if s else 1.0 for a, s in zip(result.accepted, result.steps)]
+  return [1.0 + int(a) / int(s) if s else 1.0 for a, s in zip(result.stats.accepted_B, result.stats.rounds_B)]
