@@ -50,6 +50,7 @@ def main(argv=None) -> int:
 
   from configs import demo as demo_config
   from specjax import demo
+  from specjax.data.parallel import LANGS
   from specjax.errors import SpecjaxError
   from specjax.eval import report, specbench
   from specjax.decoding.decoder import stop_ids
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
   try:
     config = demo_config.get_config(f"scale={PRESETS[args.preset]},data_dir={data_dir}")
     if args.preset == "smoke":
-      config.langs = ("de", "fr", "ja", "ru", "zh")
+      config.langs = LANGS
     started = time.perf_counter()
     out = demo.run(config, args.workdir)
 

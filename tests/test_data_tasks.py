@@ -172,7 +172,7 @@ def test_packing_keeps_examples_apart(setup):
   vocab = setup["vocab"]
   it = tasks.get_dataset("finetune_multilingual", 512, seed=3, batch_size=4)
   batches = [next(it) for _ in range(3)]
-  assert set(batches[0]) == set(tasks.MODEL_FEATURES)
+  assert set(batches[0]) == set(tasks.BATCH_FEATURES)
   assert all(v.shape == (4, 512) for v in batches[0].values())
   packed = 0
   for batch in batches:
@@ -246,7 +246,7 @@ def test_resume_yields_the_same_batches(setup):
 
   full, resumed = run(0, 6), run(4, 2)
   for a, b in zip(full[4:], resumed):
-    assert all(np.array_equal(a[k], b[k]) for k in tasks.MODEL_FEATURES)
+    assert all(np.array_equal(a[k], b[k]) for k in tasks.BATCH_FEATURES)
   other = run(0, 1, seed=6)[0]
   assert not np.array_equal(other["decoder_target_tokens"], full[0]["decoder_target_tokens"])
 

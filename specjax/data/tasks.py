@@ -35,6 +35,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from specjax.data.features import BATCH_FEATURES
 from specjax.data.parallel import LANGS, SPLITS, load_pairs, translation_message
 from specjax.data.vocab import HFVocabulary
 from specjax.decoding.prompts import apply_template
@@ -42,8 +43,6 @@ from specjax.errors import SpecjaxError
 
 PRETRAIN_LANGS = LANGS + ("en",)
 PAIRS = tuple((x, "en") for x in LANGS) + tuple(("en", x) for x in LANGS)
-MODEL_FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
-                  "decoder_segment_ids", "decoder_positions")
 SOURCES = ("local", "tfds")
 
 # TFDS datasets named by the paper (WMT) and the usual general-text corpora.
@@ -402,7 +401,7 @@ def task_feature_lengths(name: str, sequence_length: int | Mapping[str, int]) ->
 def get_tf_dataset(name: str, sequence_length: int | Mapping[str, int], split: str = "train", seed: int = 0,
                    shard_info: seqio.ShardInfo | None = None, batch_size: int | None = 8,
                    num_epochs: int | None = None, shuffle: bool = True) -> tf.data.Dataset:
-  """Packed decoder-only batches of `name`: the five MODEL_FEATURES, [batch_size, L] int32.
+  """Packed decoder-only batches of `name`: the five BATCH_FEATURES, [batch_size, L] int32.
 
   Order is a function of (seed, shard_info) alone. shard_info splits examples before packing,
   so hosts read disjoint examples. num_epochs None repeats forever (training). The first
@@ -418,7 +417,7 @@ def get_tf_dataset(name: str, sequence_length: int | Mapping[str, int], split: s
   ds = seqio.get_dataset(provider, task_feature_lengths(name, sequence_length), converter, dataset_split=split,
                          shuffle=shuffle, num_epochs=num_epochs, shard_info=shard_info, seed=seed,
                          batch_size=batch_size, verbose=False)
-  return ds.map(lambda ex: {k: ex[k] for k in MODEL_FEATURES})
+  return ds.map(lambda ex: {k: ex[k] for k in BATCH_FEATURES})
 
 
 class BatchIterator:

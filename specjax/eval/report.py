@@ -20,8 +20,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from specjax import fileio
+from specjax.data.parallel import LANGS
 from specjax.errors import SpecjaxError
-from specjax.eval.routing import LANGS
 
 PLAIN = "Plain decoding"
 PLD = "Prompt lookup (PLD)"

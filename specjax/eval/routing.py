@@ -10,9 +10,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from specjax.data.parallel import LANGS
 from specjax.errors import SpecjaxError
-
-LANGS = ("de", "fr", "ja", "ru", "zh")
 
 # The paper's instruction prefix. It is stripped but its language name is never read: routing
 # has to work on raw text too.

@@ -20,10 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from specjax import sharding as shd
+from specjax.data.features import BATCH_FEATURES
 from specjax.train import losses
-
-BATCH_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions",
-                  "decoder_segment_ids")
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:

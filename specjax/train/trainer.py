@@ -37,7 +37,7 @@ from specjax.train import losses
 from specjax.train.acceptance import AcceptanceEval
 from specjax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
 from specjax.train.optimizer import make_optimizer
-from specjax.train.step import StepSpec, init_state, jit_train_step, make_eval_step, make_train_step
+from specjax.train.step import BATCH_FEATURES, StepSpec, init_state, jit_train_step, make_eval_step, make_train_step
 from specjax.train.writers import MetricWriter
 
 DTYPES = ("float32", "bfloat16")
@@ -268,9 +268,7 @@ def run(config, workdir: str) -> dict:
   spec = StepSpec(loss=config.loss, with_target=config.loss != "cross_entropy")
   state = init_state(params, tx, config.seed)
   A, L = config.grad_accumulation, config.sequence_length
-  batch_shapes = {k: (A, config.batch_size // A, L) for k in
-                  ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions",
-                   "decoder_segment_ids")}
+  batch_shapes = {k: (A, config.batch_size // A, L) for k in BATCH_FEATURES}
   device_ids_K = None if draft_ids_K is None else jax.numpy.asarray(draft_ids_K)
   step_fn, state_sh = jit_train_step(make_train_step(graphdef, target_graphdef if spec.with_target else None, tx,
                                                      schedule, spec, device_ids_K),
