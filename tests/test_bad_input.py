@@ -1,0 +1,349 @@
+"""Bad input and faults, as a user meets them through the CLI (issue 14): one `specjax: error:`
+line naming the culprit, exit status 2, no traceback, and no work started (nothing built in the
+workdir); the generate job writes its answers as it goes and a rerun resumes them exactly; a
+damaged latest training checkpoint is reported and skipped for the newest intact one.
+
+The CLI cases run `specjax.main` in this process (absl's flags reset between calls): a
+subprocess per case would import JAX each time.
+"""
+import contextlib
+import glob
+import io
+import json
+import os
+import sys
+
+import pytest
+
+from specjax.errors import SpecjaxError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reset_flags():
+  from absl import flags
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # the previous call's overrides
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+
+
+def cli(*args, monkeypatch) -> tuple[int | None, str]:
+  """(exit status, stderr) of `python -m specjax.main ARGS`, run in this process."""
+  from specjax import main
+  argv = ["specjax.main", *args]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.FIELD overrides there
+  monkeypatch.chdir(REPO)
+  _reset_flags()
+  err = io.StringIO()
+  code = 0
+  with contextlib.redirect_stderr(err):
+    try:
+      main.main(main._parse_flags(argv))
+    except SystemExit as e:
+      code = e.code
+    finally:
+      _reset_flags()
+  return code, err.getvalue()
+
+
+def _assert_clear_error(code, err, *culprits):
+  assert code == 2, err
+  assert "Traceback" not in err, err
+  lines = [line for line in err.splitlines() if line.startswith("specjax: error:")]
+  assert len(lines) == 1, err
+  for culprit in culprits:
+    assert culprit in lines[0], (culprit, lines[0])
+
+
+# --- configs: fields, ranges, types, paths ---------------------------------------------------
+
+# (config, overrides, words the one error line must hold). Each fails before any work: the
+# runlocal variants would otherwise build their local assets in the workdir first.
+CONFIG_CASES = [
+    ("generate.py:runlocal", ["--config.gamm=3"], ["`gamm`", "did you mean `gamma`"]),
+    ("generate.py:runlocal", ["--config.tmperature=0.5"], ["`tmperature`", "`temperature`"]),
+    ("generate.py:runlocal", ["--config.target.path=x"], ["`target`", "no field `path`"]),
+    ("generate.py:runlocal", ["--config.prompt_bucket=0"], ["`prompt_bucket`=0", ">= 1"]),
+    ("generate.py:runlocal", ["--config.gamma=0"], ["`gamma`=0", ">= 1"]),
+    ("generate.py:runlocal,gamma=0", [], ["`gamma`=0"]),  # used to become 10
+    ("generate.py:runlocal", ["--config.gamma_start=-2"], ["`gamma_start`=-2"]),
+    ("generate.py:runlocal", ["--config.max_new_tokens=-5"], ["`max_new_tokens`=-5"]),
+    ("generate.py:runlocal,max_new_tokens=0", [], ["`max_new_tokens`=0"]),
+    ("generate.py:runlocal", ["--config.batch_size=0"], ["`batch_size`=0"]),
+    ("generate.py:runlocal", ["--config.temperature=-0.5"], ["`temperature`=-0.5", ">= 0"]),
+    ("generate.py:runlocal", ["--config.top_p=0"], ["`top_p`"]),
+    ("generate.py:runlocal", ["--config.max_cache_len=0"], ["`max_cache_len`=0"]),
+    ("generate.py:runlocal", ["--config.dtype=float64"], ["`dtype`", "bfloat16"]),
+    ("distill_data.py:runlocal", ["--config.batch_size=0"], ["`batch_size`=0"]),
+    ("distill_data.py:runlocal", ["--config.temperatures=(0.0, -1.0)"], ["`temperatures`", "-1.0"]),
+    ("distill_data.py:runlocal", ["--config.prompt_bucket=0"], ["`prompt_bucket`=0"]),
+    ("distill_data.py:runlocal", ["--config.data_dir=/nonexistent/corpus"], ["`data_dir`", "/nonexistent/corpus",
+                                                                            "does not exist"]),
+    ("pretrain.py:runlocal", ["--config.lerning_rate=1e-3"], ["`lerning_rate`", "`learning_rate`"]),
+    ("pretrain.py:runlocal", ["--config.learning_rate=-1.0"], ["`learning_rate`"]),
+    ("pretrain.py:runlocal,batch_size=0", [], ["`batch_size`=0"]),
+    ("pretrain.py:runlocal", ["--config.data_dir=/nonexistent/corpus"], ["`data_dir`", "/nonexistent/corpus"]),
+    ("finetune.py:runlocal", ["--config.sequence_length=0"], ["`sequence_length`=0"]),
+    ("finetune.py:runlocal", ["--config.checkpoints_to_keep=0"], ["`checkpoints_to_keep`=0"]),
+    ("eval_specbench.py:runlocal", ["--config.gamma_start=0"], ["`gamma_start`=0"]),
+    ("eval_specbench.py:runlocal,temperature=-1", [], ["`temperatures`", "-1.0"]),
+    ("eval_specbench.py:runlocal", ["--config.seeds=()"], ["`seeds`", "at least one"]),
+    ("demo.py:scale=tiny", ["--config.gama=3"], ["`gama`", "`gamma`"]),
+    ("demo.py:scale=tiny", ["--config.max_new_tokens=0"], ["`max_new_tokens`=0"]),
+]
+
+
+@pytest.mark.parametrize("config, overrides, culprits", CONFIG_CASES,
+                         ids=[f"{c}{''.join(o)}" for c, o, _ in CONFIG_CASES])
+def test_config_mistakes_fail_before_any_work(config, overrides, culprits, tmp_path, monkeypatch):
+  workdir = tmp_path / "work"
+  code, err = cli("--config", f"configs/{config}", *overrides, "--workdir", str(workdir), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, *culprits)
+  assert not (workdir / "local_assets").exists()  # refused before anything was built
+
+
+def test_every_config_passes_validation_as_shipped():
+  import importlib.util
+  from specjax import validate
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = [None, "runlocal"] + [f"scale={s}" for s in getattr(module, "SCALES", {})]
+    args += [r.get("config_arg") for r in (module.sweep() if hasattr(module, "sweep") else [])]
+    for arg in args:
+      validate.check_fields(module.get_config(arg))
+
+
+# --- prompt files ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("turns, turn_no", [([""], 1), (["   "], 1), (["Translate: Hallo", ""], 2)])
+def test_empty_prompt_names_file_and_line(turns, turn_no, tmp_path, monkeypatch):
+  questions = tmp_path / "empty_question.jsonl"
+  questions.write_text(json.dumps({"question_id": "a", "category": "deen", "turns": ["Translate: Hallo"]}) + "\n"
+                       + json.dumps({"question_id": "b", "category": "deen", "turns": turns}) + "\n")
+  code, err = cli("--config", "configs/generate.py:runlocal", f"--config.prompts={questions}",
+                  "--workdir", str(tmp_path / "work"), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, str(questions), "line 2", f"turn {turn_no}", "empty")
+  assert not (tmp_path / "work" / "local_assets").exists()  # read before the models are built
+
+
+# --- workdirs --------------------------------------------------------------------------------
+
+def _read_only_dir(tmp_path) -> str:
+  """A directory this process cannot write: chmod 555, or, for root (which chmod does not stop),
+  a read-only system directory."""
+  if os.geteuid() != 0:
+    path = tmp_path / "read_only"
+    path.mkdir()
+    path.chmod(0o555)
+    return str(path)
+  for path in ("/sys/kernel", "/sys", "/proc/1"):
+    if os.path.isdir(path):
+      try:
+        with open(os.path.join(path, ".specjax-probe"), "w"):
+          pass
+      except OSError:
+        return path
+      os.remove(os.path.join(path, ".specjax-probe"))
+  pytest.skip("no directory here that this user cannot write")
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "read_only"])
+def test_workdir_that_cannot_hold_outputs(kind, tmp_path, monkeypatch):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory\n")
+  workdir = {"file": str(a_file), "under_a_file": str(a_file / "run"), "read_only": None}[kind]
+  workdir = workdir or _read_only_dir(tmp_path)
+  code, err = cli("--config", "configs/generate.py:runlocal", "--workdir", workdir, monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, "--workdir", workdir)
+  try:
+    os.chmod(tmp_path / "read_only", 0o755)
+  except OSError:
+    pass
+
+
+# --- the generate job: answers as they go, resume ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def generate_assets(tmp_path_factory):
+  from specjax import local_assets
+  root = tmp_path_factory.mktemp("bad_input_assets")
+  local_assets.ensure_question_file(str(root / "question.jsonl"))
+  local_assets.ensure_checkpoints([(str(root / "target"), "tiny")])
+  return root
+
+
+def _generate_config(assets, **fields):
+  sys.path.insert(0, REPO)
+  try:
+    from configs import generate
+  finally:
+    sys.path.remove(REPO)
+  c = generate.get_config("runlocal,method=ar")  # 11 first turns and 1 second: batches of 4 -> 3 + 1
+  c.unlock()
+  c.update(local_assets=False, target=str(assets / "target"), drafter=None, prompts=str(assets / "question.jsonl"))
+  c.update(fields)
+  return c
+
+
+def _answers(workdir):
+  with open(os.path.join(workdir, "answers.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_generate_writes_as_it_goes_and_resumes_exactly(generate_assets, tmp_path, monkeypatch):
+  from specjax.decoding import generate_job
+  config = _generate_config(generate_assets)
+  full = generate_job.run(config, str(tmp_path / "full"))
+
+  decode = generate_job._decode_batch
+  calls = []
+
+  def killed_after_two(*args, **kwargs):
+    calls.append(args[3]["lo"])
+    if len(calls) == 3:
+      raise KeyboardInterrupt  # the job is killed while decoding its third batch
+    return decode(*args, **kwargs)
+
+  split = tmp_path / "split"
+  monkeypatch.setattr(generate_job, "_decode_batch", killed_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    generate_job.run(config, str(split))
+  written = _answers(split)
+  assert len(written) == 8  # the two finished batches' answers are on disk already
+  with open(split / generate_job.JOURNAL, "a", encoding="utf-8") as f:
+    f.write('{"kind": "batch", "turn": 0, "lo": 8, "answ')  # and a kill cut the journal mid-line
+
+  calls.clear()
+  monkeypatch.setattr(generate_job, "_decode_batch", lambda *a, **k: (calls.append(a[3]["lo"]), decode(*a, **k))[1])
+  resumed = generate_job.run(config, str(split))
+  assert calls == [8, 0]  # only the unfinished batches: turn 1's third batch, then turn 2's
+  key = lambda a: (a["question_id"], a["turn"])
+  strip = lambda answers: [{k: v for k, v in a.items() if k != "wall_s"} for a in answers]
+  assert strip(_answers(split)) == strip(_answers(tmp_path / "full"))  # same answers, same order
+  for k in ("new_tokens", "generations", "tau", "verification_steps", "by_category"):
+    if k == "by_category":
+      drop = lambda m: {c: {x: v for x, v in d.items() if x not in ("wall_s", "tokens_per_second")}
+                        for c, d in m.items()}
+      assert drop(resumed[k]) == drop(full[k])
+    else:
+      assert resumed[k] == full[k], k
+  assert sorted(map(key, _answers(split))) == sorted(map(key, _answers(tmp_path / "full")))
+
+  calls.clear()  # a rerun of a finished job decodes nothing
+  generate_job.run(config, str(split))
+  assert calls == []
+
+
+def test_generate_refuses_a_journal_of_other_settings(generate_assets, tmp_path):
+  from specjax.decoding import generate_job
+  journal = tmp_path / generate_job.JOURNAL
+  echo = generate_job._echo(_generate_config(generate_assets, max_new_tokens=8))
+  journal.write_text(json.dumps({"kind": "header", "config": echo, "question_ids": []}) + "\n")
+  with pytest.raises(SpecjaxError, match=r"other values of max_new_tokens \(8, now 16\)"):
+    generate_job.run(_generate_config(generate_assets), str(tmp_path))
+
+
+def test_generate_finds_an_unwritable_output_before_decoding(generate_assets, tmp_path, monkeypatch):
+  from specjax.decoding import generate_job
+  (tmp_path / "answers.jsonl").mkdir()  # writing the answers fails, even for root
+  monkeypatch.setattr(generate_job, "_load", lambda *a: pytest.fail("the models were loaded"))
+  with pytest.raises(SpecjaxError, match="cannot write the answers"):
+    generate_job.run(_generate_config(generate_assets), str(tmp_path))
+
+
+# --- training checkpoints --------------------------------------------------------------------
+
+def _damage(step_dir: str, kind: str) -> str:
+  """Damages a saved step the way a full disk or an interrupted copy does; returns a word the
+  report must name."""
+  if kind == "truncated_data":
+    files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+    for path in files:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return os.path.join("state", "ocdbt.process_0", "d")
+  if kind == "truncated_data_no_sizes":  # a checkpoint saved before the sizes record
+    os.remove(os.path.join(step_dir, "specjax_files.json"))
+    _damage(step_dir, "truncated_data")
+    return "OUT_OF_RANGE"
+  if kind == "manifest_removed":
+    os.remove(os.path.join(step_dir, "specjax_files.json"))
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "manifest.ocdbt"), recursive=True):
+      os.remove(path)
+    return "state"
+  if kind == "meta_garbled":
+    os.remove(os.path.join(step_dir, "specjax_files.json"))
+    with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+      f.write("{")
+    return os.path.join("meta", "metadata")
+  raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated_data", "truncated_data_no_sizes", "manifest_removed", "meta_garbled"])
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(kind, tmp_path, capfd):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from specjax.train.checkpoint import Checkpointer
+  state = {"w": jnp.arange(1000.0), "b": {"x": jnp.ones((10, 10))}}
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, jax.tree.map(lambda a: a + step, state), {"step": step})
+  ckpt.close()
+  culprit = _damage(str(tmp_path / "checkpoints" / "3"), kind)
+  capfd.readouterr()
+
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3)
+  restored, meta = ckpt.restore(state)
+  assert meta["step"] == 2
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1000.0) + 2)
+  out = capfd.readouterr()
+  lines = [line for line in (out.out + out.err).splitlines() if line.strip()]
+  assert "Traceback" not in out.out + out.err, out.err
+  assert len(lines) == 1, lines  # one line says it all
+  assert "step 3" in lines[0] and "damaged" in lines[0] and culprit in lines[0] and "step 2" in lines[0]
+  assert ckpt.latest_step() == 2 and os.path.isdir(tmp_path / "checkpoints.damaged" / "3")
+  ckpt.save(3, state, {"step": 3})  # the run goes on and saves step 3 again
+  ckpt.close()
+  restored, meta = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3).restore(state)
+  assert meta["step"] == 3
+
+
+def test_checkpoint_that_does_not_fit_is_not_skipped_and_all_damaged_is_an_error(tmp_path, capfd):
+  import jax.numpy as jnp
+  from specjax.train.checkpoint import Checkpointer
+  state = {"w": jnp.arange(10.0)}
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3)
+  for step in (1, 2):
+    ckpt.save(step, state, {"step": step})
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), save_every=1, keep=3)
+  with pytest.raises(SpecjaxError, match="/2: the checkpoint does not match this config"):
+    ckpt.restore({"w": jnp.arange(12.0)})  # another model: an error, not a fallback to step 1
+  for step in (1, 2):
+    _damage(str(tmp_path / "checkpoints" / str(step)), "meta_garbled")
+  with pytest.raises(SpecjaxError, match=r"every checkpoint .* is damaged: step 2 .*; step 1 .*remove the"):
+    ckpt.restore(state)
+  assert "Traceback" not in "".join(capfd.readouterr())
+
+
+def test_trainer_resumes_from_the_newest_intact_checkpoint(tmp_path, capfd):
+  from specjax import local_assets
+  from specjax.train import trainer
+  from specjax.train.writers import read_metrics
+  from tests.test_train import _config
+  assets = str(tmp_path / "assets" / "target")
+  local_assets.ensure_corpus_checkpoints(assets)
+  workdir = tmp_path / "run"
+  trainer.run(_config(assets, num_train_steps=6, checkpoint_every=2, max_steps_this_run=4), str(workdir))
+  _damage(str(workdir / "checkpoints" / "4"), "truncated_data")
+  capfd.readouterr()
+  out = trainer.run(_config(assets, num_train_steps=6, checkpoint_every=2), str(workdir))
+  printed = "".join(capfd.readouterr())
+  assert out["finished"] and out["step"] == 6
+  assert "Traceback" not in printed
+  assert "checkpoint step 4 is damaged" in printed and "resuming from step 2" in printed
+  steps = [r["step"] for r in read_metrics(str(workdir)) if r["kind"] == "train"]
+  assert steps == list(range(1, 7))  # steps 3 and 4 redone once, not logged twice
