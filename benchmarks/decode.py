@@ -4,6 +4,15 @@ and against the machine's limits (memory copy bandwidth, a bare jitted matrix-ve
 
     python benchmarks/decode.py --out bench_decode.json            # both sizes, a few minutes on 2 cores
     python benchmarks/decode.py --sizes small --prompts 4 --out x.json
+    python benchmarks/decode.py --target smollm2 --drafter runs/demo/drafters/de/drafter --out real.json
+
+--target (a checkpoint directory, a .gguf file or smollm2) benchmarks a real model instead of
+the synthetic sizes: held-out sentences of the embedded corpus (--lang) rendered in the target's
+own chat template, stopping at its stop ids; our plain, prompt-lookup and drafter decoding
+against transformers' plain `generate`, prompt lookup (`prompt_lookup_num_tokens`) and assisted
+generation with the same drafter (its full-vocabulary export), at each --batch-sizes (ours
+only: transformers' assisted generation takes one row), with verify_cost_ratio (a γ+1-token
+verification ÷ a plain step) and draft_cost_ratio (a draft step ÷ a plain step).
 
 The targets have random weights; the drafter is distilled briefly on the target's own greedy
 continuations of the benchmark prompts (in-domain self-distillation, the paper's recipe in
@@ -60,6 +69,11 @@ class Args:
   train_steps: int
   threads: int
   out: str
+  target: str = ""
+  drafter: str = ""
+  lang: str = "de"
+  data_dir: str = ""
+  batch_sizes: tuple = (1,)
 
 
 def weight_bytes_per_token(config: LlamaConfig) -> int:
@@ -119,6 +133,27 @@ def forward_cost_ratio(model, width: int, repeats=20) -> float:
   return times[width] / times[1]
 
 
+def draft_cost_ratio(target, drafter, repeats=20) -> float:
+  """Time of one drafter step as the loop runs it (its reduced vocabulary, if it has one) over
+  one target step, both one-token cached forwards at the same position."""
+  from specjax.decoding.engine import DraftModel
+  from specjax.models import KVCache
+  forwards = {"target": (target, jax.jit(lambda m, t, c, p: m(t, c, p)[0])),
+              "drafter": (drafter, jax.jit(lambda m, t, c, p: DraftModel.of(m).forward(t, c, p)[0]))}
+  times = {}
+  for name, (model, fwd) in forwards.items():
+    cache = KVCache.zeros(model.config, 1, 256)
+    args = (jnp.ones((1, 1), jnp.int32), cache, jnp.full((1, 1), 100, jnp.int32))
+    fwd(model, *args).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t = time.perf_counter()
+      fwd(model, *args).block_until_ready()
+      best = min(best, time.perf_counter() - t)
+    times[name] = best
+  return times["drafter"] / times["target"]
+
+
 def distill_drafter(target, drafter, prompts, max_new, steps, log):
   """Cross-entropy on the target's greedy continuations (the paper's finetuning, in miniature)."""
   data = Decoder(target, method="ar", max_new_tokens=max_new, batch_size=len(prompts)).generate(prompts, eos_id=-1)
@@ -149,19 +184,22 @@ def distill_drafter(target, drafter, prompts, max_new, steps, log):
   return nnx.merge(graphdef, params, rest)
 
 
-def timed_generate(decoder: Decoder, prompts, **kw):
-  decoder.generate(prompts[:1], eos_id=-1, **kw)  # compile outside the timing
-  result = decoder.generate(prompts, eos_id=-1, **kw)
+def timed_generate(decoder: Decoder, prompts, eos_id=-1, **kw):
+  decoder.generate(prompts[:decoder.batch_size], eos_id=eos_id, **kw)  # compile outside the timing
+  result = decoder.generate(prompts, eos_id=eos_id, **kw)
   return result, sum(len(t) for t in result.new_tokens) / result.wall_s
 
 
-def hf_generate(model, prompts, max_new, assistant=None, gamma=None):
+def hf_generate(model, prompts, max_new, assistant=None, gamma=None, eos_ids=None, prompt_lookup=0):
   import torch
   outputs, tokens = [], 0
-  kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+  kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos_ids) if eos_ids else None,
+            pad_token_id=0)
   if assistant is not None:
     kw.update(assistant_model=assistant, num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
               assistant_confidence_threshold=0.0)
+  if prompt_lookup:
+    kw.update(prompt_lookup_num_tokens=prompt_lookup)
   with torch.inference_mode():
     model.generate(torch.tensor([prompts[0]]), **kw)  # warm-up
     start = time.perf_counter()
@@ -229,6 +267,98 @@ def bench_size(name: str, args: Args, bandwidth: float, log) -> dict:
   return record
 
 
+def _upto_stop(tokens, stops) -> list[int]:
+  """tokens up to and including the first stop id (transformers keeps the EOS it stops at)."""
+  out = []
+  for t in tokens:
+    out.append(int(t))
+    if int(t) in stops:
+      break
+  return out
+
+
+def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
+  """The real-target benchmark (module docstring): one record for args.target."""
+  import torch
+  from transformers import LlamaForCausalLM
+  from specjax.data.parallel import EMBEDDED_CORPUS, load_pairs, translation_message
+  from specjax.decoding.decoder import stop_ids
+  from specjax.decoding.prompts import apply_template, encode_prompt
+  from specjax.models.hf import load_model, load_tokenizer
+  target, target_cfg = load_model(args.target, "float32")
+  tokenizer = load_tokenizer(args.target)
+  drafter, drafter_cfg = load_model(args.drafter, "float32")
+  stops = stop_ids(target_cfg, tokenizer)
+  pairs = load_pairs(args.data_dir or EMBEDDED_CORPUS, args.lang, "eval", args.prompts)
+  prompts = [encode_prompt(tokenizer, apply_template("auto", translation_message(args.lang, "en", x), (), None,
+                                                     tokenizer)) for x, _ in pairs]
+  log(f"[{args.target}] {target_cfg.num_params / 1e6:.1f}M params; drafter {args.drafter} "
+      f"{drafter_cfg.num_params / 1e6:.1f}M; {len(prompts)} {args.lang}->en prompts, {args.max_new} new tokens, "
+      f"γ={args.gamma}, stop ids {stops}")
+  g = args.gamma
+  common = dict(max_new_tokens=args.max_new, prompt_bucket=32)
+  ours, results, by_batch = {}, {}, {}
+  for batch in args.batch_sizes:
+    decoders = {"ar": Decoder(target, method="ar", batch_size=batch, **common),
+                "pld": Decoder(target, method="pld", gamma=g, batch_size=batch, **common),
+                "sps": Decoder(target, drafter, method="sps", gamma=g, batch_size=batch, **common)}
+    tps = {}
+    for name, decoder in decoders.items():
+      result, tps[name] = timed_generate(decoder, prompts, eos_id=stops)
+      if batch == args.batch_sizes[0]:
+        results[name], ours[name] = result, tps[name]
+      assert result.new_tokens == results["ar"].new_tokens, f"{name} at batch {batch} differs from plain decoding"
+    by_batch[str(batch)] = {"ar_tps": tps["ar"], "pld_speedup": tps["pld"] / tps["ar"],
+                            "spec_speedup": tps["sps"] / tps["ar"]}
+    log(f"  batch {batch}: plain {tps['ar']:.1f} tok/s, prompt lookup {tps['pld'] / tps['ar']:.2f}x, "
+        f"drafter {tps['sps'] / tps['ar']:.2f}x")
+  hf_target = LlamaForCausalLM.from_pretrained(_hf_dir(args.target, target, target_cfg, tokenizer),
+                                               dtype=torch.float32).eval()
+  hf_drafter = LlamaForCausalLM.from_pretrained(args.drafter, dtype=torch.float32).eval()
+  hf = {"ar": hf_generate(hf_target, prompts, args.max_new, eos_ids=stops),
+        "pld": hf_generate(hf_target, prompts, args.max_new, eos_ids=stops, prompt_lookup=g),
+        "sps": hf_generate(hf_target, prompts, args.max_new, hf_drafter, g, eos_ids=stops)}
+  s, pld = results["sps"], results["pld"]
+  tau = 1.0 + float(s.accepted.sum() / s.steps.sum())
+  alpha = float(s.accepted.sum() / max(1, s.proposed.sum()))
+  c = draft_cost_ratio(target, drafter)
+  v = forward_cost_ratio(target, g + 1)
+  expected = (1 - alpha ** (g + 1)) / (1 - alpha) if alpha < 1 else g + 1.0
+  wbytes = weight_bytes_per_token(target_cfg) + (target_cfg.vocab_size * target_cfg.hidden_size * 4
+                                                 if target_cfg.tie_word_embeddings else 0)
+  gemv = gemv_bandwidth(wbytes, target_cfg.hidden_size)
+  equal = lambda name: float(np.mean([_upto_stop(a, stops) == _upto_stop(b, stops)
+                                      for a, b in zip(hf[name][0], results[name].new_tokens)]))
+  return {
+      "target": args.target, "drafter": args.drafter, "lang": args.lang,
+      "target_params": target_cfg.num_params, "drafter_params": drafter_cfg.num_params,
+      "draft_vocab_size": None if getattr(drafter, "draft_vocab", None) is None else int(drafter.draft_vocab[...].shape[0]),
+      "prompts": len(prompts), "max_new_tokens": args.max_new, "gamma": g,
+      "ours_ar_tps": ours["ar"], "ours_pld_tps": ours["pld"], "ours_spec_tps": ours["sps"],
+      "hf_ar_tps": hf["ar"][1], "hf_pld_tps": hf["pld"][1], "hf_assisted_tps": hf["sps"][1],
+      "spec_over_hf_assisted": ours["sps"] / hf["sps"][1], "pld_over_hf_pld": ours["pld"] / hf["pld"][1],
+      "measured_speedup": ours["sps"] / ours["ar"], "pld_speedup": ours["pld"] / ours["ar"],
+      "tau": tau, "alpha": alpha, "pld_tau": 1.0 + float(pld.accepted.sum() / pld.steps.sum()),
+      "draft_cost_ratio": c, "verify_cost_ratio": v,
+      "predicted_speedup_with_verify_cost": expected / (g * c + v),
+      "per_batch_size": by_batch,
+      "weight_bytes_per_token": wbytes, "copy_bandwidth_gbs": bandwidth / 1e9, "gemv_bandwidth_gbs": gemv / 1e9,
+      "gemv_ceiling_fraction": ours["ar"] * wbytes / gemv,
+      "outputs_equal_hf_plain": equal("ar"), "outputs_equal_hf_pld": equal("pld"),
+      "outputs_equal_hf_assisted": equal("sps"),
+  }
+
+
+def _hf_dir(source: str, model, config, tokenizer) -> str:
+  """A Hugging Face directory for transformers to load: the target itself, or its conversion."""
+  from specjax.models.hf import save_hf_checkpoint
+  if os.path.isdir(source):
+    return source
+  out = os.path.join(tempfile.mkdtemp(prefix="specjax_bench_"), "target")
+  save_hf_checkpoint(model, config, out, tokenizer=tokenizer)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", nargs="+", default=["small", "large"], choices=sorted(SIZES))
@@ -239,13 +369,31 @@ def main(argv=None):
   parser.add_argument("--train-steps", type=int, default=30)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--out", default="bench_decode.json")
+  parser.add_argument("--target", default="", help="a checkpoint directory, .gguf file or smollm2 (real-target mode)")
+  parser.add_argument("--drafter", default="", help="with --target: a drafter specjax trained for it")
+  parser.add_argument("--lang", default="de", help="with --target: the held-out sentences' language")
+  parser.add_argument("--data-dir", default="", help="with --target: a corpus (default: the embedded one)")
+  parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
   args = Args(**vars(parser.parse_args(argv)))
+  if args.target and not args.drafter:
+    parser.error("--target needs --drafter, a drafter trained for it (make demo writes runs/demo/drafters/LANG/drafter)")
   import torch
   torch.set_num_threads(args.threads)
   log = lambda msg: print(msg, flush=True)
   log(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
       f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   bandwidth = copy_bandwidth()
+  if args.target:
+    record = bench_checkpoint(args, bandwidth, log)
+    cols = ["ours_ar_tps", "ours_pld_tps", "ours_spec_tps", "hf_ar_tps", "hf_pld_tps", "hf_assisted_tps",
+            "measured_speedup", "pld_speedup", "spec_over_hf_assisted", "tau", "pld_tau", "draft_cost_ratio",
+            "verify_cost_ratio", "predicted_speedup_with_verify_cost", "gemv_ceiling_fraction",
+            "outputs_equal_hf_plain", "outputs_equal_hf_pld", "outputs_equal_hf_assisted"]
+    log("\n".join(f"{c:36s} {record[c]:.3f}" for c in cols))
+    with open(args.out, "w") as f:
+      json.dump([record], f, indent=2)
+    log(f"wrote {args.out}")
+    return
   records = [bench_size(name, args, bandwidth, log) for name in args.sizes]
   cols = ["size", "ours_ar_tps", "ours_spec_tps", "hf_ar_tps", "hf_assisted_tps", "spec_over_hf_assisted", "tau",
           "alpha", "cost_ratio_c", "verify_cost_ratio", "predicted_speedup", "predicted_speedup_with_verify_cost",
