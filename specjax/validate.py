@@ -194,10 +194,6 @@ PATHS: dict[str, tuple[str, ...]] = {
 # --- the checks ------------------------------------------------------------------------------
 
 
-def _config_name(config) -> str:
-  return f"the {config.get('job')} config"
-
-
 def check_fields(config) -> None:
   """Every field in FIELDS that `config` has: one SpecjaxError for the first that breaks its rule."""
   for field, rule in FIELDS.items():
