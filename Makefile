@@ -20,6 +20,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 test: $(VENV)/.test
+	$(PY) -m ruff check specjax tests benchmarks configs launch
 	$(PY) -m pytest -q tests
 
 # The paper's recipe in miniature on the embedded corpus; a rerun resumes (rm -rf $(DEMO_DIR) to start over).

@@ -33,8 +33,9 @@ setuptools.setup(
         # version pulls several GB of CUDA packages.
         # nbformat, nbclient, ipykernel: tests/test_colab.py runs colabs/quickstart.ipynb in a kernel.
         # accelerate: transformers refuses to load a GGUF file without it (tests/test_gguf.py's parity test).
+        # ruff: `make test` lints before testing (ruff.toml).
         "test": ["pytest", "scipy", "torch==2.13.0", "safetensors", "nbformat", "nbclient", "ipykernel",
-                 "accelerate"],
+                 "accelerate", "ruff"],
         "tpu": ["jax[tpu]"],
         "dev": ["pytest", "scipy", "ruff"],
     },

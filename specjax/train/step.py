@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from specjax import sharding as shd
-from specjax.data.features import BATCH_FEATURES
+from specjax.data.features import BATCH_FEATURES  # noqa: F401  (aot.py reads train_step.BATCH_FEATURES)
 from specjax.train import losses
 
 
