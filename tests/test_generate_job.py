@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from specjax.decoding import metrics
+from specjax.decoding.generate_job import exactness
 from specjax.decoding.decoder import DecodeResult
 from specjax.decoding.engine import RoundStats
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files, read_questions
@@ -231,12 +232,18 @@ def test_runlocal_writes_answers_and_metrics(plain_run):
     assert {"question_id", "category", "text", "token_ids", "new_tokens", "tau", "wall_s"} <= set(a)
     assert a["new_tokens"] == len(a["token_ids"]) and 0 < a["new_tokens"] <= 16 and a["tau"] == 1.0
   for key in ("method", "tokens_per_second", "new_tokens", "tau", "acceptance_rate", "per_position_acceptance",
-              "by_category", "config", "compile_s", "hardware"):
+              "by_category", "config", "compile_s", "hardware", "dtype", "exactness"):
     assert key in m
+  assert m["dtype"] == m["config"]["dtype"] and m["exactness"] == exactness("ar", m["dtype"])
   assert m["method"] == "ar" and m["tau"] == 1.0 and m["acceptance_rate"] is None
   assert m["new_tokens"] == sum(a["new_tokens"] for a in answers) and m["tokens_per_second"] > 0
   assert set(m["by_category"]) == {q["category"] for q in questions}
   assert m["hardware"]["device_count"] == 1 and m["config"]["method"] == "ar"
+
+
+def test_exactness_names_the_dtype():
+  assert "token-identical" in exactness("sps", "float32")
+  assert "near-ties" in exactness("pld", "bfloat16") and "bfloat16" in exactness("sps", "bfloat16")
 
 
 @pytest.mark.parametrize("method, devices, drafter_sharding", [

@@ -144,7 +144,7 @@ def run(config, workdir: str) -> dict:
   order = {q["question_id"]: i for i, q in enumerate(questions)}
   answers.sort(key=lambda a: (order[a["question_id"]], a["turn"]))
   out = {"job": "generate", "method": config.method, "prompts": len(questions), "generations": len(answers),
-         "compile_s": compile_s,
+         "compile_s": compile_s, "dtype": config.dtype, "exactness": exactness(config.method, config.dtype),
          "hardware": {"device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
                       "device_count": jax.device_count(), "process_count": jax.process_count()},
          **metrics.aggregate(results, categories),
@@ -334,6 +334,18 @@ class Journal:
   def finish(self, answers: list[dict], out: dict) -> None:
     """answers.jsonl in question order, and metrics.json (the journal stays: a rerun does nothing)."""
     _write(self.workdir, answers, out)
+
+
+def exactness(method: str, dtype: str) -> str:
+  """What speculative output is guaranteed to equal, in this dtype (metrics.json says it)."""
+  if method == "ar":
+    return "plain decoding"
+  if dtype == "float32":
+    return ("greedy: token-identical to plain greedy decoding (float32); sampled: the target's distribution, "
+            "exactly (rejection sampling)")
+  return (f"greedy in {dtype}: equal to plain greedy decoding except at near-ties, which a {dtype} verification "
+          "of γ+1 tokens and a one-token step can round differently (float32 is token-identical); sampled: the "
+          "target's distribution, exactly (rejection sampling)")
 
 
 def _rewrite(path: str, records: list[dict]) -> None:
