@@ -17,6 +17,11 @@ GiB of the table's capacity is marginal. CPU numbers check the path, not a TPU's
 CPU backend fuses less and upcasts bfloat16, so its temporaries are larger. Exit status: 0 when
 everything fits (or the capacity is unknown, CPU), 1 when a program does not fit, 2 for a
 mistake in the flags or no TPU compiler.
+
+`--roofline` compiles one round of each decoding loop alone (the state donated, with the
+decode program's shardings) and compares XLA's "bytes accessed" per device with what the
+round must read: the target's weights once, the drafter's γ times, each with its whole KV
+cache (`bytes_ratio`), and turns the bytes into tokens/s at each TPU generation's HBM bandwidth.
 """
 from __future__ import annotations
 
@@ -277,7 +282,22 @@ def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig)
   return _compile(name, lambda: jitted.lower(state, target_params, batch), args.capacity)
 
 
-def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
+@dataclasses.dataclass
+class _DecodeSetup:
+  """What the decode program is compiled over: models, LoopSpec, inputs and their shardings."""
+  name: str
+  spec: Any
+  target_cfg: LlamaConfig
+  drafter_cfg: LlamaConfig | None
+  target_graph: Any
+  target_params: Any
+  drafter_graph: Any
+  drafter_params: Any
+  cache_sharding: tuple
+  inputs: Any
+
+
+def _decode_setup(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> _DecodeSetup:
   """The Decoder's jitted loop as the generate job places it: target by the rules table, drafter
   replicated (or sharded), inputs split by batch, one call of `batch` prompts of `prompt_len`."""
   from specjax.decoding import engine
@@ -288,19 +308,23 @@ def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg
   draft_positions = drafter_cfg.max_position_embeddings if method == "sps" else 0
   spec = engine.LoopSpec(method=method, mode=mode, buffer_len=args.max_len, gamma=gamma,
                          draft_positions=draft_positions if draft_positions < args.max_len else 0)
-  target_graph, target_params = _abstract_params(target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype))
+  target_cfg = target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
+  target_graph, target_params = _abstract_params(target_cfg)
   target_params = _with_shardings(target_params, shd.state_shardings(target_params, mesh))
   drafter_graph = drafter_params = None
   configs = [target_cfg]
   if method == "sps":
-    drafter_graph, drafter_params = _abstract_params(drafter_cfg.replace(dtype=args.dtype, param_dtype=args.dtype))
+    drafter_cfg = drafter_cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
+    drafter_graph, drafter_params = _abstract_params(drafter_cfg)
     placed = (shd.state_shardings(drafter_params, mesh) if args.drafter_sharding == "sharded"
               else jax.tree.map(lambda _: NamedSharding(mesh, P()), drafter_params))
     drafter_params = _with_shardings(drafter_params, placed)
     configs.append(drafter_cfg)
+  else:
+    drafter_cfg = None
   cache_sharding = tuple(
-      shd.cache_sharding(jax.eval_shape(lambda c=c: KVCache.zeros(c.replace(dtype=args.dtype), args.batch,
-                                                                  spec.buffer_len)), mesh) for c in configs)
+      shd.cache_sharding(jax.eval_shape(lambda c=c: KVCache.zeros(c, args.batch, spec.buffer_len)), mesh)
+      for c in configs)
   cache_sharding = cache_sharding + (None,) * (2 - len(cache_sharding))
   B, Pn = args.batch, args.prompt_len
   fields = {"prompt_BP": ((B, Pn), jnp.int32), "prompt_lens_B": ((B,), jnp.int32), "row_ids_B": ((B,), jnp.int32),
@@ -309,10 +333,211 @@ def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg
             "eos_ids_E": ((engine.MAX_EOS_IDS,), jnp.int32)}
   x = engine.Inputs(**{k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(s, mesh) if k.endswith(("_B", "_BP"))
                                                else NamedSharding(mesh, P())) for k, (s, d) in fields.items()})
-  jitted = jax.jit(lambda ts, ds, inputs: engine.decode_loop(target_graph, ts, drafter_graph, ds, inputs, spec,
-                                                             cache_sharding))
   name = f"decode {method}" + (f" (gamma {gamma})" if method != "ar" else "")
-  return _compile(name, lambda: jitted.lower(target_params, drafter_params, x), args.capacity)
+  return _DecodeSetup(name, spec, target_cfg, drafter_cfg, target_graph, target_params, drafter_graph,
+                      drafter_params, cache_sharding, x)
+
+
+def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
+  """The whole decoding loop (prefill and every round), compiled as the Decoder compiles it."""
+  from specjax.decoding import engine
+  d = _decode_setup(args, mesh, method, target_cfg, drafter_cfg)
+  jitted = jax.jit(lambda ts, ds, inputs: engine.decode_loop(d.target_graph, ts, d.drafter_graph, ds, inputs, d.spec,
+                                                             d.cache_sharding))
+  return _compile(d.name, lambda: jitted.lower(d.target_params, d.drafter_params, d.inputs), args.capacity)
+
+
+# --- roofline ----------------------------------------------------------------------------
+
+# Per-chip HBM bandwidth, GB/s (10^9 bytes/s), as Google Cloud's TPU system-architecture pages
+# publish it (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): v4 1200, v5e 819, v5p 2765,
+# v6e 1640. A v4 / v5p device here is one megacore chip, so a device's bytes meet a chip's bandwidth.
+HBM_GBPS = {"v4": 1200.0, "v5e": 819.0, "v5p": 2765.0, "v6e": 1640.0}
+
+
+def _cost(compiled) -> tuple[dict | None, str]:
+  """XLA's cost analysis as one dict (some jax versions return a list of one per program), or
+  (None, why) when the backend gives none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception as e:  # noqa: BLE001  (some backends do not implement it)
+    return None, f"XLA's cost analysis failed on this backend ({type(e).__name__}: {e})"
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost:
+    return None, "XLA's cost analysis returned nothing on this backend"
+  return dict(cost), ""
+
+
+def _bytes_accessed(compiled) -> tuple[float | None, str]:
+  cost, why = _cost(compiled)
+  if cost is None:
+    return None, why
+  if "bytes accessed" not in cost:
+    keys = ", ".join(sorted(k for k in cost if not k.startswith(("bytes accessed", "utilization"))))[:200]
+    return None, f"XLA's cost analysis has no 'bytes accessed' on this backend (it gives: {keys})"
+  return float(cost["bytes accessed"]), ""
+
+
+def _device_bytes(leaf) -> int:
+  """Bytes of one device's shard of an abstract array (its sharding, or the whole array)."""
+  shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+  size = 1
+  for n in shape:
+    size *= n
+  return size * jnp.dtype(leaf.dtype).itemsize
+
+
+def weight_bytes_read(params, config: LlamaConfig, rows: int, head_tokens: int | None = None) -> int:
+  """Per-device bytes one forward must read of a model's weights: every kernel and norm once,
+  the output layer over the tokens it scores (head_tokens of the vocabulary, a reduced-
+  vocabulary drafter; None: all of it), and of the input embedding only the `rows` looked up
+  (one row per token of the forward), unless it is tied to the output layer and read as it."""
+  total = 0
+  V = config.vocab_size
+  head_fraction = 1.0 if head_tokens is None else min(head_tokens, V) / V
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = shd.path_str([getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path])
+    nbytes = _device_bytes(leaf)
+    if "embed_tokens" in name:
+      shard_rows = (leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape)[0]
+      looked_up = min(rows, shard_rows) * nbytes // shard_rows
+      total += int(nbytes * head_fraction) + looked_up if config.tie_word_embeddings else looked_up
+    elif "lm_head" in name:
+      total += int(nbytes * head_fraction)
+    else:
+      total += nbytes
+  return total
+
+
+def cache_bytes_read(cache_abstract, cache_sharding) -> int:
+  """Per-device bytes of a KV cache's keys and values (attention reads the whole buffer: the
+  loop's caches are static-shape and masked, so this is the cache at the maximum length)."""
+  leaves = list(cache_abstract.k_RSE) + list(cache_abstract.v_RES)
+  shardings = list(cache_sharding.k_RSE) + list(cache_sharding.v_RES) if cache_sharding is not None else [None] * len(leaves)
+  return sum(_device_bytes(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)) for a, sh in zip(leaves, shardings))
+
+
+def _state_shardings(state, cache_sharding, mesh, batch: int):
+  """The loop carry's placement: caches as the decode program constrains them, every per-row
+  array split by batch like the inputs, scalars replicated."""
+  def by_batch(a):
+    return shd.batch_sharding(a.shape, mesh) if a.ndim and a.shape[0] == batch else NamedSharding(mesh, P())
+  placed = jax.tree.map(by_batch, state)
+  placed = placed.replace(target_cache=cache_sharding[0])
+  if state.drafter_cache is not None:
+    placed = placed.replace(drafter_cache=cache_sharding[1])
+  return placed
+
+
+_COPY_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+(copy|copy-start|transpose)\(")
+
+
+def hlo_copies(hlo_text: str, min_bytes: int = 0) -> list[dict]:
+  """Top-level copies and transposes in a compiled module's text (those inside fused
+  computations move no memory of their own), largest first: what to look at when a round
+  reads more than its weights and caches."""
+  sizes = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+  found, fused = [], False
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():  # a computation's header
+      fused = "fused" in line.split("(")[0] or "wrapped" in line.split("(")[0]
+      continue
+    m = _COPY_RE.match(line)
+    if m and not fused:
+      dims = [int(n) for n in m.group(3).split(",") if n]
+      n = sizes.get(m.group(2), 4)
+      for d in dims:
+        n *= d
+      if n >= min_bytes:
+        found.append({"name": m.group(1), "op": m.group(4), "shape": f"{m.group(2)}[{m.group(3)}]", "bytes": n})
+  return sorted(found, key=lambda c: -c["bytes"])
+
+
+def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> dict[str, Any]:
+  """One round of the decoding loop compiled alone (state donated, as the loop's carry is
+  updated in place), with the decode program's shardings: XLA's bytes accessed per device
+  against the bytes its weights and KV caches need, and the tokens/s that implies per chip."""
+  from specjax.decoding import engine
+  from specjax.decoding import sampling as smp
+  d = _decode_setup(args, mesh, method, target_cfg, drafter_cfg)
+  spec, G = d.spec, d.spec.gamma
+
+  def models(ts, ds):
+    return (nnx.merge(d.target_graph, ts), None if d.drafter_graph is None else nnx.merge(d.drafter_graph, ds))
+
+  def init(ts, ds, x):
+    target, drafter = models(ts, ds)
+    return engine._init_state(x, spec, target, drafter)
+
+  state = jax.eval_shape(init, d.target_params, d.drafter_params, d.inputs)
+  placed = _state_shardings(state, d.cache_sharding, mesh, args.batch)
+  state = _with_shardings(state, placed)
+
+  def one_round(ts, ds, s, x):
+    target, drafter = models(ts, ds)
+    if method == "ar":
+      return engine._ar_round(s, x, spec, target)
+    return engine._spec_round(s, x, spec, target, None if drafter is None else engine.DraftModel.of(drafter))
+
+  out = {"program": f"round {d.name.removeprefix('decode ')}", "note": ""}
+  start = time.perf_counter()
+  compiled = jax.jit(one_round, out_shardings=placed, donate_argnums=2).lower(
+      d.target_params, d.drafter_params, state, d.inputs).compile()
+  out["compile_s"] = round(time.perf_counter() - start, 2)
+  accessed_xla, why = _bytes_accessed(compiled)
+  accessed = accessed_xla
+  copies = hlo_copies(compiled.as_text(), min_bytes=1 << 16)
+  out["hlo_copies"] = copies[:8]
+  out["hlo_copy_bytes"] = sum(c["bytes"] for c in copies)
+
+  # XLA counts a while loop's body once: the drafting loop runs γ-1 single-token steps after
+  # the two-token chunk, so one draft step compiled alone is added γ-2 more times.
+  step_bytes = None
+  if accessed_xla is not None and method == "sps":
+    def draft_step(ds, cache, prev_B, pos_B, x):
+      drafter = engine.DraftModel.of(nnx.merge(d.drafter_graph, ds))
+      logits_B1K, cache = drafter.forward(prev_B[:, None], cache, pos_B[:, None])
+      keys_B = smp.row_keys(x.seed, x.row_ids_B, pos_B, smp.TAG_DRAFT)
+      index_B, q_BK = smp.choose_tokens(logits_B1K[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+      return drafter.tokens(index_B), drafter.full_probs(q_BK), cache
+    row = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=shd.batch_sharding((args.batch,), mesh))
+    step = jax.jit(draft_step, donate_argnums=1).lower(d.drafter_params, state.drafter_cache, row, row,
+                                                       d.inputs).compile()
+    step_bytes, why = _bytes_accessed(step)
+    accessed = None if step_bytes is None else accessed_xla + (G - 2) * step_bytes
+
+  # What the round must read at least, per device: the target once over γ+1 tokens (one for
+  # plain decoding), the drafter γ times (a two-token chunk, then γ-1 steps), each with its cache.
+  verify_tokens = 1 if method == "ar" else G + 1
+  need = {"target_weights": weight_bytes_read(d.target_params, d.target_cfg, rows=args.batch * verify_tokens),
+          "target_cache": cache_bytes_read(state.target_cache, d.cache_sharding[0])}
+  if method == "sps":
+    draft_vocab = getattr(args, "draft_vocab_size", None)
+    one = lambda rows: weight_bytes_read(d.drafter_params, d.drafter_cfg, rows=rows, head_tokens=draft_vocab)
+    need["drafter_weights"] = one(args.batch * 2) + (G - 1) * one(args.batch)
+    need["drafter_cache"] = G * cache_bytes_read(state.drafter_cache, d.cache_sharding[1])
+  needed = sum(need.values())
+  if method == "ar":
+    tau, tau_source = 1.0, "one token per round"
+  elif args.tau:
+    tau, tau_source = float(args.tau), "--tau"
+  else:
+    tau, tau_source = float(G + 1), f"upper bound gamma+1 = {G + 1} (every draft accepted; pass --tau for a measured one)"
+  tokens = tau * args.batch
+  out.update({
+      "bytes_accessed": accessed, "bytes_accessed_xla": accessed_xla, "draft_step_bytes": step_bytes,
+      "bytes_needed": needed, "bytes_needed_parts": need,
+      "bytes_ratio": None if accessed is None else accessed / needed,
+      "tokens_per_round": tau, "tokens_per_round_source": tau_source, "batch": args.batch,
+      "tokens_per_s": {chip: None if accessed is None else tokens * gbps * 1e9 / accessed
+                       for chip, gbps in HBM_GBPS.items()},
+      "tokens_per_s_at_needed": {chip: tokens * gbps * 1e9 / needed for chip, gbps in HBM_GBPS.items()},
+      "hbm_gbps": dict(HBM_GBPS),
+  })
+  if accessed is None:
+    out["note"] = why
+  return out
 
 
 # --- command line ------------------------------------------------------------------------
@@ -334,7 +559,8 @@ def _parser() -> argparse.ArgumentParser:
                                                   "when the first is -1)")
   p.add_argument("--dtype", default="bfloat16", help="weights and compute of decoding; the drafter's compute "
                                                      "dtype in training (its weights stay float32)")
-  p.add_argument("--what", default="train,decode", help="programs: train, decode, or both")
+  p.add_argument("--what", default="train,decode", help="programs: train, decode, roofline (see --roofline), "
+                                                         "comma-separated")
   p.add_argument("--json", default=None, help="also write the report to this file")
   g = p.add_argument_group("decoding (the generate job)")
   g.add_argument("--methods", default="sps,ar", help="decoding loops to compile: sps, ar, pld")
@@ -347,6 +573,13 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument("--sampling", default="sample", choices=("sample", "greedy"),
                  help="sample: temperature with top-k and top-p (the larger program); greedy: argmax")
   g.add_argument("--drafter_sharding", default="replicated", choices=("replicated", "sharded"))
+  g.add_argument("--roofline", action="store_true",
+                 help="also compile one round of each method's loop alone and compare XLA's bytes accessed per "
+                      "device with what its weights and KV caches need (bytes_ratio), with the tokens/s that "
+                      "implies at v4, v5e, v5p and v6e HBM bandwidth (--what roofline: only this)")
+  g.add_argument("--tau", type=float, default=0.0,
+                 help="expected tokens per speculative round for --roofline's tokens/s (default: gamma+1, the "
+                      "upper bound)")
   g = p.add_argument_group("training (the trainer's step)")
   g.add_argument("--train_batch", type=int, default=128, help="global rows per step")
   g.add_argument("--seq_len", type=int, default=2048, help="packed row length")
@@ -371,8 +604,10 @@ def _check_args(args) -> None:
   from specjax.models.config import DTYPES
   from specjax.train.losses import LOSSES
   args.what = [w.strip() for w in args.what.split(",") if w.strip()]
-  if not args.what or set(args.what) - {"train", "decode"}:
-    raise SpecjaxError(f"--what={','.join(args.what)!r}: expected train, decode or train,decode")
+  if getattr(args, "roofline", False) and "roofline" not in args.what:
+    args.what.append("roofline")
+  if not args.what or set(args.what) - {"train", "decode", "roofline"}:
+    raise SpecjaxError(f"--what={','.join(args.what)!r}: expected some of train, decode, roofline")
   args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   if not args.methods or set(args.methods) - set(METHODS):
     raise SpecjaxError(f"--methods={','.join(args.methods)!r}: expected some of {', '.join(METHODS)}")
@@ -386,6 +621,8 @@ def _check_args(args) -> None:
   if args.train_batch % args.grad_accumulation:
     raise SpecjaxError(f"--train_batch={args.train_batch}: not divisible by --grad_accumulation="
                        f"{args.grad_accumulation}")
+  if args.tau and not 1 <= args.tau <= args.gamma + 1:
+    raise SpecjaxError(f"--tau={args.tau}: expected tokens per round in [1, gamma+1 = {args.gamma + 1}]")
   for flag in ("max_len", "prompt_len"):
     if getattr(args, flag) < 0:
       raise SpecjaxError(f"--{flag}={getattr(args, flag)}: must be >= 0 (0 = the default)")
@@ -406,7 +643,7 @@ def check(args) -> dict[str, Any]:
   args.max_len = args.max_len or target_cfg.max_position_embeddings  # a shorter drafter caps drafting only
   longest = args.max_len - args.gamma - 2
   args.prompt_len = args.prompt_len or longest
-  if "decode" in args.what and not 1 <= args.prompt_len <= longest:
+  if {"decode", "roofline"} & set(args.what) and not 1 <= args.prompt_len <= longest:
     raise SpecjaxError(f"--prompt_len={args.prompt_len}: must be in [1, {longest}] (--max_len={args.max_len} "
                        f"positions, {args.gamma + 2} kept for drafting)")
 
@@ -425,7 +662,11 @@ def check(args) -> dict[str, Any]:
   if "decode" in args.what:
     for method in args.methods:
       programs.append(decode_program(args, mesh, method, target_cfg, drafter_cfg))
-  return {
+  rooflines = {}
+  if "roofline" in args.what:
+    for method in args.methods:
+      rooflines[method] = roofline(args, mesh, method, target_cfg, drafter_cfg)
+  report = {
       "topology": {"name": topo.name, "platform": topo.platform, "devices": len(devices),
                    "device_kind": getattr(devices[0], "device_kind", None), "topology_name": topo.topology_name,
                    "capacity_bytes_per_device": topo.capacity_bytes},
@@ -434,10 +675,13 @@ def check(args) -> dict[str, Any]:
       "drafter": {"model": args.drafter, "params": drafter_cfg.num_params},
       "settings": {k: getattr(args, k) for k in ("what", "methods", "dtype", "batch", "max_len", "prompt_len", "gamma", "sampling",
                                                   "drafter_sharding", "train_batch", "seq_len", "grad_accumulation",
-                                                  "train_loss")},
+                                                  "train_loss", "tau")},
       "notes": notes,
       "programs": [dataclasses.asdict(p) | {"verdict": p.verdict} for p in programs],
   }
+  if rooflines:
+    report["roofline"] = rooflines
+  return report
 
 
 def _size(n: int | None) -> str:
@@ -468,10 +712,13 @@ def format_report(report: dict[str, Any]) -> str:
   if "train" in s["what"]:
     lines.append(f"train: batch {s['train_batch']} x {s['seq_len']} tokens, accumulation {s['grad_accumulation']}, "
                  f"loss {s['train_loss']}, drafter weights float32")
-  if "decode" in s["what"]:
+  if {"decode", "roofline"} & set(s["what"]):
     lines.append(f"decode: batch {s['batch']}, prompt {s['prompt_len']}, cache {s['max_len']}, {s['sampling']}, "
                  f"drafter {s['drafter_sharding']}")
-  lines += [f"note: {n}" for n in report["notes"]] + [""]
+  lines += [f"note: {n}" for n in report["notes"]]
+  if not report["programs"]:
+    return "\n".join(lines + ["", format_roofline(report["roofline"])] if report.get("roofline") else lines)
+  lines.append("")
   head = ("program", "arguments", "outputs", "temp", "code", "aliased", "total", "headroom", "verdict", "compile",
           "GFLOP")
   rows = [head]
@@ -484,8 +731,38 @@ def format_report(report: dict[str, Any]) -> str:
   for r in rows:
     lines.append("  ".join(c.ljust(w) if i == 0 or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
   lines += [f"{p['program']}: {p['note']}" for p in report["programs"] if p["note"]]
-  lines.append("per device: XLA's buffer assignment; total = arguments + outputs + temp - aliased (donated); "
-               "GFLOP: XLA's estimate, which may count a loop's body once")
+  if report["programs"]:
+    lines.append("per device: XLA's buffer assignment; total = arguments + outputs + temp - aliased (donated); "
+                 "GFLOP: XLA's estimate, which may count a loop's body once")
+  if report.get("roofline"):
+    lines += ["", format_roofline(report["roofline"])]
+  return "\n".join(lines)
+
+
+def format_roofline(rooflines: dict[str, Any]) -> str:
+  """The --roofline table: bytes per device and round, their ratio, and tokens/s per chip."""
+  chips = list(HBM_GBPS)
+  head = ("round", "accessed", "needed", "bytes_ratio", "tokens/round") + tuple(f"{c} tok/s" for c in chips)
+  rows = [head]
+  for r in rooflines.values():
+    ratio = "-" if r["bytes_ratio"] is None else f"{r['bytes_ratio']:.3f}"
+    rows.append((r["program"], _size(None if r["bytes_accessed"] is None else int(r["bytes_accessed"])),
+                 _size(r["bytes_needed"]), ratio, f"{r['tokens_per_round']:g}")
+                + tuple("-" if r["tokens_per_s"][c] is None else f"{r['tokens_per_s'][c]:,.1f}" for c in chips))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+  for r in rooflines.values():
+    parts = ", ".join(f"{k} {_size(v)}" for k, v in r["bytes_needed_parts"].items())
+    lines.append(f"{r['program']}: needed = {parts}; tokens/round: {r['tokens_per_round_source']}")
+    if r["hlo_copies"]:
+      top = ", ".join(f"{c['op']} {c['shape']} ({_size(c['bytes'])})" for c in r["hlo_copies"][:3])
+      lines.append(f"{r['program']}: copies in the compiled round: {_size(r['hlo_copy_bytes'])} in all; largest: {top}")
+    if r["note"]:
+      lines.append(f"{r['program']}: {r['note']}")
+  lines.append("roofline: one round compiled alone (state donated), per device; accessed = XLA's 'bytes accessed' "
+               "(a draft step compiled alone added for the drafting loop's body, which XLA counts once); needed = "
+               "weights (output layer in full, the looked-up embedding rows) and whole KV caches, read once per "
+               "forward; tok/s = tokens/round x batch x HBM GB/s / accessed")
   return "\n".join(lines)
 
 
