@@ -347,3 +347,188 @@ def test_trainer_resumes_from_the_newest_intact_checkpoint(tmp_path, capfd):
   assert "checkpoint step 4 is damaged" in printed and "resuming from step 2" in printed
   steps = [r["step"] for r in read_metrics(str(workdir)) if r["kind"] == "train"]
   assert steps == list(range(1, 7))  # steps 3 and 4 redone once, not logged twice
+
+
+# --- target and drafter checkpoints ----------------------------------------------------------
+# A model directory is checked by specjax before the tokenizer (which reads config.json through
+# transformers) and before any weight is mapped: each damage below is one line naming the file
+# and the field or tensor.
+
+def _edit_json(path, change):
+  with open(path, encoding="utf-8") as f:
+    value = json.load(f)
+  change(value)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f)
+
+
+def _edit_safetensors_header(path, change):
+  """Rewrites a safetensors header in place (same length: padded with spaces), data untouched."""
+  import struct
+  with open(path, "rb") as f:
+    raw = f.read()
+  (n,) = struct.unpack("<Q", raw[:8])
+  header = json.loads(raw[8:8 + n])
+  change(header)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  assert len(blob) <= n
+  with open(path, "wb") as f:
+    f.write(raw[:8] + blob + b" " * (n - len(blob)) + raw[8 + n:])
+
+
+def _a_weight(header, part="layers.0.mlp.down_proj"):
+  return next(k for k in header if part in k)
+
+
+def _cut(path, keep):
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(keep(size))
+
+
+def _weights_end(path):
+  import struct
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+  return 8 + n
+
+
+def _sharded(directory):
+  """The single model.safetensors as two shards with an index, the second one missing."""
+  from specjax.models import safetensors_io
+  tensors = {k: v.copy() for k, v in safetensors_io.open_tensors(os.path.join(directory, "model.safetensors")).items()}
+  os.remove(os.path.join(directory, "model.safetensors"))
+  names = sorted(tensors)
+  safetensors_io.save_file({k: tensors[k] for k in names[:3]}, os.path.join(directory, "model-00001-of-00002.safetensors"))
+  weight_map = {k: "model-00001-of-00002.safetensors" if i < 3 else "model-00002-of-00002.safetensors"
+                for i, k in enumerate(names)}
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"weight_map": weight_map}, f)
+
+
+# name -> (damage(dir) -> the path the error must name (None: the directory), words the line must hold)
+CHECKPOINT_DAMAGE = {
+    "config_cut_midway": (lambda d: _cut(os.path.join(d, "config.json"), lambda n: n // 2) or "config.json",
+                          ["line ", "column ", "malformed JSON"]),
+    "config_empty": (lambda d: _cut(os.path.join(d, "config.json"), lambda n: 0) or "config.json",
+                     ["line 1, column 1"]),
+    "config_not_an_object": (lambda d: open(os.path.join(d, "config.json"), "w").write("[1, 2]\n") and "config.json",
+                             ["expected a JSON object", "list"]),
+    "config_layers_a_string": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                                    lambda c: c.update(num_hidden_layers="2")) or "config.json",
+                               ["'num_hidden_layers'", "positive integer", "'2'"]),
+    "config_rope_theta_a_string": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                                        lambda c: c.update(rope_theta="1e4")) or "config.json",
+                                   ["'rope_theta'", "positive number"]),
+    "config_tie_a_string": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                                 lambda c: c.update(tie_word_embeddings="no")) or "config.json",
+                            ["'tie_word_embeddings'", "true or false"]),
+    "config_hidden_size_missing": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                                        lambda c: c.pop("hidden_size")) or "config.json",
+                                   ["'hidden_size'", "missing"]),
+    "config_removed": (lambda d: os.remove(os.path.join(d, "config.json")), ["no config.json"]),
+    "generation_config_cut": (lambda d: _cut(os.path.join(d, "generation_config.json"), lambda n: n - 3)
+                              or "generation_config.json", ["malformed JSON"]),
+    "weights_cut_short": (lambda d: _cut(os.path.join(d, "model.safetensors"), lambda n: n // 2)
+                          or "model.safetensors", ["truncated"]),
+    "weights_cut_in_header": (lambda d: _cut(os.path.join(d, "model.safetensors"), lambda n: 100)
+                              or "model.safetensors", ["truncated"]),
+    "weights_cut_to_4_bytes": (lambda d: _cut(os.path.join(d, "model.safetensors"), lambda n: 4)
+                               or "model.safetensors", ["not a safetensors file"]),
+    "weights_dtype_i32": (lambda d: _edit_safetensors_header(
+        os.path.join(d, "model.safetensors"), lambda h: h[_a_weight(h)].update(dtype="I32")) or "model.safetensors",
+        ["'model.layers.0.mlp.down_proj.weight'", "I32", "float type"]),
+    "weights_tensor_renamed": (lambda d: _edit_safetensors_header(
+        os.path.join(d, "model.safetensors"), lambda h: h.update(renamed=h.pop(_a_weight(h)))),
+        ["'model.layers.0.mlp.down_proj.weight'", "missing"]),
+    "weights_shape_off": (lambda d: _edit_json(os.path.join(d, "config.json"),
+                                               lambda c: c.update(intermediate_size=96)) or "model.safetensors",
+                          ["shape", "config.json implies"]),
+    "weights_header_garbled": (lambda d: _edit_safetensors_header(
+        os.path.join(d, "model.safetensors"), lambda h: h[_a_weight(h)].update(data_offsets="x"))
+        or "model.safetensors", ["'model.layers.0.mlp.down_proj.weight'", "data_offsets"]),
+    "weights_removed": (lambda d: os.remove(os.path.join(d, "model.safetensors")), ["no weight file"]),
+    "shard_missing": (lambda d: _sharded(d) or "model.safetensors.index.json", ["model-00002-of-00002", "missing"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_target(generate_assets):
+  return generate_assets / "target"
+
+
+def _damaged_copy(tiny_target, tmp_path, kind):
+  import shutil
+  directory = tmp_path / kind
+  shutil.copytree(tiny_target, directory)
+  damage, words = CHECKPOINT_DAMAGE[kind]
+  culprit = damage(str(directory))
+  return str(directory), os.path.join(str(directory), culprit) if culprit else str(directory), words
+
+
+def _generate_args(assets, workdir, *extra):
+  return ("--config", "configs/generate.py:runlocal,method=ar", "--config.local_assets=False",
+          f"--config.prompts={assets / 'question.jsonl'}", "--config.max_prompts=2", *extra,
+          "--workdir", str(workdir))
+
+
+@pytest.mark.parametrize("kind", sorted(CHECKPOINT_DAMAGE))
+def test_damaged_target_checkpoint_is_named(kind, generate_assets, tmp_path, monkeypatch):
+  directory, culprit, words = _damaged_copy(generate_assets / "target", tmp_path, kind)
+  code, err = cli(*_generate_args(generate_assets, tmp_path / "work", f"--config.target={directory}"),
+                  monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, culprit, *words)
+
+
+@pytest.mark.parametrize("target", ["missing", "a_file"])
+def test_target_that_is_not_a_directory(target, generate_assets, tmp_path, monkeypatch):
+  path = tmp_path / target
+  if target == "a_file":
+    path.write_text("not a checkpoint\n")
+  code, err = cli(*_generate_args(generate_assets, tmp_path / "work", f"--config.target={path}"),
+                  monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, "`target`", str(path), "no such directory" if target == "missing" else "is a file")
+  assert "Repo id" not in err
+
+
+def test_missing_tokenizer_directory_is_named(generate_assets, tmp_path, monkeypatch):
+  code, err = cli(*_generate_args(generate_assets, tmp_path / "work", f"--config.target={generate_assets / 'target'}",
+                                  f"--config.tokenizer={tmp_path / 'no_tokenizer'}"), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, str(tmp_path / "no_tokenizer"), "no such directory")
+
+
+@pytest.mark.parametrize("kind", ["weights_cut_short", "config_layers_a_string"])
+def test_damaged_drafter_is_named_before_anything_loads(kind, generate_assets, tmp_path, monkeypatch):
+  from specjax.models import hf
+  directory, culprit, words = _damaged_copy(generate_assets / "target", tmp_path, kind)
+  monkeypatch.setattr(hf, "load_tokenizer", lambda *a: pytest.fail("the tokenizer was loaded"))
+  code, err = cli("--config", "configs/generate.py:runlocal,method=sps", "--config.local_assets=False",
+                  f"--config.prompts={generate_assets / 'question.jsonl'}", f"--config.target={generate_assets / 'target'}",
+                  f"--config.drafter={directory}", "--workdir", str(tmp_path / "work"), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, culprit, *words)
+
+
+# Every job that loads a checkpoint checks it the same way (the first line of CHECKPOINT_DAMAGE's
+# damage that each config's field takes).
+JOB_CHECKPOINT_CASES = [
+    ("eval_specbench.py:runlocal", "--config.target={d}", "config_cut_midway"),
+    ("eval_specbench.py:runlocal", "--config.drafters=general={d}", "weights_dtype_i32"),
+    ("distill_data.py:runlocal", "--config.target={d}", "config_layers_a_string"),
+    ("pretrain.py:runlocal", "--config.target={d}", "weights_cut_short"),
+    ("finetune.py:runlocal", "--config.target={d}", "config_not_an_object"),
+]
+
+
+@pytest.mark.parametrize("config, override, kind", JOB_CHECKPOINT_CASES,
+                         ids=[f"{c}-{k}" for c, _, k in JOB_CHECKPOINT_CASES])
+def test_every_job_checks_its_checkpoints(config, override, kind, generate_assets, tmp_path, monkeypatch):
+  directory, culprit, words = _damaged_copy(generate_assets / "target", tmp_path, kind)
+  target = [] if "target" in override else [f"--config.target={generate_assets / 'target'}"]
+  prompts = [f"--config.prompts={generate_assets / 'question.jsonl'}"] if "eval" in config else []
+  if "eval" in config:
+    prompts += ["--config.drafter=general"] + ([] if "drafters" in override else
+                                               [f"--config.drafters=general={generate_assets / 'target'}"])
+  data = ["--config.data_dir=specjax/assets/corpus"] if "distill" in config else []
+  code, err = cli("--config", f"configs/{config}", "--config.local_assets=False", *target, *prompts, *data,
+                  override.format(d=directory), "--workdir", str(tmp_path / "work"), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, culprit, *words)

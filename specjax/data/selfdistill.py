@@ -206,10 +206,11 @@ def run(config, workdir: str) -> dict:
 
 def _load_tokenizer(config, target: str, workdir: str):
   """The target's tokenizer (or config field `tokenizer`'s); runlocal builds its checkpoint first."""
-  from specjax.models.hf import load_tokenizer
+  from specjax.models.hf import check_checkpoint, load_tokenizer
 
   if config.local_assets and not target.startswith("preset:"):
     local_assets.ensure_checkpoints([(target, "tiny")])
+  check_checkpoint(target, "config field `target`")  # config.json read by specjax before transformers reads it
   tokenizer_dir = workdir_path(config, "tokenizer", workdir) or target
   if tokenizer_dir.startswith("preset:"):
     raise SpecjaxError(f"target {tokenizer_dir} has random weights and no tokenizer: set config field "

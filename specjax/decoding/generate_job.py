@@ -32,7 +32,7 @@ from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
-from specjax.models.hf import load_model, target_tokenizer
+from specjax.models.hf import check_checkpoint, load_model, target_tokenizer
 from specjax.sharding import make_mesh, replicate_model
 
 LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
@@ -160,6 +160,8 @@ def run(config, workdir: str) -> dict:
 
 
 def _load(config, paths):
+  if config.method == "sps":
+    check_checkpoint(paths["drafter"], "config field `drafter`")  # both checked before either loads
   tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
   mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
   target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)

@@ -28,7 +28,7 @@ from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder, stop_ids
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
-from specjax.models.hf import load_model, target_tokenizer
+from specjax.models.hf import check_checkpoint, load_model, target_tokenizer
 from specjax.models.llama import Llama
 from specjax.sharding import make_mesh, replicate_model
 
@@ -430,6 +430,8 @@ def run(config, workdir: str) -> dict:
     jax.config.update("jax_compilation_cache_dir", workdir_path(config, "compilation_cache", workdir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
+  for name, path in drafter_paths.items():  # every checkpoint checked before any loads
+    check_checkpoint(path, f"config field `drafters` ({name})")
   tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
   mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
   target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)

@@ -110,6 +110,7 @@ class LlamaConfig:
   def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json", dtype: str | None = None,
                    param_dtype: str | None = None) -> "LlamaConfig":
     """Reads a Hugging Face Llama config; every problem names `source` and the field."""
+    _check_types(hf, source)
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
     model_type = hf.get("model_type", "llama")
     if model_type != "llama" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
@@ -125,7 +126,8 @@ class LlamaConfig:
         return default
       value = hf[name]
       if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise SpecjaxError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
+        raise SpecjaxError(f"{source}: field {name!r} must be a positive integer, got {value!r}"
+                           + (" (a string: write it without quotes)" if isinstance(value, str) else ""))
       if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
         raise SpecjaxError(f"{source}: field {name!r} must be a positive number, got {value!r}")
       return kind(value)
@@ -147,7 +149,10 @@ class LlamaConfig:
     # transformers 5 keeps rope_theta and scaling in `rope_parameters`; v4 at the top level.
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", hf.get("rope_theta"))
+    theta = 10000.0 if theta is None else theta
+    if not _number(theta) or theta <= 0:
+      raise SpecjaxError(f"{source}: field 'rope_parameters.rope_theta' must be a positive number, got {theta!r}")
     rope_scaling = None
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -162,6 +167,9 @@ class LlamaConfig:
             original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)))
       except KeyError as e:
         raise SpecjaxError(f"{source}: rope_scaling is missing {e}") from None
+      except (TypeError, ValueError):
+        raise SpecjaxError(f"{source}: field 'rope_scaling' must hold numbers (factor, low_freq_factor, "
+                           f"high_freq_factor, original_max_position_embeddings), got {scaling!r}") from None
     eos_ids = parse_eos_ids(hf.get("eos_token_id"), source)
     stored = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     stored = stored if stored in DTYPES else "float32"
@@ -193,6 +201,39 @@ class LlamaConfig:
     return cls.from_hf_dict(read_json_object(path), source=path, **kwargs)
 
 
+# config.json fields besides the sizes (which from_hf_dict checks as positive integers): what
+# each must be when present and not null. transformers would otherwise fail deep inside itself.
+_FIELD_TYPES = {
+    "architectures": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "model_type": ("a string", lambda v: isinstance(v, str)),
+    "hidden_act": ("a string", lambda v: isinstance(v, str)),
+    "rope_theta": ("a positive number", lambda v: _number(v) and v > 0),
+    "rope_scaling": ("an object (or null)", lambda v: isinstance(v, dict)),
+    "rope_parameters": ("an object (or null)", lambda v: isinstance(v, dict)),
+    "tie_word_embeddings": ("true or false", lambda v: isinstance(v, bool)),
+    "attention_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "mlp_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "bos_token_id": ("a token id (an integer >= 0)", lambda v: _integer(v) and v >= 0),
+    "pad_token_id": ("a token id (an integer >= 0)", lambda v: _integer(v) and v >= 0),
+    "torch_dtype": ("a string", lambda v: isinstance(v, str)),
+    "dtype": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _integer(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_types(hf: dict, source: str) -> None:
+  for name, (want, ok) in _FIELD_TYPES.items():
+    if hf.get(name) is not None and not ok(hf[name]):
+      raise SpecjaxError(f"{source}: field {name!r} must be {want}, got {hf[name]!r}")
+
+
 def read_json_object(path: str) -> dict:
   """A JSON file that must hold one object; a mistake names the file, line and column."""
   try:
@@ -200,6 +241,10 @@ def read_json_object(path: str) -> dict:
       value = json.load(f)
   except json.JSONDecodeError as e:
     raise SpecjaxError(f"{path}: line {e.lineno}, column {e.colno}: malformed JSON ({e.msg})") from None
+  except UnicodeDecodeError as e:
+    raise SpecjaxError(f"{path}: not UTF-8 text (byte {e.start}); a JSON file was expected") from None
+  except IsADirectoryError:
+    raise SpecjaxError(f"{path}: is a directory, not a JSON file") from None
   if not isinstance(value, dict):
     raise SpecjaxError(f"{path}: expected a JSON object, got {type(value).__name__}")
   return value

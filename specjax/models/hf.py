@@ -4,6 +4,13 @@ Loading maps each shard and lets every device pull only its slice of each weight
 (`jax.make_array_from_callback`), so a 7B model loads straight into a mesh on a host with
 less free memory than twice its size. Exported directories load in transformers'
 `LlamaForCausalLM` (and so serve as `assistant_model` or as a vLLM draft model).
+
+A checkpoint is checked by specjax before anything loads it (`check_checkpoint`; the jobs call it
+before the tokenizer, which would otherwise read config.json through transformers first):
+the directory exists, config.json is a JSON object whose fields have the right types, every
+safetensors file is as long as its header says, and every weight the model needs is there, of a
+float dtype and of the shape config.json implies. Each problem is one SpecjaxError naming the
+file, and the field or tensor.
 """
 from __future__ import annotations
 
@@ -67,6 +74,62 @@ def _weight_files(path: str) -> dict[str, str]:
   return out
 
 
+def _check_weights(path: str, files: dict[str, str], weights: list[tuple[tuple, tuple]], config: LlamaConfig) -> None:
+  """Every weight the model needs (parameter path, our shape), from the safetensors headers
+  alone: present in the file the index names, a float dtype, the shape config.json implies."""
+  headers: dict[str, dict] = {}
+  for key, shape in weights:
+    name, transposed = hf_name(key)
+    if name not in files:
+      raise SpecjaxError(f"{path}: weight {name!r} is missing from the checkpoint's files "
+                         f"({', '.join(sorted({os.path.basename(f) for f in files.values()}))})")
+    file = files[name]
+    if file not in headers:
+      headers[file] = safetensors_io.read_header(file)[0]
+    if name not in headers[file]:
+      raise SpecjaxError(f"{file}: the shard index places {name!r} here, but the file does not hold it")
+    info = headers[file][name]
+    if info["dtype"] not in safetensors_io.FLOAT_DTYPES:
+      raise SpecjaxError(f"{file}: tensor {name!r} has dtype {info['dtype']}, but a model weight must be a float "
+                         f"type ({', '.join(safetensors_io.FLOAT_DTYPES)}); the file is damaged or not this model's")
+    expected = list(shape[::-1] if transposed else shape)
+    if list(info["shape"]) != expected:
+      raise SpecjaxError(
+          f"{file}: weight {name!r} has shape {list(info['shape'])}, but config.json implies {expected} "
+          f"(hidden_size={config.hidden_size}, intermediate_size={config.intermediate_size}, "
+          f"num_attention_heads={config.num_heads}, num_key_value_heads={config.num_kv_heads}, "
+          f"head_dim={config.head_dim}, vocab_size={config.vocab_size})")
+
+
+def check_checkpoint(spec: str | None, label: str | None = None) -> LlamaConfig | None:
+  """A model spec load_model takes, checked without loading a weight: a Hugging Face directory's
+  config.json (read and type-checked by specjax) and its safetensors files (sizes against their
+  headers, dtypes, shapes). Returns its LlamaConfig (None for preset:NAME, a GGUF file or no
+  spec). `label` says where the spec came from ("config field `target`"), for the message."""
+  if not spec:
+    return None
+  from specjax.models import gguf  # here, not at the top: gguf.py imports this module
+  if spec.startswith("preset:") or gguf.is_gguf_spec(spec) or fileio.is_remote(spec):
+    return None
+  where = f"{label}: " if label else ""
+  if not os.path.exists(spec):
+    raise SpecjaxError(f"{where}{spec}: no such directory; expected a Hugging Face checkpoint directory, a .gguf "
+                       "file, or preset:NAME")
+  if not os.path.isdir(spec):
+    raise SpecjaxError(f"{where}{spec}: is a file, not a checkpoint directory (a Hugging Face checkpoint is a "
+                       "directory with config.json and *.safetensors)")
+  if not os.path.exists(os.path.join(spec, "config.json")):
+    raise SpecjaxError(f"{where}{spec}: not a model directory (no config.json); expected a Hugging Face "
+                       "checkpoint directory or preset:NAME")
+  config = LlamaConfig.from_hf_json(os.path.join(spec, "config.json"))
+  generation = os.path.join(spec, "generation_config.json")
+  if os.path.exists(generation):
+    parse_eos_ids(read_json_object(generation).get("eos_token_id"), generation)
+  graphdef, abstract_state = nnx.split(abstract_model(config))
+  _check_weights(spec, _weight_files(spec), [(k, v.shape) for k, v in nnx.to_flat_state(abstract_state)], config)
+  return config
+
+
 def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Llama, LlamaConfig]:
   """Reads a local Hugging Face Llama checkpoint directory into a specjax model.
 
@@ -83,29 +146,18 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
       config = config.replace(eos_token_id=eos_ids[0], eos_token_ids=eos_ids if len(eos_ids) > 1 else ())
   files = _weight_files(path)
   graphdef, abstract_state = nnx.split(abstract_model(config))
+  flat = nnx.to_flat_state(abstract_state)
+  _check_weights(path, files, [(key, variable.shape) for key, variable in flat], config)
   mapped: dict[str, dict[str, np.ndarray]] = {}
   target_dtype = np.dtype(jnp.dtype(dtype))
 
   def load_one(path_key, abstract):
     name, transposed = hf_name(path_key)
-    if name not in files:
-      raise SpecjaxError(f"{path}: weight {name!r} is missing from the checkpoint's files "
-                         f"({', '.join(sorted({os.path.basename(f) for f in files.values()}))})")
     file = files[name]
     if file not in mapped:
       mapped[file] = safetensors_io.open_tensors(file)
-    if name not in mapped[file]:
-      raise SpecjaxError(f"{file}: the shard index places {name!r} here, but the file does not hold it")
     source = mapped[file][name]
     source = source.T if transposed else source
-    if source.shape != abstract.shape:
-      stored = list(source.T.shape if transposed else source.shape)
-      expected = list(abstract.shape[::-1] if transposed else abstract.shape)
-      raise SpecjaxError(
-          f"{file}: weight {name!r} has shape {stored}, but config.json implies {expected} "
-          f"(hidden_size={config.hidden_size}, intermediate_size={config.intermediate_size}, "
-          f"num_attention_heads={config.num_heads}, num_key_value_heads={config.num_kv_heads}, "
-          f"head_dim={config.head_dim}, vocab_size={config.vocab_size})")
     if mesh is None:
       return jnp.asarray(np.asarray(source).astype(target_dtype))
     sharding = shd.logical_sharding(abstract.shape, shd.param_logical_axes(shd.path_str(path_key),
@@ -113,7 +165,6 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
     return jax.make_array_from_callback(abstract.shape, sharding,
                                         lambda index: np.asarray(source[index]).astype(target_dtype))
 
-  flat = nnx.to_flat_state(abstract_state)
   loaded = [(key, variable.replace(load_one(key, variable))) for key, variable in flat]
   state = nnx.from_flat_state(loaded)
   model = nnx.merge(graphdef, state)
@@ -127,14 +178,21 @@ def load_tokenizer(path: str):
   if gguf.is_gguf_spec(path):
     return gguf.load_gguf_tokenizer(path)
   from transformers import AutoTokenizer
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+    read_json_object(os.path.join(path, "config.json"))  # transformers reads it first, and crashes on a bad one
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise SpecjaxError(f"{path}: no usable tokenizer ({e})") from None
+  except Exception as e:  # noqa: BLE001 (transformers and tokenizers raise many kinds for a bad directory)
+    if not os.path.exists(path):  # not a directory, nor a repo id in the local Hugging Face cache
+      raise SpecjaxError(f"{path}: no such directory (the tokenizer is read from a checkpoint directory, or "
+                         "config field `tokenizer`)") from None
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise SpecjaxError(f"{path}: no usable tokenizer ({reason})") from None
 
 
 def target_tokenizer(tokenizer_dir: str | None, target: str):
   """The tokenizer in `tokenizer_dir`, by default the target checkpoint's own."""
+  check_checkpoint(target, "config field `target`")  # its config.json read by specjax before transformers reads it
   path = tokenizer_dir or target
   if path.startswith("preset:"):
     raise SpecjaxError(f"target {path} has random weights and no tokenizer: set config field `tokenizer` to a "
