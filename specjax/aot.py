@@ -330,7 +330,7 @@ def _decode_setup(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg:
   fields = {"prompt_BP": ((B, Pn), jnp.int32), "prompt_lens_B": ((B,), jnp.int32), "row_ids_B": ((B,), jnp.int32),
             "active_B": ((B,), jnp.bool_), "max_new_B": ((B,), jnp.int32), "temperature_B": ((B,), jnp.float32),
             "top_k_B": ((B,), jnp.int32), "top_p_B": ((B,), jnp.float32), "seed": ((), jnp.int32),
-            "eos_ids_E": ((engine.MAX_EOS_IDS,), jnp.int32)}
+            "eos_ids_X": ((engine.MAX_EOS_IDS,), jnp.int32)}
   x = engine.Inputs(**{k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(s, mesh) if k.endswith(("_B", "_BP"))
                                                else NamedSharding(mesh, P())) for k, (s, d) in fields.items()})
   name = f"decode {method}" + (f" (gamma {gamma})" if method != "ar" else "")

@@ -88,16 +88,16 @@ def test_export_and_load_keep_the_subset(tmp_path):
 def test_training_scores_only_the_subset():
   model = init_model(get_preset("tiny-drafter"), 4)
   graphdef, params = nnx.split(model, nnx.Param)
-  ids_K = jnp.array([1, 4, 9, 16, 25], jnp.int32)
+  ids_W = jnp.array([1, 4, 9, 16, 25], jnp.int32)
   tokens = jnp.array([[1, 4, 9, 16, 25, 30]])
   targets = jnp.array([[4, 9, 16, 99, 25, 1]])  # 99 lies outside the subset
   micro = {"decoder_input_tokens": tokens, "decoder_target_tokens": targets,
            "decoder_loss_weights": jnp.ones_like(tokens), "decoder_positions": jnp.arange(6)[None],
            "decoder_segment_ids": jnp.ones_like(tokens)}
-  loss_sum, aux = _micro_sums(params, None, micro, graphdef, None, StepSpec(), ids_K)
-  logits_K = model(tokens)[..., ids_K]
-  index = {int(t): k for k, t in enumerate(ids_K)}
-  expected = [losses.cross_entropy(logits_K[:, t:t + 1], jnp.array([[index[int(targets[0, t])]]]))[0, 0]
+  loss_sum, aux = _micro_sums(params, None, micro, graphdef, None, StepSpec(), ids_W)
+  logits_W = model(tokens)[..., ids_W]
+  index = {int(t): k for k, t in enumerate(ids_W)}
+  expected = [losses.cross_entropy(logits_W[:, t:t + 1], jnp.array([[index[int(targets[0, t])]]]))[0, 0]
               for t in range(6) if int(targets[0, t]) in index]
   assert float(aux["weight"]) == 5.0
   np.testing.assert_allclose(float(loss_sum), float(sum(expected)), rtol=1e-5)

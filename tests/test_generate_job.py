@@ -125,7 +125,7 @@ def _result():
   """Two rows, γ=3. Row 0 accepts 3, 1, 0 drafts in its three rounds; row 1 accepts 2, 2."""
   return DecodeResult(new_tokens=[[5] * 7, [6] * 6], stats=RoundStats(
       rounds_B=np.array([3, 2]), accepted_B=np.array([4, 4]), proposed_B=np.array([9, 6]),
-      accept_hist_BH=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]), pos_proposed_BG=np.array([[3, 3, 3], [2, 2, 2]]),
+      accept_hist_BO=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]), pos_proposed_BG=np.array([[3, 3, 3], [2, 2, 2]]),
       pos_accepted_BG=np.array([[2, 1, 1], [2, 2, 0]]), pos_reached_BG=np.array([[3, 2, 1], [2, 2, 2]])),
       target_calls=3, drafter_calls=9, wall_s=2.0)
 
@@ -156,10 +156,10 @@ def test_round_stats_shapes_and_old_names():
   z = RoundStats.zeros(3, 4)  # shapes from the names' suffixes: B rows, G positions, H = G + 1
   assert [a.shape for a in jax.tree.leaves(z)] == [(3,), (3,), (3,), (3, 5), (3, 4), (3, 4), (3, 4)]
   r = _result()
-  assert r.steps is r.stats.rounds_B and r.accept_hist is r.stats.accept_hist_BH
+  assert r.steps is r.stats.rounds_B and r.accept_hist is r.stats.accept_hist_BO
   assert r.pos_reached is r.stats.pos_reached_BG and r.drafted_steps.tolist() == [3, 2]
   total = metrics.Counters.from_result(r) + metrics.Counters.from_result(r, [1])
-  assert total.rows == 3 and total.stats.accept_hist_BH.tolist() == [[1, 1, 4, 1]]
+  assert total.rows == 3 and total.stats.accept_hist_BO.tolist() == [[1, 1, 4, 1]]
 
 def test_metrics_aggregate_sums_counters_then_divides():
   stats = jax.tree.map(np.asarray, RoundStats.zeros(1, 1)).replace(rounds_B=np.array([4]))

@@ -35,7 +35,7 @@ def stop_ids(config, tokenizer=None) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids + (() if eos is None else (int(eos),))))
 
 
-def _eos_array_E(eos_id) -> np.ndarray:
+def _eos_array_X(eos_id) -> np.ndarray:
   """An int or a sequence of ints -> int32 [engine.MAX_EOS_IDS], padded with -1 (a negative id stops nothing)."""
   ids = [eos_id] if isinstance(eos_id, (int, np.integer)) else list(eos_id)
   if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in ids):
@@ -50,7 +50,7 @@ def _eos_array_E(eos_id) -> np.ndarray:
 class DecodeResult:
   """Per-row outputs of one call (numpy), in the order of the prompts given."""
   new_tokens: list[list[int]]
-  stats: engine.RoundStats  # numpy, one row per prompt: rounds_B, accepted_B, accept_hist_BH, ...
+  stats: engine.RoundStats  # numpy, one row per prompt: rounds_B, accepted_B, accept_hist_BO, ...
   target_calls: int  # forwards of whole batches, summed over the call's batches
   drafter_calls: int
   wall_s: float
@@ -68,7 +68,7 @@ class DecodeResult:
   steps = property(lambda self: self.stats.rounds_B, doc="verification rounds per row (= target forwards)")
   accepted = property(lambda self: self.stats.accepted_B)
   proposed = property(lambda self: self.stats.proposed_B)
-  accept_hist = property(lambda self: self.stats.accept_hist_BH, doc="[rows, G+1]")
+  accept_hist = property(lambda self: self.stats.accept_hist_BO, doc="[rows, G+1]")
   pos_proposed = property(lambda self: self.stats.pos_proposed_BG, doc="[rows, G]")
   pos_accepted = property(lambda self: self.stats.pos_accepted_BG, doc="[rows, G]")
   pos_reached = property(lambda self: self.stats.pos_reached_BG,
@@ -188,7 +188,7 @@ class Decoder:
         raise SpecjaxError(f"{name}: token id {max(p) if max(p) >= vocab else min(p)} is outside the "
                            f"vocabulary [0, {vocab})")
     mode = SamplingMode.from_values(temperature, top_k, top_p)
-    eos = _eos_array_E(self.target_config.stop_token_ids if eos_id is None else eos_id)
+    eos = _eos_array_X(self.target_config.stop_token_ids if eos_id is None else eos_id)
     outputs = []
     start = time.perf_counter()
     for lo in range(0, len(prompts), self.batch_size):
@@ -220,12 +220,12 @@ class Decoder:
         max_new_B=np.array(list(budgets) + [0] * pad, np.int32),
         temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
         top_k_B=np.full((B,), top_k, np.int32), top_p_B=np.full((B,), top_p, np.float32),
-        seed=np.int32(seed), eos_ids_E=eos)
+        seed=np.int32(seed), eos_ids_X=eos)
     if self.mesh is not None:  # per-row arrays split by batch; the seed and the stop ids replicated
       replicated = shd.logical_sharding((), (), self.mesh)
       x = jax.tree.map(lambda a: jax.device_put(a, shd.batch_sharding(a.shape, self.mesh)
-                                                if np.ndim(a) else replicated), x.replace(eos_ids_E=None))
-      x = x.replace(eos_ids_E=jax.device_put(eos, replicated))
+                                                if np.ndim(a) else replicated), x.replace(eos_ids_X=None))
+      x = x.replace(eos_ids_X=jax.device_put(eos, replicated))
     s = self._program(spec)(self.target_state, self.drafter_state, x)
     fetch = jax.device_get
     if jax.process_count() > 1:  # rows live on every host's devices: gather them to each process

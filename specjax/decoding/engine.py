@@ -27,7 +27,7 @@ from specjax.decoding import sampling as smp
 from specjax.models.llama import KVCache
 
 METHODS = ("ar", "sps", "pld")
-MAX_EOS_IDS = 8  # E: stop ids per call, padded with -1 (Llama-3 lists 3)
+MAX_EOS_IDS = 8  # X: stop ids per call, padded with -1 (Llama-3 lists 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Inputs:
   top_k_B: jax.Array
   top_p_B: jax.Array
   seed: jax.Array  # int32 scalar
-  eos_ids_E: jax.Array  # int32 [E]: generation stops after any of them; -1 pads
+  eos_ids_X: jax.Array  # int32 [X]: generation stops after any of them; -1 pads
 
 
 @flax.struct.dataclass
@@ -65,21 +65,21 @@ class RoundStats:
   The loop carries it in `State`, `Decoder` returns it (numpy) as `DecodeResult.stats`, and
   `metrics` sums it; every step after `add_round` maps over the fields with `jax.tree.map`
   (slice rows, concatenate batches, sum rows, pad to a longer γ), and `zeros` reads each shape
-  from the name's suffix (B rows, G draft positions, H = G + 1 accepted counts 0..G). A new
+  from the name's suffix (B rows, G draft positions, O = G + 1 outcomes, 0..G drafts accepted). A new
   counter is a field and its update in `add_round` (plus a key in `metrics.summarize` to report
   it). Only rounds in which the row is still active count.
   """
   rounds_B: jax.Array  # verification rounds (target forwards)
   accepted_B: jax.Array  # drafts accepted by verification
   proposed_B: jax.Array  # drafts proposed
-  accept_hist_BH: jax.Array  # rounds by number of accepted drafts, 0..G
+  accept_hist_BO: jax.Array  # rounds by number of accepted drafts, 0..G
   pos_proposed_BG: jax.Array  # rounds in which draft position i was proposed
   pos_accepted_BG: jax.Array  # rounds whose first i+1 drafts were all accepted
   pos_reached_BG: jax.Array  # rounds that proposed draft i after accepting drafts 0..i-1
 
   @classmethod
   def zeros(cls, B: int, G: int) -> "RoundStats":
-    size = {"B": B, "G": G, "H": G + 1}
+    size = {"B": B, "G": G, "O": G + 1}
     return cls(**{f.name: jnp.zeros([size[c] for c in f.name.rsplit("_", 1)[1]], jnp.int32)
                   for f in dataclasses.fields(cls)})
 
@@ -95,7 +95,7 @@ class RoundStats:
         rounds_B=self.rounds_B + act_B,
         accepted_B=self.accepted_B + act_B * n_B,
         proposed_B=self.proposed_B + act_B * gamma_B,
-        accept_hist_BH=self.accept_hist_BH + act_B[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
+        accept_hist_BO=self.accept_hist_BO + act_B[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
         pos_proposed_BG=self.pos_proposed_BG + act_B[:, None] * proposed_BG,
         pos_accepted_BG=self.pos_accepted_BG + act_B[:, None] * accepted_BG,
         pos_reached_BG=self.pos_reached_BG + act_B[:, None] * reached_BG)
@@ -138,7 +138,7 @@ def _commit(s: State, x: Inputs, candidates_BT, available_B, spec: LoopSpec):
   """Appends up to available_B of candidates_BT per row, stopping after any EOS id or at the budget."""
   T = candidates_BT.shape[1]
   t_T = jnp.arange(T)
-  eos_BT = jnp.any((candidates_BT[..., None] == x.eos_ids_E) & (x.eos_ids_E >= 0), axis=-1)
+  eos_BT = jnp.any((candidates_BT[..., None] == x.eos_ids_X) & (x.eos_ids_X >= 0), axis=-1)
   is_eos_BT = eos_BT & (t_T[None] < available_B[:, None])
   has_eos_B = jnp.any(is_eos_BT, axis=1)
   upto_eos_B = jnp.where(has_eos_B, jnp.argmax(is_eos_BT, axis=1) + 1, available_B)
@@ -188,46 +188,46 @@ def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
 # --- drafting ------------------------------------------------------------------------------
 
 
-def scoring_forward(model, ids_K=None):
-  """model's cached forward, (tokens_BT, cache, positions_BT) -> (float32 scores_BTK, cache), over
-  tokens ids_K (None: the whole vocabulary, the model as it is), with those output columns
-  gathered [D, K] once, before the loop. (A [D, V] copy of a tied [V, D] output layer was
+def scoring_forward(model, ids_W=None):
+  """model's cached forward, (tokens_BT, cache, positions_BT) -> (float32 scores_BTW, cache), over
+  tokens ids_W (None: the whole vocabulary, the model as it is), with those output columns
+  gathered [D, W] once, before the loop. (A [D, V] copy of a tied [V, D] output layer was
   measured too, for the target: on these shared 2 cores it was neither faster nor slower
   consistently across 1, 5 and 16 rows, so the target keeps its own layout.)"""
-  if ids_K is None:
+  if ids_W is None:
     return model
-  head_DK = model.head_DK(ids_K)
+  head_DW = model.head_DW(ids_W)
 
   def forward(tokens_BT, cache, positions_BT):
     h_BTD, cache = model.hidden_states(tokens_BT, cache, positions_BT)
-    return jnp.dot(h_BTD, head_DK.astype(h_BTD.dtype)).astype(jnp.float32), cache
+    return jnp.dot(h_BTD, head_DW.astype(h_BTD.dtype)).astype(jnp.float32), cache
   return forward
 
 
 @dataclasses.dataclass(frozen=True)
 class DraftModel:
-  """The drafter as the loop calls it: forward(tokens_BT, cache, positions_BT) -> (scores_BTK,
-  cache) over its K draft tokens, and ids_K mapping score index -> token id (None: K = V, the
+  """The drafter as the loop calls it: forward(tokens_BT, cache, positions_BT) -> (scores_BTW,
+  cache) over its W draft tokens, and ids_W mapping score index -> token id (None: W = V, the
   identity). A reduced-vocabulary drafter (specjax.models.draft_vocab) scores only its subset
-  with the output columns gathered once per call, so each draft step reads [D, K], not [D, V]."""
+  with the output columns gathered once per call, so each draft step reads [D, W], not [D, V]."""
   forward: object
-  ids_K: jax.Array | None
+  ids_W: jax.Array | None
   vocab_size: int
 
   @classmethod
   def of(cls, drafter) -> "DraftModel":
     vocab = getattr(drafter, "draft_vocab", None)
-    ids_K = None if vocab is None else vocab[...]
-    return cls(scoring_forward(drafter, ids_K), ids_K, drafter.config.vocab_size)
+    ids_W = None if vocab is None else vocab[...]
+    return cls(scoring_forward(drafter, ids_W), ids_W, drafter.config.vocab_size)
 
   def tokens(self, index_B):
-    return index_B if self.ids_K is None else self.ids_K[index_B]
+    return index_B if self.ids_W is None else self.ids_W[index_B]
 
-  def full_probs(self, q_BK):
+  def full_probs(self, q_BW):
     """q over the whole vocabulary (zero outside the subset), as verification reads it."""
-    if q_BK is None or self.ids_K is None:
-      return q_BK
-    return jnp.zeros(q_BK.shape[:-1] + (self.vocab_size,), q_BK.dtype).at[..., self.ids_K].set(q_BK)
+    if q_BW is None or self.ids_W is None:
+      return q_BW
+    return jnp.zeros(q_BW.shape[:-1] + (self.vocab_size,), q_BW.dtype).at[..., self.ids_W].set(q_BW)
 
 
 def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, gamma_B):
@@ -240,15 +240,15 @@ def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, 
   start_B = jnp.maximum(L_B - 2, 0)
   pos_B2 = start_B[:, None] + jnp.arange(2)[None]
   chunk_B2 = jnp.take_along_axis(s.tokens_BN, pos_B2, axis=1)
-  logits_B2K, cache = drafter.forward(chunk_B2, s.drafter_cache, pos_B2)
-  logits_BK = jnp.take_along_axis(logits_B2K, (L_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
+  logits_B2W, cache = drafter.forward(chunk_B2, s.drafter_cache, pos_B2)
+  logits_BW = jnp.take_along_axis(logits_B2W, (L_B - 1 - start_B)[:, None, None], axis=1)[:, 0]
 
-  def choose(logits_BK, i):
+  def choose(logits_BW, i):
     keys_B = smp.row_keys(x.seed, x.row_ids_B, L_B + i, smp.TAG_DRAFT)
-    index_B, q_BK = smp.choose_tokens(logits_BK, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
-    return drafter.tokens(index_B), drafter.full_probs(q_BK)
+    index_B, q_BW = smp.choose_tokens(logits_BW, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+    return drafter.tokens(index_B), drafter.full_probs(q_BW)
 
-  d_B, q_BV = choose(logits_BK, 0)
+  d_B, q_BV = choose(logits_BW, 0)
   drafts_BG = jnp.zeros((B, G), jnp.int32).at[:, 0].set(d_B)
   q_BGV = None if q_BV is None else jnp.zeros((B, G, q_BV.shape[-1]), jnp.float32).at[:, 0].set(q_BV)
   steps = jnp.maximum(jnp.max(gamma_B), 1)
@@ -256,8 +256,8 @@ def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, 
   def body(carry):
     i, drafts_BG, q_BGV, cache = carry
     prev_B = jax.lax.dynamic_index_in_dim(drafts_BG, i - 1, axis=1, keepdims=False)
-    logits_B1K, cache = drafter.forward(prev_B[:, None], cache, (L_B - 1 + i)[:, None])
-    d_B, q_BV = choose(logits_B1K[:, 0], i)
+    logits_B1W, cache = drafter.forward(prev_B[:, None], cache, (L_B - 1 + i)[:, None])
+    d_B, q_BV = choose(logits_B1W[:, 0], i)
     drafts_BG = jax.lax.dynamic_update_index_in_dim(drafts_BG, d_B, i, axis=1)
     if q_BGV is not None:
       q_BGV = jax.lax.dynamic_update_index_in_dim(q_BGV, q_BV, i, axis=1)

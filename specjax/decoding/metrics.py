@@ -93,7 +93,7 @@ def summarize(c: Counters) -> dict:
   drafted = int(c.stats.drafted_B.sum()) if t.pos_proposed_BG.size else 0  # the empty sum has G = 0
   cumulative = [_ratio(a, p) for a, p in zip(t.pos_accepted_BG, t.pos_proposed_BG)]
   conditional = [_ratio(a, r) for a, r in zip(t.pos_accepted_BG, t.pos_reached_BG)]
-  hist_total = int(t.accept_hist_BH.sum())
+  hist_total = int(t.accept_hist_BO.sum())
   return {
       "rows": c.rows,
       "new_tokens": c.new_tokens,
@@ -109,8 +109,8 @@ def summarize(c: Counters) -> dict:
       "target_forward_passes": _number(c.target_calls),
       "drafter_forward_passes": _number(c.drafter_calls),
       "per_position_acceptance": {"cumulative": cumulative, "conditional": conditional},
-      "accepted_hist": [_ratio(n, hist_total) for n in t.accept_hist_BH],
-      "accepted_hist_counts": [int(n) for n in t.accept_hist_BH],
+      "accepted_hist": [_ratio(n, hist_total) for n in t.accept_hist_BO],
+      "accepted_hist_counts": [int(n) for n in t.accept_hist_BO],
   }
 
 

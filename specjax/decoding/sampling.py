@@ -28,24 +28,24 @@ class SamplingMode:
     return cls(greedy=False, use_top_k=top_k > 0, use_top_p=top_p < 1.0)
 
 
-def processed_logits(logits_NV: jax.Array, temperature_N, top_k_N, top_p_N, mode: SamplingMode) -> jax.Array:
+def processed_logits(logits_ZV: jax.Array, temperature_Z, top_k_Z, top_p_Z, mode: SamplingMode) -> jax.Array:
   """Temperature, then top-k, then top-p (transformers' order); masked entries are -inf.
 
   Leading dims of logits are arbitrary; the parameter arrays broadcast against them.
   """
-  logits = logits_NV.astype(jnp.float32) / jnp.asarray(temperature_N, jnp.float32)[..., None]
+  logits = logits_ZV.astype(jnp.float32) / jnp.asarray(temperature_Z, jnp.float32)[..., None]
   if not (mode.use_top_k or mode.use_top_p):
     return logits
   vocab = logits.shape[-1]
   sorted_desc = -jnp.sort(-logits, axis=-1)
   if mode.use_top_k:
-    k = jnp.broadcast_to(jnp.asarray(top_k_N, jnp.int32), logits.shape[:-1])
+    k = jnp.broadcast_to(jnp.asarray(top_k_Z, jnp.int32), logits.shape[:-1])
     k = jnp.where(k <= 0, vocab, jnp.minimum(k, vocab))
     kth = jnp.take_along_axis(sorted_desc, (k - 1)[..., None], axis=-1)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
     sorted_desc = jnp.where(jnp.arange(vocab) < k[..., None], sorted_desc, -jnp.inf)
   if mode.use_top_p:
-    p = jnp.broadcast_to(jnp.asarray(top_p_N, jnp.float32), logits.shape[:-1])[..., None]
+    p = jnp.broadcast_to(jnp.asarray(top_p_Z, jnp.float32), logits.shape[:-1])[..., None]
     probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
     keep = (mass_before < p) | (jnp.arange(vocab) == 0)  # the top token always stays
@@ -54,11 +54,11 @@ def processed_logits(logits_NV: jax.Array, temperature_N, top_k_N, top_p_N, mode
   return logits
 
 
-def processed_probs(logits_NV, temperature_N, top_k_N, top_p_N, mode: SamplingMode) -> jax.Array:
+def processed_probs(logits_ZV, temperature_Z, top_k_Z, top_p_Z, mode: SamplingMode) -> jax.Array:
   """float32 probabilities after processing; for greedy mode, the one-hot of the argmax."""
   if mode.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits_NV, axis=-1), logits_NV.shape[-1], dtype=jnp.float32)
-  return jax.nn.softmax(processed_logits(logits_NV, temperature_N, top_k_N, top_p_N, mode), axis=-1)
+    return jax.nn.one_hot(jnp.argmax(logits_ZV, axis=-1), logits_ZV.shape[-1], dtype=jnp.float32)
+  return jax.nn.softmax(processed_logits(logits_ZV, temperature_Z, top_k_Z, top_p_Z, mode), axis=-1)
 
 
 def row_keys(seed, row_ids_B, positions_B, tag: int) -> jax.Array:

@@ -2,12 +2,12 @@
 
 A drafter's output layer over a 49k-token vocabulary costs more per draft step than its
 layers do (SmolLM2's tied 49,152 x 576 matrix is 113 MB in float32, a fifth of the whole
-135M target). Scoring only the K tokens that cover the target's own outputs in one language
+135M target). Scoring only the W tokens that cover the target's own outputs in one language
 (FR-Spec and VocabTrim do this for one general drafter) makes a draft step several times
 cheaper. The draft distribution is zero outside the subset, so verification against the
 target stays exact by construction: only acceptance can change.
 
-The subset is a `DraftVocab` variable on the drafter (`model.draft_vocab`, int32 [K], sorted)
+The subset is a `DraftVocab` variable on the drafter (`model.draft_vocab`, int32 [W], sorted)
 that is not a Param, so optimisers never touch it. It is stored beside the weights as
 `draft_vocab.json` (token ids plus how they were chosen) and, for SGLang's
 `--speculative-token-map`, as `token_map.pt` (a torch int64 tensor; written when torch is
@@ -30,7 +30,7 @@ TOKEN_MAP_FILE = "token_map.pt"
 
 
 class DraftVocab(nnx.Variable):
-  """Sorted int32 token ids [K] that a reduced-vocabulary drafter scores; not trained."""
+  """Sorted int32 token ids [W] that a reduced-vocabulary drafter scores; not trained."""
 
 
 def choose_token_ids(responses: Iterable[Sequence[int]], vocab_size: int, coverage: float = 0.99,

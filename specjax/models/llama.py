@@ -1,7 +1,8 @@
 """The Llama architecture in Flax NNX, with an explicit KV cache.
 
-Shape suffixes: B batch, T new tokens, S cache length, D hidden, H query heads,
-K key/value heads, G query heads per key/value head, E head_dim, F MLP width, V vocab.
+Shape suffixes (NAMING.md has the package's one table): B batch, T new tokens, S cache slots,
+D hidden, H query heads, C key/value heads, Q query heads per key/value head, M = Q*T, R = B*C,
+E head_dim, Z any number of heads, V vocab, W a reduced draft vocabulary's tokens.
 Parameter names follow Hugging Face's (`layers/3/self_attn/q_proj/kernel`), with kernels
 stored [in, out], so import and export are a transpose.
 """
@@ -20,12 +21,12 @@ from specjax.models.config import LlamaConfig
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys [R, S, E] and values [R, E, S] of each layer, R = batch x kv_heads (row b*K + k),
+  """Keys [R, S, E] and values [R, E, S] of each layer, R = batch x kv_heads (row b*C + c),
   static shape, with each batch row's committed length.
 
   Row b's entries at positions >= lengths[b] are stale (rejected drafts, padding) and are
   never attended to: every forward writes its new keys before attending, and masks by position.
-  Why this layout: one array per layer (not a stacked [L, B, S, K, E]); batch and heads merged
+  Why this layout: one array per layer (not a stacked [L, B, S, C, E]); batch and heads merged
   so the attention dots need no reshape of the cache; the contracted dimension innermost (E
   for scores, S for outputs), as XLA's dot wants it; writes as one dynamic_update_slice per
   row. XLA then updates the cache in place and never slices, transposes or duplicates it per
@@ -49,7 +50,7 @@ class KVCache:
     return self.k_RSE[0].shape[1]
 
   def keys(self, layer: int) -> jax.Array:
-    """Layer's keys as [B, K, S, E] (for inspection and tests)."""
+    """Layer's keys as [B, C, S, E] (for inspection and tests)."""
     rows, S, E = self.k_RSE[layer].shape
     return self.k_RSE[layer].reshape(self.lengths_B.shape[0], -1, S, E)
 
@@ -83,11 +84,11 @@ def rope_cos_sin(positions_BT: jax.Array, config: LlamaConfig, dtype) -> tuple[j
   return jnp.cos(angles_BTE).astype(dtype), jnp.sin(angles_BTE).astype(dtype)
 
 
-def apply_rope(x_BTNE: jax.Array, cos_BTE: jax.Array, sin_BTE: jax.Array) -> jax.Array:
+def apply_rope(x_BTZE: jax.Array, cos_BTE: jax.Array, sin_BTE: jax.Array) -> jax.Array:
   """Hugging Face's `rotate_half` layout: the two halves of head_dim are the pair."""
-  half = x_BTNE.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BTNE[..., half:], x_BTNE[..., :half]], axis=-1)
-  return x_BTNE * cos_BTE[:, :, None, :] + rotated * sin_BTE[:, :, None, :]
+  half = x_BTZE.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTZE[..., half:], x_BTZE[..., :half]], axis=-1)
+  return x_BTZE * cos_BTE[:, :, None, :] + rotated * sin_BTE[:, :, None, :]
 
 
 # Up to this many batch rows, cache writes are one dynamic_update_slice per row; above it, one scatter.
@@ -151,16 +152,16 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, cos_BTE, sin_BTE, mask_BTS, kv=None):
     """kv: None for a plain causal forward, else (k_RSE, v_RES, start_B): the new keys/values
     go to positions start_B[b] .. start_B[b]+T-1 of this layer's cache before attending.
-    Returns (out_BTD, kv with the updated cache arrays). R = B*K, Q = G*T."""
+    Returns (out_BTD, kv with the updated cache arrays). R = B*C (a row per batch row and key/value head), M = Q*T (that head's query rows)."""
     cfg = self.config
     B, T, _ = x_BTD.shape
-    K, E = cfg.num_kv_heads, cfg.head_dim
-    G = cfg.num_heads // K
-    q_BTKGE = apply_rope(self.q_proj(x_BTD).reshape(B, T, K * G, E), cos_BTE, sin_BTE).reshape(B, T, K, G, E)
-    k_BTKE = apply_rope(self.k_proj(x_BTD).reshape(B, T, K, E), cos_BTE, sin_BTE)
-    v_BTKE = self.v_proj(x_BTD).reshape(B, T, K, E)
-    new_k_RTE = k_BTKE.transpose(0, 2, 1, 3).reshape(B * K, T, E)
-    new_v_RET = v_BTKE.transpose(0, 2, 3, 1).reshape(B * K, E, T)
+    C, E = cfg.num_kv_heads, cfg.head_dim
+    Q = cfg.num_heads // C
+    q_BTCQE = apply_rope(self.q_proj(x_BTD).reshape(B, T, C * Q, E), cos_BTE, sin_BTE).reshape(B, T, C, Q, E)
+    k_BTCE = apply_rope(self.k_proj(x_BTD).reshape(B, T, C, E), cos_BTE, sin_BTE)
+    v_BTCE = self.v_proj(x_BTD).reshape(B, T, C, E)
+    new_k_RTE = k_BTCE.transpose(0, 2, 1, 3).reshape(B * C, T, E)
+    new_v_RET = v_BTCE.transpose(0, 2, 3, 1).reshape(B * C, E, T)
     if kv is None:
       k_RSE, v_RES = new_k_RTE, new_v_RET
     else:
@@ -169,15 +170,15 @@ class Attention(nnx.Module):
       v_RES = write_rows(v_RES, new_v_RET, start_B, axis=2)
       kv = (k_RSE, v_RES, start_B)
     S = k_RSE.shape[1]
-    q_RQE = q_BTKGE.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, E)
-    scores_RQS = jnp.einsum("rqe,rse->rqs", q_RQE, k_RSE.astype(q_RQE.dtype),
+    q_RME = q_BTCQE.transpose(0, 2, 3, 1, 4).reshape(B * C, Q * T, E)
+    scores_RMS = jnp.einsum("rme,rse->rms", q_RME, k_RSE.astype(q_RME.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(E)
-    mask_RQS = jnp.broadcast_to(mask_BTS[:, None, None], (B, K, G, T, S)).reshape(B * K, G * T, S)
-    scores_RQS = jnp.where(mask_RQS, scores_RQS, jnp.finfo(jnp.float32).min)
-    probs_RQS = jax.nn.softmax(scores_RQS, axis=-1).astype(x_BTD.dtype)
-    out_RQE = jnp.einsum("rqs,res->rqe", probs_RQS, v_RES.astype(x_BTD.dtype))
-    out_BTKGE = out_RQE.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4)
-    return self.o_proj(out_BTKGE.reshape(B, T, K * G * E)), kv
+    mask_RMS = jnp.broadcast_to(mask_BTS[:, None, None], (B, C, Q, T, S)).reshape(B * C, Q * T, S)
+    scores_RMS = jnp.where(mask_RMS, scores_RMS, jnp.finfo(jnp.float32).min)
+    probs_RMS = jax.nn.softmax(scores_RMS, axis=-1).astype(x_BTD.dtype)
+    out_RME = jnp.einsum("rms,res->rme", probs_RMS, v_RES.astype(x_BTD.dtype))
+    out_BTCQE = out_RME.reshape(B, C, Q, T, E).transpose(0, 3, 1, 2, 4)
+    return self.o_proj(out_BTCQE.reshape(B, T, C * Q * E)), kv
 
 
 class MLP(nnx.Module):
@@ -252,12 +253,12 @@ class Llama(nnx.Module):
       return h_BTD, None
     return h_BTD, KVCache(tuple(new_k), tuple(new_v), cache.lengths_B + T)
 
-  def head_DK(self, token_ids_K: jax.Array) -> jax.Array:
-    """The output layer's columns for tokens token_ids_K, [D, K] ([in, out], as XLA's dot wants):
+  def head_DW(self, token_ids_W: jax.Array) -> jax.Array:
+    """The output layer's columns for tokens token_ids_W, [D, W] ([in, out], as XLA's dot wants):
     a reduced-vocabulary drafter scores only these (see specjax.models.draft_vocab)."""
     if self.lm_head is None:
-      return self.embed_tokens.embedding[...][token_ids_K].T
-    return self.lm_head.kernel[...][:, token_ids_K]
+      return self.embed_tokens.embedding[...][token_ids_W].T
+    return self.lm_head.kernel[...][:, token_ids_W]
 
   def logits(self, h_BTD) -> jax.Array:
     if self.lm_head is None:

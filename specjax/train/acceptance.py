@@ -55,7 +55,7 @@ def first_per_category(questions: list[dict], per: int) -> list[dict]:
 class AcceptanceEval:
   """Built once (one compile per temperature mode); each call swaps in the current parameters."""
 
-  def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh, draft_ids_K=None):
+  def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh, draft_ids_W=None):
     questions = heldout_questions(config, workdir)
     if config.acceptance_prompts_per_language and not config.acceptance_prompts.startswith("heldout:"):
       questions = first_per_category(questions, config.acceptance_prompts_per_language)
@@ -66,7 +66,7 @@ class AcceptanceEval:
     self.temperatures = tuple(config.acceptance_temperatures)
     self.seed = config.seed
     self.mesh = mesh if jax.device_count() > 1 else None
-    self.drafter_graphdef, self.draft_ids_K = drafter_graphdef, draft_ids_K
+    self.drafter_graphdef, self.draft_ids_W = drafter_graphdef, draft_ids_W
     self.decoder = Decoder(target, self._drafter(params), method="sps", gamma=config.acceptance_gamma,
                            max_new_tokens=config.acceptance_max_new_tokens, batch_size=config.acceptance_batch_size,
                            mesh=self.mesh, prompt_bucket=config.acceptance_prompt_bucket)
@@ -76,7 +76,7 @@ class AcceptanceEval:
   def _drafter(self, params):
     """The drafter as it decodes: these parameters, with its reduced vocabulary when it has one."""
     drafter = nnx.merge(self.drafter_graphdef, params)
-    set_draft_vocab(drafter, self.draft_ids_K)
+    set_draft_vocab(drafter, self.draft_ids_W)
     return drafter
 
   def __call__(self, step: int, params) -> dict:

@@ -46,11 +46,11 @@ class StepSpec:
   with_target: bool = False  # the target's logits are computed (distillation losses)
 
 
-def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: StepSpec, draft_ids_K=None):
+def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: StepSpec, draft_ids_W=None):
   """Weighted sums over one micro-batch: (loss_sum, aux dict of sums).
 
-  draft_ids_K: a reduced-vocabulary drafter's tokens (specjax.models.draft_vocab). Its logits are
-  then over those K tokens only (as it drafts), targets are their index in the subset, and tokens
+  draft_ids_W: a reduced-vocabulary drafter's tokens (specjax.models.draft_vocab). Its logits are
+  then over those W tokens only (as it drafts), targets are their index in the subset, and tokens
   outside it (which it can never propose) carry no loss; so does the target's distribution,
   restricted to the subset and renormalised, for the distillation losses.
   """
@@ -59,13 +59,13 @@ def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: S
   kwargs = {"positions_BT": micro["decoder_positions"], "segment_ids_BT": micro["decoder_segment_ids"]}
   targets_bL = micro["decoder_target_tokens"]
   weights_bL = micro["decoder_loss_weights"].astype(jnp.float32)
-  if draft_ids_K is None:
+  if draft_ids_W is None:
     logits_bLV = model(tokens_bL, **kwargs)
   else:
     h_bLD, _ = model.hidden_states(tokens_bL, **kwargs)
-    logits_bLV = jnp.dot(h_bLD, model.head_DK(draft_ids_K).astype(h_bLD.dtype)).astype(jnp.float32)
-    index_V = jnp.full((model.config.vocab_size,), -1, jnp.int32).at[draft_ids_K].set(
-        jnp.arange(draft_ids_K.shape[0], dtype=jnp.int32))
+    logits_bLV = jnp.dot(h_bLD, model.head_DW(draft_ids_W).astype(h_bLD.dtype)).astype(jnp.float32)
+    index_V = jnp.full((model.config.vocab_size,), -1, jnp.int32).at[draft_ids_W].set(
+        jnp.arange(draft_ids_W.shape[0], dtype=jnp.int32))
     index_bL = index_V[targets_bL]
     weights_bL = weights_bL * (index_bL >= 0)
     targets_bL = jnp.maximum(index_bL, 0)
@@ -73,8 +73,8 @@ def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: S
   if spec.with_target:
     target = nnx.merge(target_graphdef, target_params)
     target_logits_bLV = jax.lax.stop_gradient(target(tokens_bL, **kwargs))
-    if draft_ids_K is not None:
-      target_logits_bLV = target_logits_bLV[..., draft_ids_K]
+    if draft_ids_W is not None:
+      target_logits_bLV = target_logits_bLV[..., draft_ids_W]
   per_token_bL = losses.token_losses(spec.loss, logits_bLV, targets_bL, target_logits_bLV)
   ce_bL = per_token_bL if spec.loss == "cross_entropy" else losses.cross_entropy(logits_bLV, targets_bL)
   correct_bL = (jnp.argmax(logits_bLV, axis=-1) == targets_bL).astype(jnp.float32)
@@ -87,10 +87,10 @@ def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: S
 
 
 def make_train_step(graphdef, target_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    spec: StepSpec, draft_ids_K=None) -> Callable:
+                    spec: StepSpec, draft_ids_W=None) -> Callable:
   """(state, target_params, batch) -> (state, metrics); batch arrays are [A, b, L].
-  draft_ids_K: train a reduced-vocabulary drafter over these tokens (see _micro_sums)."""
-  grad_fn = jax.value_and_grad(functools.partial(_micro_sums, draft_ids_K=draft_ids_K), has_aux=True)
+  draft_ids_W: train a reduced-vocabulary drafter over these tokens (see _micro_sums)."""
+  grad_fn = jax.value_and_grad(functools.partial(_micro_sums, draft_ids_W=draft_ids_W), has_aux=True)
 
   def train_step(state, target_params, batch_ABL):
     params = state["params"]
@@ -102,7 +102,7 @@ def make_train_step(graphdef, target_graphdef, tx: optax.GradientTransformation,
               jax.tree.map(jnp.add, acc_aux, aux)), None
 
     aux_zero = jax.eval_shape(lambda: _micro_sums(params, target_params, jax.tree.map(lambda a: a[0], batch_ABL),
-                                                  graphdef, target_graphdef, spec, draft_ids_K)[1])
+                                                  graphdef, target_graphdef, spec, draft_ids_W)[1])
     zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_zero))
     (grad_sums, loss_sum, aux), _ = jax.lax.scan(accumulate, zero, batch_ABL)
@@ -128,15 +128,15 @@ def make_train_step(graphdef, target_graphdef, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef, target_graphdef, spec: StepSpec, draft_ids_K=None) -> Callable:
+def make_eval_step(graphdef, target_graphdef, spec: StepSpec, draft_ids_W=None) -> Callable:
   """Teacher-forced loss and accuracy sums on held-out batches [A, b, L] (no update)."""
   def eval_step(params, target_params, batch_ABL):
     def one(carry, micro):
-      loss_sum, aux = _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec, draft_ids_K)
+      loss_sum, aux = _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec, draft_ids_W)
       return jax.tree.map(jnp.add, carry, {"loss": loss_sum, **aux}), None
     first = jax.tree.map(lambda a: a[0], batch_ABL)
     shapes = jax.eval_shape(lambda: _micro_sums(params, target_params, first, graphdef, target_graphdef, spec,
-                                                draft_ids_K))
+                                                draft_ids_W))
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), {"loss": shapes[0], **shapes[1]})
     return jax.lax.scan(one, zero, batch_ABL)[0]
   return eval_step

@@ -31,11 +31,11 @@ from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
 from specjax.models.config import PRESETS
 from specjax.models.draft_vocab import DRAFT_VOCAB_FILE, choose_token_ids, load_draft_vocab, save_draft_vocab
-from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
+from specjax.models.hf import check_checkpoint, load_model, load_tokenizer, save_hf_checkpoint
 from specjax.models.llama import init_model
 from specjax.train import losses
 from specjax.train.acceptance import AcceptanceEval
-from specjax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from specjax.train.checkpoint import Checkpointer, check_settings, checkpoint_dir, newest_meta, restore_params
 from specjax.train.optimizer import make_optimizer
 from specjax.train.step import BATCH_FEATURES, StepSpec, init_state, jit_train_step, make_eval_step, make_train_step
 from specjax.train.writers import MetricWriter
@@ -235,6 +235,33 @@ def _draft_vocab(config, workdir, paths, vocab_size: int, tokenizer) -> np.ndarr
   return ids
 
 
+# The fields that decide which examples a step reads (the data position is a step count): a
+# resume with other values would re-read or skip data, so it is refused unless the user asks.
+DATA_SETTINGS = ("batch_size", "sequence_length", "grad_accumulation", "mixture", "data_dir", "selfdistill_dir",
+                 "template", "pretrain_source", "translate_source", "tfds_data_dir", "data_limit",
+                 "shuffle_buffer_size", "seed", "tokenizer")
+
+
+def run_settings(config) -> dict:
+  """This run's data settings as they read back from a checkpoint's JSON record."""
+  settings = {k: config.get(k) for k in DATA_SETTINGS}
+  settings["data_shards"] = _data_shards(config)[1]  # the effective number (0 means one per process)
+  return json.loads(json.dumps(settings))
+
+
+def _check_resume(config, workdir: str, step: int | None = None, meta: dict | None = None) -> int | None:
+  """A resume with other data settings is refused (the newest checkpoint's record, read before
+  anything loads; or the restored step's); returns the step checked."""
+  if meta is None:
+    found = newest_meta(checkpoint_dir(workdir))
+    if found is None:
+      return None
+    step, meta = found
+  check_settings(f"{checkpoint_dir(workdir)}/{step}", meta.get("settings"), run_settings(config),
+                 allow=bool(config.get("allow_resume_with_changes")))
+  return step
+
+
 def _finite(metrics: dict) -> bool:
   return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm", "param_norm"))
 
@@ -250,6 +277,10 @@ def run(config, workdir: str) -> dict:
   if not tokenizer_dir or tokenizer_dir.startswith("preset:"):
     raise SpecjaxError("config field `tokenizer` must name a directory holding the target's tokenizer "
                        "(defaults to `target` when that is a checkpoint directory)")
+  checked = _check_resume(config, workdir)
+  check_checkpoint(paths["target"], "config field `target`")  # read by specjax before transformers reads it
+  if not paths["drafter"].startswith(("preset:", "run:")):
+    check_checkpoint(paths["drafter"], "config field `drafter`")
   tokenizer = load_tokenizer(tokenizer_dir)
   mesh = shd.make_mesh(tuple(config.mesh_shape))
   steps = total_steps(config)
@@ -276,10 +307,13 @@ def run(config, workdir: str) -> dict:
   state = jax.device_put(state, state_sh)
 
   checkpointer = Checkpointer(checkpoint_dir(workdir), save_every=config.checkpoint_every,
-                              keep=config.checkpoints_to_keep, async_save=config.async_checkpointing)
+                              keep=config.checkpoints_to_keep, async_save=config.async_checkpointing,
+                              settings=run_settings(config))
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state, shardings=state_sh)
+    if int(meta["step"]) != checked:  # fell back to an older step than the one checked
+      _check_resume(config, workdir, int(meta["step"]), meta)
     start = int(meta["step"])
     console.info("resuming from %s at step %d", checkpointer.directory, start)
   if jax.process_index() == 0:
