@@ -60,6 +60,10 @@ def positive(v):
   return None if _is_number(v) and v > 0 else "must be a number > 0"
 
 
+def boolean(v):
+  return None if isinstance(v, bool) else "must be True or False"
+
+
 def one_of(*choices) -> Callable[[Any], str | None]:
   def rule(v):
     return None if v in choices else f"expected one of {', '.join(map(str, choices))}"
@@ -136,6 +140,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "num_train_steps": COUNT,  # >= 1 unless train_tokens is set (the trainer checks the pair)
     "train_tokens": COUNT,
     "max_steps_this_run": COUNT,
+    "allow_resume_with_changes": boolean,  # a resume with other data settings (refused by default)
     "data_limit": COUNT,
     "data_shards": COUNT,
     "shuffle_buffer_size": POSITIVE_INT,

@@ -532,3 +532,74 @@ def test_every_job_checks_its_checkpoints(config, override, kind, generate_asset
   code, err = cli("--config", f"configs/{config}", "--config.local_assets=False", *target, *prompts, *data,
                   override.format(d=directory), "--workdir", str(tmp_path / "work"), monkeypatch=monkeypatch)
   _assert_clear_error(code, err, culprit, *words)
+
+
+# --- resuming a training run with other data settings ------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_two_steps(tmp_path_factory):
+  """A pretraining run stopped after 2 of 4 steps (a checkpoint at step 2), to resume."""
+  from specjax import local_assets
+  from specjax.train import trainer
+  from tests.test_train import _config
+  root = tmp_path_factory.mktemp("resume_settings")
+  assets = str(root / "assets" / "target")
+  local_assets.ensure_corpus_checkpoints(assets)
+  trainer.run(_config(assets, num_train_steps=4, checkpoint_every=2, max_steps_this_run=2, export_hf=False),
+              str(root / "run"))
+  return assets, root / "run"
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"batch_size": 4}, "batch_size 8 (now 4)"),
+    ({"sequence_length": 64}, "sequence_length 128 (now 64)"),
+    ({"grad_accumulation": 2}, "grad_accumulation 1 (now 2)"),
+    ({"mixture": "finetune_de_en"}, "mixture 'pretrain_multilingual' (now 'finetune_de_en')"),
+    ({"seed": 3}, "seed 0 (now 3)"),
+    ({"data_limit": 50}, "data_limit 0 (now 50)"),
+])
+def test_resume_with_other_data_settings_is_refused(change, named, trained_two_steps, tmp_path, monkeypatch):
+  import shutil
+  from specjax.train import trainer
+  from tests.test_train import _config
+  assets, run = trained_two_steps
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  monkeypatch.setattr(trainer, "load_tokenizer", lambda *a: pytest.fail("the tokenizer was loaded"))
+  with pytest.raises(SpecjaxError) as e:
+    trainer.run(_config(assets, num_train_steps=4, checkpoint_every=2, export_hf=False, **change), str(workdir))
+  message = str(e.value)
+  assert named in message and "checkpoints/2" in message and "allow_resume_with_changes=True" in message, message
+
+
+def test_resume_with_other_settings_when_asked(trained_two_steps, tmp_path, capfd):
+  import shutil
+  from specjax.train import trainer
+  from tests.test_train import _config
+  assets, run = trained_two_steps
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  capfd.readouterr()
+  out = trainer.run(_config(assets, num_train_steps=4, checkpoint_every=2, export_hf=False, batch_size=4,
+                            allow_resume_with_changes=True), str(workdir))
+  printed = "".join(capfd.readouterr())
+  assert out["finished"] and out["step"] == 4
+  assert "batch_size 8 (now 4)" in printed and "resuming anyway" in printed and "Traceback" not in printed
+  # the new settings are recorded: a rerun with them is a plain resume, the old ones are refused
+  with pytest.raises(SpecjaxError, match=r"batch_size 4 \(now 8\)"):
+    trainer.run(_config(assets, num_train_steps=4, checkpoint_every=2, export_hf=False), str(workdir))
+
+
+def test_resume_with_the_same_settings_and_a_config_typo(trained_two_steps, tmp_path, monkeypatch):
+  import shutil
+  from specjax.train import trainer
+  from tests.test_train import _config
+  assets, run = trained_two_steps
+  workdir = tmp_path / "run"
+  shutil.copytree(run, workdir)
+  out = trainer.run(_config(assets, num_train_steps=4, checkpoint_every=2, export_hf=False, log_every=2),
+                    str(workdir))  # logging is no data setting
+  assert out["finished"] and out["step"] == 4
+  code, err = cli("--config", "configs/pretrain.py:runlocal", "--config.allow_resume_with_changes=maybe",
+                  "--workdir", str(tmp_path / "w2"), monkeypatch=monkeypatch)
+  assert code == 2 and "allow_resume_with_changes" in err and "Traceback" not in err, err

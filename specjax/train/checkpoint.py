@@ -10,6 +10,11 @@ damaged, says which step and which file in one line, moves it aside to `checkpoi
 and resumes from the newest intact one. Each finished step records its files' sizes
 (`specjax_files.json`), so a truncated file is named exactly; a checkpoint that is intact but
 does not fit this config's model is still an error, never skipped.
+
+The JSON record also holds the run's data settings (batch shape, mixture, data folders, seed:
+`settings` in meta). The data position is counted in steps, so a resume with another batch
+size or sequence length would re-read or skip data: `check_settings` refuses it, naming each
+difference, unless the user asks for it (the trainer's `allow_resume_with_changes`).
 """
 from __future__ import annotations
 
@@ -111,6 +116,43 @@ def damage(directory: str, step: int) -> str | None:
     except (OSError, UnicodeDecodeError, ValueError) as e:
       return f"{path}: not valid JSON ({str(e).splitlines()[0]})"
   return None
+
+
+def newest_meta(directory: str) -> tuple[int, dict] | None:
+  """(step, JSON record) of the newest step whose record reads back (local directories; None when
+  there is none): read straight from the file, so a resume can be checked before anything loads."""
+  if "://" in directory or not os.path.isdir(directory):
+    return None
+  steps = sorted((int(name) for name in os.listdir(directory) if name.isdigit()), reverse=True)
+  for step in steps:
+    try:
+      with open(os.path.join(_step_dir(directory, step), "meta", "metadata"), encoding="utf-8") as f:
+        meta = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+      continue  # damaged: restore reports it and falls back
+    if isinstance(meta, dict):
+      return step, meta
+  return None
+
+
+def check_settings(where: str, saved: dict | None, now: dict, *, allow: bool,
+                   field: str = "allow_resume_with_changes") -> None:
+  """Refuses a resume whose data settings differ from the checkpoint's (`saved`, None for a
+  checkpoint that predates the record: nothing to compare), naming each difference; with
+  `allow`, says so in one warning and goes on."""
+  if saved is None:
+    return
+  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  if not changed:
+    return
+  diff = ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
+  if allow:
+    console.warning("resume: %s was made with other data settings: %s; resuming anyway (%s=True): the data "
+                    "position is counted in steps, so data may be re-read or skipped", where, diff, field)
+    return
+  raise SpecjaxError(f"{where}: the checkpoint was made with other data settings: {diff}; the data position is "
+                     "counted in steps, so resuming would re-read or skip data. Rerun with the checkpoint's values, "
+                     f"use a new workdir, or set --config.{field}=True to resume anyway")
 
 
 def _restore_damage(e: BaseException) -> str | None:
@@ -219,7 +261,9 @@ def _move_aside(directory: str, step: int) -> str:
 
 
 class Checkpointer:
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
+               settings: dict | None = None):
+    """settings: the run's data settings, recorded in every step's JSON record (meta["settings"])."""
     if save_every < 1:
       raise SpecjaxError(f"config field `checkpoint_every`={save_every}: must be >= 1")
     if keep < 1:
@@ -228,6 +272,7 @@ class Checkpointer:
     directory = _absolute(directory)
     self.directory = directory
     self.save_every = save_every
+    self.settings = settings
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                         create=True))
@@ -242,6 +287,8 @@ class Checkpointer:
     """Starts an asynchronous save of `state` at `step` (returns before the write finishes)."""
     if step in self.manager.all_steps():
       return
+    if self.settings is not None:
+      meta = {**meta, "settings": self.settings}
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                       force=True)
     self._record_finished(but=step)

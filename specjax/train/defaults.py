@@ -78,6 +78,10 @@ def trainer_config(job: str) -> ml_collections.ConfigDict:
   c.checkpoints_to_keep = 3
   c.async_checkpointing = True
   c.max_steps_this_run = 0  # 0 = to the end; N = stop (with a checkpoint) after N more steps
+  # A resume whose data settings (batch_size, sequence_length, mixture, data folders, seed; see
+  # trainer.DATA_SETTINGS) differ from the checkpoint's is refused: the data position is a step
+  # count, so data would be re-read or skipped. True resumes anyway, with a warning.
+  c.allow_resume_with_changes = False
   c.export_hf = True  # WORKDIR/drafter: the finished drafter as a Hugging Face checkpoint
   c.local_assets = False
   return c
