@@ -603,3 +603,96 @@ def test_resume_with_the_same_settings_and_a_config_typo(trained_two_steps, tmp_
   code, err = cli("--config", "configs/pretrain.py:runlocal", "--config.allow_resume_with_changes=maybe",
                   "--workdir", str(tmp_path / "w2"), monkeypatch=monkeypatch)
   assert code == 2 and "allow_resume_with_changes" in err and "Traceback" not in err, err
+
+
+# --- the evaluation job: answers as they go, resume after the last finished unit ---------------
+
+@pytest.fixture(scope="module")
+def eval_assets(tmp_path_factory):
+  from specjax import local_assets
+  root = tmp_path_factory.mktemp("eval_resume_assets")
+  local_assets.ensure_question_file(str(root / "question.jsonl"))
+  local_assets.ensure_checkpoints([(str(root / "target"), "tiny"), (str(root / "drafter"), "tiny-drafter")])
+  return root
+
+
+def _eval_config(assets, **fields):
+  sys.path.insert(0, REPO)
+  try:
+    from configs import eval_specbench
+  finally:
+    sys.path.remove(REPO)
+  c = eval_specbench.get_config("runlocal,methods=ar+sps,drafter=general")
+  c.unlock()
+  c.update(local_assets=False, target=str(assets / "target"), drafters=f"general={assets / 'drafter'}",
+           prompts=str(assets / "question.jsonl"), cross_language=False, max_prompts_per_language=1,
+           max_new_tokens=8, temperatures=(0.0, 1.0), seeds=(0,), greedy_seeds=(0,), compilation_cache="")
+  c.update(fields)
+  return c
+
+
+def _eval_answers(workdir):
+  out = {}
+  for name in sorted(os.listdir(os.path.join(workdir, "answers"))):
+    with open(os.path.join(workdir, "answers", name), encoding="utf-8") as f:
+      out[name] = [{k: v for k, v in json.loads(line).items() if k != "tstamp"} for line in f]
+      for a in out[name]:
+        a["choices"] = [{k: v for k, v in c.items() if k != "wall_time"} for c in a["choices"]]
+  return out
+
+
+def _untimed(records):
+  return [{k: v for k, v in r.items() if k not in ("wall_s", "tokens_per_second")} for r in records]
+
+
+def test_eval_writes_as_it_goes_and_resumes_exactly(eval_assets, tmp_path, monkeypatch):
+  from specjax.eval import specbench
+  config = _eval_config(eval_assets)
+  full = specbench.run(config, str(tmp_path / "full"))
+  units = len(full["records"])
+  assert units >= 6
+
+  decode = specbench._Evaluation.decode
+  calls = []
+
+  def killed_at_the_fourth(self, run, indices, temperature, seed):
+    calls.append((run.model_id, temperature, seed))
+    if len(calls) == 4:
+      raise KeyboardInterrupt  # the job is killed while decoding its fourth unit
+    return decode(self, run, indices, temperature, seed)
+
+  split = tmp_path / "split"
+  monkeypatch.setattr(specbench._Evaluation, "decode", killed_at_the_fourth)
+  with pytest.raises(KeyboardInterrupt):
+    specbench.run(config, str(split))
+  assert sum(len(a) for a in _eval_answers(split).values()) == 3  # three units' answers on disk (1 question each)
+  with open(split / "answers.progress.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"kind": "unit", "key": ["deen", 0.0')  # and a kill cut the journal mid-line
+
+  calls.clear()
+  monkeypatch.setattr(specbench._Evaluation, "decode",
+                      lambda self, run, *a: (calls.append(run.model_id), decode(self, run, *a))[1])
+  resumed = specbench.run(config, str(split))
+  assert len(calls) == units - 3  # only the unfinished units
+  assert _eval_answers(split) == _eval_answers(tmp_path / "full")
+  assert _untimed(resumed["records"]) == _untimed(full["records"])
+
+  calls.clear()  # a finished job's rerun decodes nothing and loads no model
+  monkeypatch.setattr(specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
+  again = specbench.run(config, str(split))
+  assert calls == [] and _untimed(again["records"]) == _untimed(full["records"])
+
+
+def test_eval_refuses_a_journal_of_other_settings(eval_assets, tmp_path):
+  from specjax.eval import specbench
+  specbench._journal(_eval_config(eval_assets, max_new_tokens=4), str(tmp_path), [], True)
+  with pytest.raises(SpecjaxError, match=r"other values of max_new_tokens \(4, now 8\)"):
+    specbench.run(_eval_config(eval_assets), str(tmp_path))
+
+
+def test_eval_finds_an_unwritable_output_before_decoding(eval_assets, tmp_path, monkeypatch):
+  from specjax.eval import specbench
+  (tmp_path / "answers").write_text("a file where the answers folder goes\n")  # fails even for root
+  monkeypatch.setattr(specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
+  with pytest.raises(SpecjaxError, match="cannot write the answers"):
+    specbench.run(_eval_config(eval_assets), str(tmp_path))

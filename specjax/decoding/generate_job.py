@@ -7,7 +7,8 @@ warm-up call per new bucket keeps compile time out of tokens/s (it is reported a
 
 Nothing computed is thrown away: each finished batch's answers are appended to
 WORKDIR/answers.jsonl at once (flushed to disk), and the batch (answers, decode counters) to
-WORKDIR/answers.progress.jsonl, a journal whose first line records the config. A rerun of the same
+WORKDIR/answers.progress.jsonl (specjax.journal, shared with eval_specbench), a journal whose first
+line records the config. A rerun of the same
 command reads the journal, skips every finished batch and decodes the rest with the same batches
 (and so the same padded shapes and row ids): its answers equal an uninterrupted run's. A journal
 from other settings is an error naming them, not something mixed in. Writing is tried before the
@@ -15,18 +16,15 @@ models load, so an unwritable workdir fails in a second, not after decoding.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import math
-import os
 import time
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from specjax import console, fileio, local_assets
+from specjax import console, fileio, journal, local_assets
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
@@ -37,7 +35,7 @@ from specjax.sharding import make_mesh, replicate_model
 
 LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
 ANSWERS = "answers.jsonl"
-JOURNAL = "answers.progress.jsonl"
+JOURNAL = journal.NAME
 # Fields that do not change a single answer; every other field must match the journal's to resume.
 NOT_ECHOED = ("warmup",)
 
@@ -84,23 +82,23 @@ def run(config, workdir: str) -> dict:
   if config.max_prompts:
     questions = questions[:config.max_prompts]
   writer = jax.process_index() == 0
-  journal = Journal(workdir, _echo(config), [q["question_id"] for q in questions], writer)  # fails before decoding
+  progress = Journal(workdir, _echo(config), [q["question_id"] for q in questions], writer)  # fails before decoding
   if jax.process_count() > 1:  # every process must skip the same batches, or the collectives would hang
     from jax.experimental import multihost_utils
     try:
-      multihost_utils.assert_equal(np.int64(len(journal.batches)), "finished batches")
+      multihost_utils.assert_equal(np.int64(len(progress.batches)), "finished batches")
     except AssertionError:
-      raise SpecjaxError(f"{journal.path}: the processes see different finished batches; the workdir must be one "
+      raise SpecjaxError(f"{progress.path}: the processes see different finished batches; the workdir must be one "
                          "directory that every process reads (e.g. gs://...)") from None
   plan = _plan(questions, config.batch_size)
-  todo = [b for b in plan if (b["turn"], b["lo"]) not in journal.batches]
-  if journal.batches:
-    console.info("generate: resuming %s: %d of %d batches done, %d to decode", journal.path, len(plan) - len(todo),
+  todo = [b for b in plan if (b["turn"], b["lo"]) not in progress.batches]
+  if progress.batches:
+    console.info("generate: resuming %s: %d of %d batches done, %d to decode", progress.path, len(plan) - len(todo),
                  len(plan), len(todo))
 
   answers, results, categories = [], [], []
   history = {i: [] for i in range(len(questions))}  # (user message, answer text) per earlier turn
-  compile_s = sum(b["compile_s"] for b in journal.batches.values())
+  compile_s = sum(b["compile_s"] for b in progress.batches.values())
   decoder = tokenizer = None
   if todo:
     if config.local_assets:
@@ -116,7 +114,7 @@ def run(config, workdir: str) -> dict:
     active = [i for b in batches for i in b["rows"]]
     prompts = names = None
     for b in batches:
-      done = journal.batches.get((turn, b["lo"]))
+      done = progress.batches.get((turn, b["lo"]))
       if done is None:
         if prompts is None:  # this turn's prompts, from the earlier turns' answers (decoded or resumed)
           texts = [apply_template(config.template, questions[i]["turns"][turn], history[i], config.system_prompt,
@@ -132,7 +130,7 @@ def run(config, workdir: str) -> dict:
         done = _decode_batch(decoder, tokenizer, questions, b, prompts[b["lo"]:b["lo"] + len(b["rows"])],
                              names[b["lo"]:b["lo"] + len(b["rows"])], sampling, warm)
         warm = 0.0
-        journal.append(done)
+        progress.append(done)
         bar.update(len(b["rows"]))
       results.append(done["result"])
       categories.append([questions[i]["category"] for i in b["rows"]])
@@ -150,7 +148,7 @@ def run(config, workdir: str) -> dict:
          **metrics.aggregate(results, categories),
          "config": config.to_dict()}
   if writer:
-    journal.finish(answers, out)
+    progress.finish(answers, out)
   rate = out["acceptance_rate"]
   console.info("generate: %d answers, %d new tokens in %.2f s (%.1f tokens/s), tau %.3f, acceptance %s, "
                "compile %.1f s; wrote %s", len(answers), out["new_tokens"], out["wall_s"],
@@ -208,134 +206,35 @@ def _echo(config) -> dict:
   return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in NOT_ECHOED}))
 
 
-# --- the journal: answers and decode counters of every finished batch -----------------------
+# --- the journal (specjax.journal): answers and decode counters of every finished batch ---------
 
 
-def _to_json(x):
-  """A DecodeResult (dataclasses of numpy arrays and numbers) as JSON-able data, exactly."""
-  if dataclasses.is_dataclass(x) and not isinstance(x, type):
-    return {"__dataclass__": f"{type(x).__module__}:{type(x).__qualname__}",
-            **{f.name: _to_json(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}}
-  if isinstance(x, (np.ndarray, np.generic, jax.Array)):
-    a = np.asarray(x)
-    return {"__array__": a.tolist(), "dtype": str(a.dtype), "shape": list(a.shape)}
-  if isinstance(x, (list, tuple)):
-    return [_to_json(v) for v in x]
-  if isinstance(x, dict):
-    return {k: _to_json(v) for k, v in x.items()}
-  return x
-
-
-def _from_json(x):
-  if isinstance(x, dict) and "__dataclass__" in x:
-    module, name = x["__dataclass__"].split(":")
-    cls = getattr(importlib.import_module(module), name)
-    return cls(**{k: _from_json(v) for k, v in x.items() if k != "__dataclass__"})
-  if isinstance(x, dict) and "__array__" in x:
-    return np.asarray(x["__array__"], dtype=x["dtype"]).reshape(x["shape"])
-  if isinstance(x, list):
-    return [_from_json(v) for v in x]
-  if isinstance(x, dict):
-    return {k: _from_json(v) for k, v in x.items()}
-  return x
-
-
-class Journal:
+class Journal(journal.Journal):
   """WORKDIR/answers.progress.jsonl (line 1: the settings and question ids; then one line per
-  finished batch) and WORKDIR/answers.jsonl (answers as they finish; sorted when the job ends).
-
-  Opening it reads what an earlier run finished, drops a half-written last line (a kill during a
-  write), checks the settings match, and writes both files back, so a workdir that cannot be
-  written fails here, before any model loads."""
+  finished batch: its answers and DecodeResult) and WORKDIR/answers.jsonl (answers as they
+  finish; sorted when the job ends). `batches`: the finished ones by (turn, first row)."""
 
   def __init__(self, workdir: str, echo: dict, question_ids: list, writer: bool = True):
-    self.workdir, self.writer = workdir, writer
-    self.path = fileio.join(workdir, JOURNAL)
     self.answers_path = fileio.join(workdir, ANSWERS)
-    self.header = {"kind": "header", "config": echo, "question_ids": question_ids}
-    self.batches: dict[tuple[int, int], dict] = {}
-    lines = self._read()
-    if lines:
-      self._check_header(lines[0], echo, question_ids)
-      for line in lines[1:]:
-        batch = {**line, "result": _from_json(line["result"])}
-        self.batches[(batch["turn"], batch["lo"])] = batch
-    if writer:
-      try:
-        fileio.makedirs(workdir, exist_ok=True)
-        _rewrite(self.path, [self.header] + [self._line(b) for b in self.batches.values()])
-        _rewrite(self.answers_path, [a for b in self.batches.values() for a in b["answers"]])
-      except OSError as e:
-        raise SpecjaxError(f"{workdir}: cannot write the answers there ({e.strerror or e}); give a workdir you can "
-                           "write") from None
-
-  def _read(self) -> list[dict]:
-    if not fileio.exists(self.path):
-      return []
-    try:
-      with fileio.open(self.path, "r", encoding="utf-8") as f:
-        raw = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-      raise SpecjaxError(f"{self.path}: cannot read the journal of an earlier run ({e}); remove it to start "
-                         "over") from None
-    lines = []
-    for k, text in enumerate(raw, 1):
-      if not text.strip():
-        continue
-      try:
-        line = json.loads(text)
-        if not isinstance(line, dict) or line.get("kind") != ("header" if not lines else "batch"):
-          raise ValueError("unexpected record")
-        if lines:
-          _from_json(line["result"])
-          line["answers"], line["turn"], line["lo"], line["rows"]  # noqa: B018
-      except (ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
-        if k == len(raw):  # no newline after it: the write was cut
-          console.warning("generate: %s: dropping a half-written last line (an interrupted write)", self.path)
-          break
-        raise SpecjaxError(f"{self.path}:{k}: not a line this job wrote ({e}); remove the file to start "
-                           "over") from None
-      lines.append(line)
-    return lines
-
-  def _check_header(self, header: dict, echo: dict, question_ids: list) -> None:
-    before = header.get("config", {})
-    changed = sorted(k for k in set(before) | set(echo) if before.get(k) != echo.get(k))
-    if changed:
-      raise SpecjaxError(f"{self.path}: an earlier run in this workdir used other values of "
-                         + ", ".join(f"{k} ({before.get(k)!r}, now {echo.get(k)!r})" for k in changed)
-                         + "; use a new workdir, the earlier values to resume it, or remove the file to start over")
-    if header.get("question_ids") != question_ids:
-      raise SpecjaxError(f"{self.path}: an earlier run in this workdir answered other questions (the prompt files "
-                         "changed); use a new workdir, or remove the file to start over")
-
-  @staticmethod
-  def _line(batch: dict) -> dict:
-    return {"kind": "batch", **{k: v for k, v in batch.items() if k not in ("kind", "result")},
-            "result": _to_json(batch["result"])}
-
-  def _append(self, path: str, records: list[dict]) -> None:
-    with fileio.open(path, "a", encoding="utf-8") as f:
-      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-      f.flush()
-      if not fileio.is_remote(path):
-        os.fsync(f.fileno())
+    super().__init__(workdir, {"config": echo, "question_ids": question_ids}, job="generate", kind="batch",
+                     required=("turn", "lo", "rows", "answers", "result"),
+                     explain={"question_ids": "answered other questions (the prompt files changed)"},
+                     outputs=lambda units: {self.answers_path: [a for u in units for a in u["answers"]]},
+                     writer=writer)
+    self.batches: dict[tuple[int, int], dict] = {(u["turn"], u["lo"]): u for u in self.units}
 
   def append(self, batch: dict) -> None:
     """A finished batch: its answers to answers.jsonl, then the batch to the journal (which makes it done)."""
     self.batches[(batch["turn"], batch["lo"])] = batch
-    if not self.writer:
-      return
-    try:
-      self._append(self.answers_path, batch["answers"])
-      self._append(self.path, [self._line(batch)])
-    except OSError as e:
-      raise SpecjaxError(f"{self.workdir}: writing the answers failed ({e.strerror or e}); the finished batches are "
-                         f"in {self.path}: free space or fix the workdir and rerun the same command to resume") from None
+    super().append(batch, {self.answers_path: batch["answers"]})
 
   def finish(self, answers: list[dict], out: dict) -> None:
     """answers.jsonl in question order, and metrics.json (the journal stays: a rerun does nothing)."""
-    _write(self.workdir, answers, out)
+    try:
+      _write(self.workdir, answers, out)
+    except OSError as e:
+      raise SpecjaxError(f"{self.workdir}: writing answers.jsonl and metrics.json failed ({e.strerror or e}); "
+                         f"the answers are in {self.path}: free space and rerun the same command") from None
 
 
 def exactness(method: str, dtype: str) -> str:
@@ -350,18 +249,9 @@ def exactness(method: str, dtype: str) -> str:
           "target's distribution, exactly (rejection sampling)")
 
 
-def _rewrite(path: str, records: list[dict]) -> None:
-  """One JSON line per record, to PATH.tmp and then renamed: readers see the old file or the new."""
-  tmp = path + ".tmp"
-  with fileio.open(tmp, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  fileio.replace(tmp, path)
-
-
 def _write(workdir: str, answers: list[dict], out: dict) -> None:
   fileio.makedirs(workdir, exist_ok=True)
-  _rewrite(fileio.join(workdir, ANSWERS), answers)
+  journal.rewrite(fileio.join(workdir, ANSWERS), answers)
   tmp = fileio.join(workdir, "metrics.json.tmp")
   with fileio.open(tmp, "w", encoding="utf-8") as f:
     json.dump(out, f, indent=2, ensure_ascii=False)

@@ -6,6 +6,13 @@ method runs back to back: on a machine whose speed drifts (thermals, neighbours)
 two numbers measured a second apart is fairer than of two measured an hour apart. Each run
 yields one RECORD (specjax/eval/__init__.py) and Spec-Bench/FastChat answer lines, from which
 Spec-Bench's own speed.py and BLEU/chrF against references can be computed.
+
+Nothing computed is thrown away: each finished (run, category, temperature, seed) unit's answers
+are appended to its file in WORKDIR/answers/ at once, and the unit (its record and answers) to
+WORKDIR/answers.progress.jsonl (specjax.journal, as the generate job). A rerun of the same command
+skips the finished units and decodes the rest; a finished job's rerun loads no model. Decoding is
+seeded per (seed, question row), so the resumed answers equal an uninterrupted run's (timings and
+tstamp aside); a journal of other settings is refused, naming them.
 """
 from __future__ import annotations
 
@@ -16,12 +23,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 from tqdm import tqdm
 
-from specjax import console, fileio, local_assets
+from specjax import console, fileio, journal, local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
@@ -34,6 +41,8 @@ from specjax.sharding import make_mesh, replicate_model
 
 DRAFTER_NAMES = ("general",) + LANGS  # what a drafter may be called: its language, or general
 ROUTED = "auto"  # the drafter of a run that picks one per question (specjax.eval.routing)
+# Fields that change no answer; every other field must match the journal's to resume.
+NOT_ECHOED = ("compilation_cache", "references")
 LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
 
 
@@ -186,7 +195,8 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
              greedy_seeds: Sequence[int] = (0,), gamma: int = 5, dynamic_gamma: bool = False, gamma_start: int = 5,
              max_new_tokens: int = 1024, template: str = "vicuna_v1.1", system_prompt: str | None = None,
              batch_size: int = 1, mesh=None, eos_id: int | Sequence[int] | None = None, prompt_bucket: int = 64,
-             max_cache_len: int | None = None, progress: bool = True) -> tuple[list[dict], list[dict]]:
+             max_cache_len: int | None = None, progress: bool = True, done: Mapping[tuple, dict] | None = None,
+             on_unit: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
   """Decodes every category's questions with every run; returns (records, answers).
 
   runs: (method, drafter) pairs, e.g. [("ar", None), ("pld", None), ("sps", "general"),
@@ -198,6 +208,9 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
   answer_id, model_id, tstamp, and choices[0] with per turn text, decoding_steps, new_tokens,
   wall_time (a batch's time shared by its rows) and token_ids, and accept_lengths over all
   turns; tagged with method, drafter, temperature, seed (and routed_drafter for "auto").
+  done: finished units by `unit_key` ({"record", "answers", "compile_s"}, from a journal): used as
+  they are, not decoded (target and drafters may be None when every unit is done). on_unit: called
+  with each unit decoded here ({"key", "record", "answers", "compile_s"}), e.g. to journal it.
   """
   from specjax.eval.routing import language_of_category
   runs = _normalize_runs(runs, list(drafters))
@@ -208,28 +221,33 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
   check_template(template)
   if any(t < 0 for t in temperatures) or not temperatures:
     raise SpecjaxError(f"temperatures={tuple(temperatures)}: need at least one, each >= 0")
-  state = _Evaluation(target, tokenizer, drafters, questions, runs, gamma=gamma, dynamic_gamma=dynamic_gamma,
-                      gamma_start=gamma_start, max_new_tokens=max_new_tokens, template=template,
-                      system_prompt=system_prompt, batch_size=batch_size, mesh=mesh,
-                      eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id,
-                      prompt_bucket=prompt_bucket, max_cache_len=max_cache_len)
-  by_category: dict[str, list[int]] = {}
-  for i, q in enumerate(questions):
-    by_category.setdefault(q["category"], []).append(i)
-  # Innermost loop over runs: the methods compared within one (language, temperature, seed) run
-  # back to back.
-  work = [(category, float(t), int(seed), run)
-          for category in by_category
-          for t in temperatures
-          for seed in (greedy_seeds if t == 0 else seeds)
-          for run in runs if run.temperatures is None or float(t) in run.temperatures]
+  state = None  # built at the first unit to decode (none when every unit is done)
+  by_category = _by_category(questions)
+  work = work_units(questions, runs, temperatures, seeds, greedy_seeds)
   records, answers = [], []
+  done, compile_s, decoded = done or {}, 0.0, 0
   bar = tqdm(total=len(work), unit="run", desc="specbench", disable=not progress or jax.process_index() != 0)
   for category, temperature, seed, run in work:
+    finished = done.get(unit_key(category, temperature, seed, run))
+    if finished is not None:
+      records.append(finished["record"])
+      answers += finished["answers"]
+      compile_s += finished.get("compile_s", 0.0)
+      bar.update(1)
+      continue
+    if state is None:
+      state = _Evaluation(target, tokenizer, drafters, questions, runs, gamma=gamma, dynamic_gamma=dynamic_gamma,
+                          gamma_start=gamma_start, max_new_tokens=max_new_tokens, template=template,
+                          system_prompt=system_prompt, batch_size=batch_size, mesh=mesh,
+                          eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id,
+                          prompt_bucket=prompt_bucket, max_cache_len=max_cache_len)
+    compiled_before = state.compile_s
+    decoded += 1
     indices = by_category[category]
     bar.set_postfix_str(f"{category} T={temperature:g} seed={seed} {run.model_id}")
     results, wall_s, turns = state.decode(run, indices, temperature, seed)
     m = metrics.aggregate(results)
+    unit_answers = []
     records.append({
         "language": language_of_category(category) or category, "category": category,
         "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed,
@@ -251,14 +269,41 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
           "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed}
       if run.drafter == ROUTED:
         answer["routed_drafter"] = state.routed[i]
-      answers.append(answer)
+      unit_answers.append(answer)
+    answers += unit_answers
+    if on_unit is not None:
+      on_unit({"key": list(unit_key(category, temperature, seed, run)), "record": records[-1],
+               "answers": unit_answers, "compile_s": state.compile_s - compiled_before})
     bar.update(1)
   bar.close()
   order = {q["question_id"]: i for i, q in enumerate(questions)}
   answers.sort(key=lambda a: (a["model_id"], a["temperature"], a["seed"], order[a["question_id"]]))
-  console.info("eval_specbench: %d records from %d decoders; compile (warm-up, not timed) %.1f s",
-               len(records), len(state.decoders), state.compile_s)
+  console.info("eval_specbench: %d records (%d decoded now) from %d decoders; compile (warm-up, not timed) %.1f s",
+               len(records), decoded, len(state.decoders) if state else 0,
+               compile_s + (state.compile_s if state else 0.0))
   return records, answers
+
+
+def _by_category(questions: list[dict]) -> dict[str, list[int]]:
+  out: dict[str, list[int]] = {}
+  for i, q in enumerate(questions):
+    out.setdefault(q["category"], []).append(i)
+  return out
+
+
+def work_units(questions: list[dict], runs: Sequence[Run], temperatures, seeds, greedy_seeds) -> list[tuple]:
+  """(category, temperature, seed, Run) in decoding order. Innermost loop over runs: the methods
+  compared within one (language, temperature, seed) run back to back."""
+  return [(category, float(t), int(seed), run)
+          for category in _by_category(questions)
+          for t in temperatures
+          for seed in (greedy_seeds if t == 0 else seeds)
+          for run in runs if run.temperatures is None or float(t) in run.temperatures]
+
+
+def unit_key(category: str, temperature: float, seed: int, run: Run) -> tuple:
+  """One unit of the evaluation, as its journal line names it."""
+  return (category, float(temperature), int(seed), run.model_id)
 
 
 # --- translation quality -----------------------------------------------------------------
@@ -432,8 +477,93 @@ def run(config, workdir: str) -> dict:
 
   for name, path in drafter_paths.items():  # every checkpoint checked before any loads
     check_checkpoint(path, f"config field `drafters` ({name})")
-  tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
+  writer = jax.process_index() == 0
+  progress = _journal(config, workdir, questions, writer)  # an unwritable workdir fails here, before any load
+  done = {tuple(u["key"]): u for u in progress.units}
+  units = work_units(questions, _normalize_runs(runs, list(drafter_paths)), tuple(config.temperatures),
+                     tuple(config.seeds), tuple(config.greedy_seeds))
+  todo = [u for u in units if unit_key(*u) not in done]
+  if done:
+    console.info("eval_specbench: resuming %s: %d of %d units done, %d to decode", progress.path,
+                 len(units) - len(todo), len(units), len(todo))
   mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
+  tokenizer = target = None
+  drafters = {name: None for name in drafter_paths}
+  if todo:
+    tokenizer, target, drafters = _load(config, paths, drafter_paths, mesh)
+
+  def on_unit(unit):
+    file = fileio.join(workdir, "answers", answers_file_name(unit["answers"][0]))
+    progress.append(unit, {file: unit["answers"]})
+
+  records, answers = evaluate(
+      target, tokenizer, drafters, questions, runs=runs, temperatures=tuple(config.temperatures),
+      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), gamma=config.gamma,
+      dynamic_gamma=config.dynamic_gamma, gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
+      template=config.template, system_prompt=config.system_prompt, batch_size=config.batch_size, mesh=mesh,
+      prompt_bucket=config.prompt_bucket, max_cache_len=config.max_cache_len, done=done, on_unit=on_unit)
+
+  files: dict[str, list[dict]] = {}
+  for answer in answers:
+    files.setdefault(answers_file_name(answer), []).append(answer)
+  bleu = {name[:-len(".jsonl")]: bleu_chrf(group, references) for name, group in files.items()} if references else {}
+  device = jax.devices()[0]
+  hardware = {"device_kind": device.device_kind, "platform": device.platform,
+              "device_count": jax.device_count(), "process_count": jax.process_count()}
+  out = {"job": "eval_specbench", "records": records, "bleu": bleu, "hardware": hardware,
+         "config": config.to_dict()}
+  if writer:
+    target_name = os.path.basename(paths["target"].rstrip("/"))
+    try:
+      _write(workdir, files, out, title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x "
+                                        f"{device.device_kind}", notes=_notes(config, drafter_paths, len(questions)))
+    except OSError as e:
+      raise SpecjaxError(f"{workdir}: writing the answers, metrics.json and report failed ({e.strerror or e}); "
+                         f"every unit is in {progress.path}: free space and rerun the same command") from None
+  console.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
+  return out
+
+
+def _echo(config) -> dict:
+  """The settings a resume must share, as they read back from JSON (tuples become lists)."""
+  return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in NOT_ECHOED}))
+
+
+def _journal(config, workdir: str, questions: list[dict], writer: bool) -> journal.Journal:
+  """WORKDIR/answers.progress.jsonl; the answer files rewritten from its finished units (an earlier
+  run's other files in WORKDIR/answers/ removed, so appends never land after stale lines)."""
+  answers_dir = fileio.join(workdir, "answers")
+
+  def outputs(units):
+    files: dict[str, list[dict]] = {}
+    for unit in units:
+      for answer in unit["answers"]:
+        files.setdefault(fileio.join(answers_dir, answers_file_name(answer)), []).append(answer)
+    if writer:
+      fileio.makedirs(answers_dir, exist_ok=True)
+      for stale in fileio.glob(fileio.join(answers_dir, "specjax-*-T*-seed*.jsonl")):
+        if stale not in files:
+          fileio.remove(stale)
+    return files
+
+  progress = journal.Journal(workdir, {"config": _echo(config), "question_ids": [q["question_id"] for q in questions]},
+                             job="eval_specbench", kind="unit", required=("key", "record", "answers"),
+                             explain={"question_ids": "answered other questions (the prompt files changed)"},
+                             outputs=outputs, writer=writer)
+  if jax.process_count() > 1:  # every process must skip the same units, or the collectives would hang
+    from jax.experimental import multihost_utils
+    import numpy as np
+    try:
+      multihost_utils.assert_equal(np.int64(len(progress.units)), "finished units")
+    except AssertionError:
+      raise SpecjaxError(f"{progress.path}: the processes see different finished units; the workdir must be one "
+                         "directory that every process reads (e.g. gs://...)") from None
+  return progress
+
+
+def _load(config, paths: dict, drafter_paths: dict[str, str], mesh):
+  """(tokenizer, target, drafters by name), the target checked before its tokenizer loads."""
+  tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
   target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
   drafters = {}
   for k, (name, path) in enumerate(drafter_paths.items()):
@@ -446,29 +576,7 @@ def run(config, workdir: str) -> dict:
     if mesh is not None and not sharded:
       replicate_model(drafter, mesh)
     drafters[name] = drafter
-
-  records, answers = evaluate(
-      target, tokenizer, drafters, questions, runs=runs, temperatures=tuple(config.temperatures),
-      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), gamma=config.gamma,
-      dynamic_gamma=config.dynamic_gamma, gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
-      template=config.template, system_prompt=config.system_prompt, batch_size=config.batch_size, mesh=mesh,
-      prompt_bucket=config.prompt_bucket, max_cache_len=config.max_cache_len)
-
-  files: dict[str, list[dict]] = {}
-  for answer in answers:
-    files.setdefault(answers_file_name(answer), []).append(answer)
-  bleu = {name[:-len(".jsonl")]: bleu_chrf(group, references) for name, group in files.items()} if references else {}
-  device = jax.devices()[0]
-  hardware = {"device_kind": device.device_kind, "platform": device.platform,
-              "device_count": jax.device_count(), "process_count": jax.process_count()}
-  out = {"job": "eval_specbench", "records": records, "bleu": bleu, "hardware": hardware,
-         "config": config.to_dict()}
-  if jax.process_index() == 0:
-    target_name = os.path.basename(paths["target"].rstrip("/"))
-    _write(workdir, files, out, title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x "
-                                      f"{device.device_kind}", notes=_notes(config, drafter_paths, len(questions)))
-  console.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
-  return out
+  return tokenizer, target, drafters
 
 
 def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[str]:
