@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from specjax.config_utils import workdir_path
-from specjax.data.parallel import LANGS, load_pairs, translation_message
+from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs, translation_message
 from specjax.decoding.decoder import stop_ids
 from specjax.errors import SpecjaxError
 from specjax.models.config import LlamaConfig
@@ -86,6 +86,15 @@ def _distill_config(config, lang: str, target_dir: str, data_dir: str):
       max_new_tokens=config.get("distill_max_new_tokens") or config.max_new_tokens,
       batch_size=config.distill_batch_size, seed=config.seed, max_cache_len=None, prompt_bucket=config.prompt_bucket,
       mesh_shape=(1, -1, 1), num_shards=4, max_shards_this_run=0, local_assets=False))
+
+
+def _shown_path(path: str) -> str:
+  """A path as a report shows it: the embedded corpus by name, others relative to the working
+  directory when inside it (a report carries no machine's absolute paths)."""
+  if os.path.abspath(path) == os.path.abspath(EMBEDDED_CORPUS):
+    return "the embedded corpus (specjax/assets/corpus)"
+  rel = os.path.relpath(path)
+  return path if rel.startswith("..") and not path.startswith("..") else rel
 
 
 def _heldout_questions(config, data_dir: str) -> list[dict]:
@@ -294,7 +303,7 @@ def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> 
   quality = specbench.bleu_chrf(greedy_target, references)
   elapsed = time.perf_counter() - started
   notes = [
-      f"Corpus: {data_dir} (training split for every model, {len(questions)} held-out prompts for evaluation); "
+      f"Corpus: {_shown_path(data_dir)} (training split for every model, {len(questions)} held-out prompts for evaluation); "
       f"languages {', '.join(langs)}; template {config.template}; γ={config.gamma}; "
       f"max_new_tokens={config.max_new_tokens}; batch size 1.",
       f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "

@@ -91,3 +91,6 @@ def test_tiny_demo_on_a_checkpoint_with_a_chat_template(tmp_path):
     for method in ("plain", "pld", "general", "routed") + (("specialized",) if key == "T0" else ()):
       assert set(summary[key][method]) == set(config.langs), (key, method)
   assert summary["drafters"]["de"]["layers"] == 1 and summary["drafters"]["de"]["draft_vocab_size"] == len(vocab)
+  report_text = open(out["report"], encoding="utf-8").read()
+  assert "the embedded corpus (specjax/assets/corpus)" in report_text
+  assert REPO not in report_text and str(tmp_path) not in report_text  # no machine's absolute paths
