@@ -34,6 +34,9 @@ JOBS = {
 
 
 def _fail(message: str) -> None:
+  tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+  if tqdm is not None and getattr(tqdm, "_instances", None):  # a progress bar left mid-line: start a new one
+    print(file=sys.stderr)
   print(f"specjax: error: {message}", file=sys.stderr)
   sys.exit(2)
 

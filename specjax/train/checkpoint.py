@@ -15,9 +15,14 @@ The JSON record also holds the run's data settings (batch shape, mixture, data f
 `settings` in meta). The data position is counted in steps, so a resume with another batch
 size or sequence length would re-read or skip data: `check_settings` refuses it, naming each
 difference, unless the user asks for it (the trainer's `allow_resume_with_changes`).
+
+A save that cannot write (a full disk, a quota, a read-only directory) ends in one SpecjaxError
+naming the step's directory and the reason; orbax's background threads log the same failure at
+ERROR with a traceback each (a dozen and more per save), which are kept off the console.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -38,6 +43,51 @@ _JSON_OPTIONAL = ("_CHECKPOINT_METADATA", "state/_METADATA")
 # TensorStore / OCDBT errors of a damaged file (as opposed to a restore target that does not fit).
 _DAMAGE = re.compile(r"OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|Error reading|Error opening|corrupt|"
                      r"checksum|No such file|does not exist|Unexpected end|truncated", re.IGNORECASE)
+
+
+# A save that failed to write (as opposed to a bug): TensorStore's and the OS's words for it.
+_WRITE_FAILURE = re.compile(r"RESOURCE_EXHAUSTED|No space left|Disk quota|Read-only file system|Permission denied|"
+                            r"os_error_code|Failed writing|Failed to write|Errno 28|ENOSPC", re.IGNORECASE)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _write_failure(e: BaseException) -> str | None:
+  """The reason behind a failed save, in a few words, or None when it is not a failed write."""
+  for x in _chain(e):
+    text = str(x)
+    if isinstance(x, OSError) and x.errno is not None:
+      return x.strerror or text
+    match = re.search(r"\[os_error_code='?(\d+)'?\]", text)
+    if match:
+      return os.strerror(int(match.group(1)))
+    if _WRITE_FAILURE.search(text):
+      return (text.strip().splitlines() or [type(x).__name__])[0].split(" [tensorstore_spec=")[0][:300]
+  return None
+
+
+class _OrbaxWriteFailureFilter(logging.Filter):
+  """Drops orbax's ERROR records (with their tracebacks) of a failed write: save() reports it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if console.verbose() or record.levelno < logging.ERROR or (
+        "orbax" not in (record.pathname or "") and record.name != "asyncio"):  # asyncio: a task never awaited
+      return True
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+    return not _WRITE_FAILURE.search(text)
+
+
+def _install_write_failure_filter() -> None:
+  for name in ("absl", "orbax", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OrbaxWriteFailureFilter) for f in logger.filters):
+      logger.addFilter(_OrbaxWriteFailureFilter())
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -175,7 +225,14 @@ def _orbax_unraisable(unraisable) -> bool:
   """An exception left in one of orbax's read coroutines when a failed restore drops it (Python
   prints each as "Exception ignored in: <coroutine ...>" with a traceback, at garbage collection)."""
   code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and "orbax" in code.co_filename
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  # TensorStore completing a write (or its failure) after orbax closed the asyncio loop that waited on it
+  tb = unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+          and tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename)
 
 
 def _install_unraisable_filter() -> None:
@@ -273,6 +330,9 @@ class Checkpointer:
     self.directory = directory
     self.save_every = save_every
     self.settings = settings
+    self._saving: int | None = None  # the step of the save in flight
+    _install_write_failure_filter()
+    _install_unraisable_filter()
     self.manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                         create=True))
@@ -289,9 +349,25 @@ class Checkpointer:
       return
     if self.settings is not None:
       meta = {**meta, "settings": self.settings}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                      force=True)
+    with self._reporting(step):  # a failure of the previous save may surface here
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    self._saving = step
     self._record_finished(but=step)
+
+  @contextlib.contextmanager
+  def _reporting(self, step: int):
+    """A save that could not write, as one SpecjaxError naming the directory and the reason."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 (orbax re-raises its threads' errors as bare ValueErrors)
+      reason = _write_failure(e)
+      if reason is None:
+        raise
+      step = self._saving if self._saving is not None else step
+      raise SpecjaxError(f"{self.directory}/{step}: saving the checkpoint failed ({reason}); free space (or make the "
+                         "directory writable) and rerun the same command: it resumes from the newest intact "
+                         "checkpoint") from None
 
   def _record_finished(self, but: int | None = None) -> None:
     """File sizes of the finished steps that have none yet (orbax finishes one save before the next)."""
@@ -323,13 +399,19 @@ class Checkpointer:
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._reporting(self._saving or 0):
+      self.manager.wait_until_finished()
     self._record_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self._record_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # noqa: BLE001 (closing after a failed save re-raises its error)
+        if _write_failure(e) is None:
+          raise
 
 
 def restore_params(path: str, params_like, shardings=None):
