@@ -294,15 +294,15 @@ def run(config, workdir: str) -> dict:
   _register_data(config, workdir, tokenizer_dir)
 
   graphdef, params, drafter_cfg = _build_drafter(config, paths, vocab_size, mesh)
-  draft_ids_K = _draft_vocab(config, workdir, paths, vocab_size, tokenizer)
+  draft_ids_W = _draft_vocab(config, workdir, paths, vocab_size, tokenizer)
   tx, schedule = make_optimizer(config, steps)
   spec = StepSpec(loss=config.loss, with_target=config.loss != "cross_entropy")
   state = init_state(params, tx, config.seed)
   A, L = config.grad_accumulation, config.sequence_length
   batch_shapes = {k: (A, config.batch_size // A, L) for k in BATCH_FEATURES}
-  device_ids_K = None if draft_ids_K is None else jax.numpy.asarray(draft_ids_K)
+  device_ids_W = None if draft_ids_W is None else jax.numpy.asarray(draft_ids_W)
   step_fn, state_sh = jit_train_step(make_train_step(graphdef, target_graphdef if spec.with_target else None, tx,
-                                                     schedule, spec, device_ids_K),
+                                                     schedule, spec, device_ids_W),
                                      state, target_params if spec.with_target else None, batch_shapes, mesh)
   state = jax.device_put(state, state_sh)
 
@@ -323,7 +323,7 @@ def run(config, workdir: str) -> dict:
 
   writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
   evaluator = _Evaluator(config, workdir, mesh, graphdef, state["params"], target, target_graphdef, target_params,
-                         tokenizer, spec, draft_ids_K)
+                         tokenizer, spec, draft_ids_W)
   batches = _Batches(config, config.mixture, "train", mesh, start)
   tokens_per_step = config.batch_size * L
   last = {}
@@ -332,7 +332,7 @@ def run(config, workdir: str) -> dict:
       last = evaluator(0, state["params"], writer)
     last = _loop(config, state, step_fn, target_params if spec.with_target else None, batches, start, steps,
                  checkpointer, writer, evaluator, tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh,
-                 workdir, draft_ids_K)
+                 workdir, draft_ids_W)
   finally:
     batches.close()
     checkpointer.close()
@@ -341,7 +341,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _loop(config, state, step_fn, target_params, batches, start, steps, checkpointer, writer, evaluator,
-          tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh, workdir, draft_ids_K):
+          tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh, workdir, draft_ids_W):
   stop_at = steps if not config.max_steps_this_run else min(steps, start + config.max_steps_this_run)
   bar = tqdm(total=steps, initial=start, unit="step", desc=config.job, disable=jax.process_index() != 0)
   window = {"metrics": [], "t0": time.perf_counter(), "steps": 0}
@@ -411,8 +411,8 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
   if finished and config.export_hf:  # every process gathers the weights; process 0 writes them
     save_hf_checkpoint(nnx.merge(graphdef, state["params"]), drafter_cfg.replace(dtype="float32"),
                        os.path.join(workdir, "drafter"), tokenizer=tokenizer)
-    if draft_ids_K is not None and jax.process_index() == 0:
-      save_draft_vocab(os.path.join(workdir, "drafter"), draft_ids_K, {"coverage": config.draft_vocab_coverage})
+    if draft_ids_W is not None and jax.process_index() == 0:
+      save_draft_vocab(os.path.join(workdir, "drafter"), draft_ids_W, {"coverage": config.draft_vocab_coverage})
   console.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
                "finished" if finished else "interrupted", good_step)
   return {**last, "step": step, "finished": finished}
@@ -423,11 +423,11 @@ class _Evaluator:
   against the target (`accept/`), both on the current drafter parameters."""
 
   def __init__(self, config, workdir, mesh, graphdef, params, target, target_graphdef, target_params,
-               tokenizer, spec, draft_ids_K=None):
+               tokenizer, spec, draft_ids_W=None):
     self.config, self.mesh, self.graphdef = config, mesh, graphdef
     self.target_params = target_params if spec.with_target else None
     self.eval_step = jax.jit(make_eval_step(graphdef, target_graphdef if spec.with_target else None, spec,
-                                            None if draft_ids_K is None else jax.numpy.asarray(draft_ids_K)))
+                                            None if draft_ids_W is None else jax.numpy.asarray(draft_ids_W)))
     self.has_heldout = False
     if config.eval_every and config.eval_batches:
       import seqio
@@ -435,7 +435,7 @@ class _Evaluator:
       self.has_heldout = "eval" in provider.splits
     self.acceptance = None
     if config.eval_every and config.acceptance_prompts and target is not None:
-      self.acceptance = AcceptanceEval(config, workdir, target, graphdef, params, tokenizer, mesh, draft_ids_K)
+      self.acceptance = AcceptanceEval(config, workdir, target, graphdef, params, tokenizer, mesh, draft_ids_W)
 
   def __call__(self, step, params, writer) -> dict:
     record = {}
