@@ -190,8 +190,8 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
 DISTILL_DEFAULT_DATA_DIR = "../shared/data"
 PATHS: dict[str, tuple[str, ...]] = {
     "distill_data": ("data_dir",),
-    "pretrain": ("data_dir",),
-    "finetune": ("data_dir",),
+    "pretrain": ("data_dir", "selfdistill_dir"),
+    "finetune": ("data_dir", "selfdistill_dir"),
     "demo": ("data_dir",),
 }
 

@@ -696,3 +696,127 @@ def test_eval_finds_an_unwritable_output_before_decoding(eval_assets, tmp_path, 
   monkeypatch.setattr(specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
   with pytest.raises(SpecjaxError, match="cannot write the answers"):
     specbench.run(_eval_config(eval_assets), str(tmp_path))
+
+
+# --- corpora ---------------------------------------------------------------------------------
+
+def _corpus_copy(tmp_path, kind) -> tuple[str, str, list[str]]:
+  """A copy of the embedded corpus damaged as `kind` says: (data_dir, the culprit path, words the
+  error line must hold besides it)."""
+  import shutil
+  root = tmp_path / "corpus"
+  shutil.copytree(os.path.join(REPO, "specjax", "assets", "corpus"), root)
+  de = root / "de-en"
+  if kind == "language_folder_missing":
+    shutil.rmtree(de)
+    return str(root), str(de), ["missing", "add the de-en folder"]  # train.de or eval.de: whichever is read first
+  if kind == "eval_split_missing":
+    os.remove(de / "eval.de")
+    os.remove(de / "eval.en")
+    return str(root), str(de / "eval.de"), ["missing"]
+  if kind == "more_lines_than_english":
+    n = len((de / "train.en").read_text(encoding="utf-8").splitlines())
+    with open(de / "train.de", "a", encoding="utf-8") as f:
+      f.write("Ein Satz zu viel.\n")
+    return str(root), str(de / "train.de"), [f"{de / 'train.de'}:{n + 1}", "line-aligned"]
+  if kind == "english_side_empty":
+    (de / "train.en").write_text("")
+    return str(root), str(de / "train.en"), ["empty"]
+  if kind == "both_sides_empty":
+    (de / "train.de").write_text("")
+    (de / "train.en").write_text("")
+    return str(root), str(de / "train.de"), ["empty"]
+  if kind == "not_utf8":
+    lines = (de / "train.de").read_bytes().split(b"\n")
+    lines[2] = "Größe".encode("latin-1")
+    (de / "train.de").write_bytes(b"\n".join(lines))
+    return str(root), f"{de / 'train.de'}:3", ["invalid UTF-8", "convert"]
+  if kind == "data_dir_a_file":
+    path = tmp_path / "corpus.txt"
+    path.write_text("not a folder\n")
+    return str(path), str(path), ["not a directory"]
+  raise AssertionError(kind)
+
+
+CORPUS_DAMAGE = ["language_folder_missing", "eval_split_missing", "more_lines_than_english", "english_side_empty",
+                 "both_sides_empty", "not_utf8", "data_dir_a_file"]
+
+
+@pytest.mark.parametrize("kind", CORPUS_DAMAGE)
+def test_damaged_corpus_for_distill_data(kind, tmp_path, monkeypatch):
+  data_dir, culprit, words = _corpus_copy(tmp_path, kind)
+  workdir = tmp_path / "work"
+  code, err = cli("--config", "configs/distill_data.py:runlocal", f"--config.data_dir={data_dir}",
+                  "--workdir", str(workdir), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, culprit, *words)
+  assert not (workdir / "local_assets").exists()  # refused before the target was built
+
+
+@pytest.mark.parametrize("kind", ["language_folder_missing", "more_lines_than_english", "not_utf8"])
+def test_damaged_corpus_for_training(kind, generate_assets, tmp_path, monkeypatch):
+  """The same damage met by the seqio tasks of a training run (pretraining reads every language)."""
+  data_dir, culprit, words = _corpus_copy(tmp_path, kind)
+  code, err = cli("--config", "configs/pretrain.py:runlocal", "--config.local_assets=False",
+                  f"--config.target={generate_assets / 'target'}", f"--config.data_dir={data_dir}",
+                  "--workdir", str(tmp_path / "work"), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, culprit, *words)
+
+
+# --- self-distillation outputs -----------------------------------------------------------------
+
+def _selfdistill_dir(tmp_path, kind) -> tuple[str, str, list[str]]:
+  """A distill_data workdir of German records (no manifest), damaged as `kind` says: (the
+  selfdistill_dir, the culprit, words the error line must hold besides it)."""
+  from specjax.data.selfdistill import FIELDS, shard_name
+  root = tmp_path / "selfdistill"
+  data = root / "data"
+  data.mkdir(parents=True)
+  records = [{"record_id": i, "source_id": i, "source": f"Satz {i}.", "prompt": f"Translate German to English:Satz {i}.",
+              "chat_prompt": f"USER: Translate German to English:Satz {i}. ASSISTANT:", "response": "x",
+              "response_token_ids": [5, 6, 7], "temperature": 0.0, "src_lang": "de", "tgt_lang": "en",
+              "truncated": False} for i in range(4)]
+  lines = [json.dumps({f: r[f] for f in FIELDS + ("truncated",)}) + "\n" for r in records]
+  shard = data / shard_name("de", "en", 0, 1)
+  if kind == "no_such_dir":
+    return str(tmp_path / "nowhere"), str(tmp_path / "nowhere"), ["does not exist"]
+  if kind == "no_shards":
+    return str(root), str(root), ["no selfdistill-*.jsonl shards"]
+  if kind == "other_language_only":
+    (data / shard_name("fr", "en", 0, 1)).write_text("".join(lines).replace('"de"', '"fr"'))
+    return str(root), str(root), ["de->en", "fr->en"]
+  if kind == "cut_mid_line":
+    shard.write_text("".join(lines)[:-25])
+    return str(root), f"{shard}:4", ["malformed JSON", "regenerate"]
+  if kind == "field_missing":
+    lines[1] = json.dumps({f: records[1][f] for f in FIELDS if f != "response_token_ids"}) + "\n"
+    shard.write_text("".join(lines))
+    return str(root), f"{shard}:2", ["response_token_ids", "missing"]
+  if kind == "not_an_object":
+    lines[0] = "[1, 2]\n"
+    shard.write_text("".join(lines))
+    return str(root), f"{shard}:1", ["JSON object"]
+  raise AssertionError(kind)
+
+
+SELFDISTILL_DAMAGE = ["no_such_dir", "no_shards", "other_language_only", "cut_mid_line", "field_missing",
+                      "not_an_object"]
+
+
+@pytest.mark.parametrize("kind", SELFDISTILL_DAMAGE)
+def test_damaged_selfdistill_outputs_for_finetuning(kind, generate_assets, tmp_path, monkeypatch):
+  selfdistill_dir, culprit, words = _selfdistill_dir(tmp_path, kind)
+  code, err = cli("--config", "configs/finetune.py:runlocal,lang=de", "--config.local_assets=False",
+                  f"--config.target={generate_assets / 'target'}", "--config.data_dir=specjax/assets/corpus",
+                  f"--config.selfdistill_dir={selfdistill_dir}", "--workdir", str(tmp_path / "work"),
+                  monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, culprit, *words)
+
+
+@pytest.mark.parametrize("kind", ["cut_mid_line", "field_missing", "no_shards"])
+def test_damaged_selfdistill_outputs_for_read_records(kind, tmp_path):
+  from specjax.data.selfdistill import read_records
+  selfdistill_dir, culprit, words = _selfdistill_dir(tmp_path, kind)
+  with pytest.raises(SpecjaxError) as e:
+    list(read_records(selfdistill_dir))
+  for word in (culprit, *words):
+    assert word in str(e.value), (word, str(e.value))

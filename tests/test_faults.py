@@ -1,9 +1,9 @@
 """Faults a long run meets (issue 14), through the CLI in a subprocess: a SIGKILL while a
-checkpoint is being saved and while the generate job writes its answers (the rerun of the same
-command finishes with what an uninterrupted run gives), and a full disk while saving a checkpoint
-and while writing answers (one `specjax: error:` line naming the path, exit status 2, no
-traceback; after space is freed the rerun resumes). The full-disk cases mount a small tmpfs,
-which needs root (CAP_SYS_ADMIN): elsewhere they skip, saying so.
+checkpoint is being saved, while distill_data writes a shard and while the generate job writes
+its answers (the rerun of the same command finishes with what an uninterrupted run gives), and a
+full disk while saving a checkpoint and while writing answers (one `specjax: error:` line naming
+the path, exit status 2, no traceback; after space is freed the rerun resumes). The full-disk
+cases mount a small tmpfs, which needs root (CAP_SYS_ADMIN): elsewhere they skip, saying so.
 """
 import json
 import os
@@ -42,6 +42,17 @@ def _generate_cmd(assets, workdir):
           "--config.local_assets=False", f"--config.target={assets / 'target'}", "--config.drafter=",
           f"--config.prompts={assets / 'question.jsonl'}", "--config.batch_size=1", "--config.max_new_tokens=8",
           "--config.warmup=False", "--workdir", str(workdir)]
+
+
+def _distill_cmd(assets, workdir):
+  return [sys.executable, "-m", "specjax.main", "--config", "configs/distill_data.py:runlocal",
+          "--config.local_assets=False", f"--config.target={assets / 'target'}",
+          "--config.data_dir=specjax/assets/corpus", "--workdir", str(workdir)]
+
+
+def _distilled(workdir):
+  from specjax.data.selfdistill import read_records
+  return list(read_records(str(workdir)))
 
 
 def _run(cmd, timeout=300):
@@ -132,6 +143,28 @@ def test_sigkill_while_writing_answers_then_resume(assets, uninterrupted_answers
   assert code == 0 and "Traceback" not in err, err[-3000:]
   assert "resuming" in err
   assert _answers(workdir) == uninterrupted_answers
+
+
+@pytest.mark.slow  # about a minute on 2 cores: three distill_data runs in subprocesses
+def test_sigkill_during_a_shard_write_then_resume(assets, tmp_path):
+  full = tmp_path / "full"
+  code, err = _run(_distill_cmd(assets, full))
+  assert code == 0, err[-3000:]
+  expected = _distilled(full)
+  assert len(expected) == 24 * 4 and [r["record_id"] for r in expected] == list(range(96))
+
+  workdir = tmp_path / "run"
+  data = workdir / "data"
+  # the moment the first shard's file appears (its .tmp, as a rule): the kill lands inside the write
+  _killed_when(_distill_cmd(assets, workdir), lambda: data.is_dir() and any(data.iterdir()))
+  assert len(list(data.glob("*.jsonl"))) < 4  # killed before the last shard
+  code, err = _run(_distill_cmd(assets, workdir))
+  assert code == 0 and "Traceback" not in err, err[-3000:]
+  assert not list(data.glob("*.tmp"))
+  assert _distilled(workdir) == expected  # every record once, in order, the same responses
+  with open(workdir / "manifest.json", encoding="utf-8") as f:
+    manifest = json.load(f)
+  assert (manifest["records"], manifest["shards_done"]) == (96, 4)
 
 
 # --- a full disk -----------------------------------------------------------------------------

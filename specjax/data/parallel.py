@@ -94,6 +94,10 @@ def parallel_files(data_dir: str, lang: str, split: str) -> list[tuple[str, str]
       raise SpecjaxError(f"{plain[1]}: missing; {plain[0]} needs its line-aligned English side")
     return [plain]
   pairs = [(os.path.join(data_dir, x), os.path.join(data_dir, en)) for x, en in _SPLIT_TABLE[lang][split]()]
+  if not any(os.path.exists(p) for pair in pairs for p in pair):  # neither layout: name the plain one
+    raise SpecjaxError(f"{plain[0]}: missing; data_dir={data_dir!r} holds neither {lang}-en/{split}.{lang} + "
+                       f"{split}.en nor the shared data folder's {lang}-en files (e.g. {pairs[0][0]}): add the "
+                       f"{lang}-en folder or point data_dir at a folder that has it")
   for path in (p for pair in pairs for p in pair):
     if not os.path.isfile(path):
       raise SpecjaxError(f"{path}: missing; the {split} split of {lang}-en needs it (is data_dir={data_dir!r} "
@@ -118,7 +122,8 @@ def _read_lines(path: str) -> list[str]:
     try:
       lines.append(line.decode("utf-8").rstrip("\r"))
     except UnicodeDecodeError as e:
-      raise SpecjaxError(f"{path}:{i}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+      raise SpecjaxError(f"{path}:{i}: invalid UTF-8 ({e.reason} at byte {e.start}); corpus files must be "
+                         "UTF-8 text: convert it (e.g. iconv -t UTF-8)") from None
   return lines
 
 
@@ -130,9 +135,14 @@ def read_parallel(x_path: str, en_path: str, labels_path: str | None = None,
   and the language to keep; a line is kept when its label is keep_label or keep_label_SCRIPT.
   """
   xs, ens = _read_lines(x_path), _read_lines(en_path)
+  for path, lines, other in ((x_path, xs, en_path), (en_path, ens, x_path)):
+    if not lines:
+      raise SpecjaxError(f"{path}: empty; it must hold one sentence per line, aligned with {other}")
   if len(xs) != len(ens):
+    longer = x_path if len(xs) > len(ens) else en_path
     raise SpecjaxError(f"{x_path} has {len(xs)} lines but {en_path} has {len(ens)}: the files are not "
-                       "line-aligned")
+                       f"line-aligned ({longer}:{min(len(xs), len(ens)) + 1} has no counterpart); make line N of "
+                       "each the translation of the other's line N")
   pairs = list(zip(xs, ens))
   if labels_path is None:
     return pairs

@@ -288,7 +288,8 @@ def _parse_record(line: str, path: str, line_no: int) -> dict:
   try:
     record = json.loads(line)
   except ValueError as e:
-    raise SpecjaxError(f"{where}: malformed JSON ({e})") from None
+    raise SpecjaxError(f"{where}: malformed JSON ({e}); the shard is damaged (cut short by an interrupted copy?): "
+                       "copy it again, or remove it and rerun distill_data in its workdir to regenerate it") from None
   if not isinstance(record, dict):
     raise SpecjaxError(f"{where}: expected a JSON object, got {type(record).__name__}")
   missing = [f for f in FIELDS if f not in record]

@@ -53,7 +53,7 @@ TFDS_PRETRAIN = {"en": "c4/en", "de": "wiki40b/de", "fr": "wiki40b/fr", "ja": "w
 _TFDS_SPLITS = {"train": "train", "eval": "validation"}
 _MESSAGE_SLOT = "\x00MESSAGE\x00"
 
-_STATE: dict = {"key": None, "names": [], "vocab": None}
+_STATE: dict = {"key": None, "names": [], "vocab": None, "selfdistill_dir": None, "selfdistill_pairs": ()}
 
 
 def _check_lang(lang: str, valid=PRETRAIN_LANGS) -> None:
@@ -360,8 +360,21 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
   add_mixture("finetune_multilingual", [
       selfdistill_task(x, "en") if (x, "en") in groups else translate_task(x, "en") for x in LANGS])
 
-  _STATE.update(key=key, names=names, vocab=vocab)
+  _STATE.update(key=key, names=names, vocab=vocab, selfdistill_dir=selfdistill_dir, selfdistill_pairs=tuple(groups))
   return list(names)
+
+
+def check_selfdistill_for(mixture: str) -> None:
+  """A `finetune_<src>_<tgt>` mixture given a selfdistill_dir must find that pair's shards in it:
+  without them the mixture would quietly train on the reference translations instead."""
+  selfdistill_dir = _STATE["selfdistill_dir"]
+  pair = next(((a, b) for a, b in PAIRS if finetune_mixture(a, b) == mixture), None)
+  if selfdistill_dir is None or pair is None or pair in _STATE["selfdistill_pairs"]:
+    return
+  held = ", ".join(f"{a}->{b}" for a, b in sorted(_STATE["selfdistill_pairs"]))
+  raise SpecjaxError(f"selfdistill_dir={selfdistill_dir!r}: no {pair[0]}->{pair[1]} shards "
+                     f"(selfdistill-{pair[0]}{pair[1]}-*.jsonl) for mixture {mixture!r}; it holds {held}: run "
+                     f"distill_data with src={pair[0]},tgt={pair[1]} there, or point selfdistill_dir at its workdir")
 
 
 def registered_names() -> list[str]:

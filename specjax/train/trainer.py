@@ -164,6 +164,7 @@ def _register_data(config, workdir: str, tokenizer_dir: str) -> None:
                        workdir_path(config, "selfdistill_dir", workdir), limit=config.data_limit or None,
                        pretrain_source=config.pretrain_source, translate_source=config.translate_source,
                        tfds_data_dir=config.get("tfds_data_dir"), shuffle_buffer_size=config.shuffle_buffer_size)
+  tasks.check_selfdistill_for(config.mixture)
 
 
 def _drafter_config(config, paths, vocab_size: int):
