@@ -820,3 +820,19 @@ def test_damaged_selfdistill_outputs_for_read_records(kind, tmp_path):
     list(read_records(selfdistill_dir))
   for word in (culprit, *words):
     assert word in str(e.value), (word, str(e.value))
+
+
+def test_distill_data_rerun_over_a_damaged_shard(generate_assets, tmp_path, monkeypatch):
+  """A finished shard whose last line was cut (copied back incompletely) is named, not
+  overwritten; an unfinished shard's .tmp is what a kill leaves, and a rerun redoes it (test_faults)."""
+  workdir = tmp_path / "work"
+  args = ("--config", "configs/distill_data.py:runlocal,num_sources=4,num_shards=2", "--config.local_assets=False",
+          f"--config.target={generate_assets / 'target'}", "--config.data_dir=specjax/assets/corpus",
+          "--workdir", str(workdir))
+  code, err = cli(*args, monkeypatch=monkeypatch)
+  assert code in (0, None), err
+  shard = sorted((workdir / "data").glob("*.jsonl"))[1]
+  text = shard.read_text(encoding="utf-8")
+  shard.write_text(text[:-30], encoding="utf-8")
+  code, err = cli(*args, monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, f"{shard}:{text.count(chr(10))}", "malformed JSON", "regenerate")
