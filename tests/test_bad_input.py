@@ -836,3 +836,4 @@ def test_distill_data_rerun_over_a_damaged_shard(generate_assets, tmp_path, monk
   shard.write_text(text[:-30], encoding="utf-8")
   code, err = cli(*args, monkeypatch=monkeypatch)
   _assert_clear_error(code, err, f"{shard}:{text.count(chr(10))}", "malformed JSON", "regenerate")
+  assert shard.read_text(encoding="utf-8") == text[:-30]  # left as it was, for the user to look at
