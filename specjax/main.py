@@ -6,6 +6,7 @@ libraries log warnings and errors only, unless --verbose or SPECJAX_VERBOSE=1 (s
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -31,6 +32,11 @@ JOBS = {
     "eval_specbench": "specjax.eval.specbench:run",
     "demo": "specjax.demo:run",
 }
+
+
+# The storage's refusals (full disk or quota, read-only file system, permission): a user's
+# environment to fix, not a bug, so one line rather than a traceback.
+_STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _fail(message: str) -> None:
@@ -133,6 +139,13 @@ def main(argv):
     run_job(config, _WORKDIR.value)
   except SpecjaxError as e:
     _fail(str(e))
+  except OSError as e:
+    if e.errno not in _STORAGE_ERRORS:
+      raise
+    # The storage refused a write the jobs do not wrap (a full disk before the first checkpoint,
+    # say): what is done so far is kept (every job resumes), so say which file and why.
+    _fail(f"{e.filename or 'a file'}: {e.strerror}; free space or fix the permissions and rerun "
+          "the same command to resume")
 
 
 if __name__ == "__main__":

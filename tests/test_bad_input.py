@@ -163,6 +163,33 @@ def test_workdir_that_cannot_hold_outputs(kind, tmp_path, monkeypatch):
     pass
 
 
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_refused_write_no_job_wraps_is_one_line(errno_name, tmp_path, monkeypatch):
+  """A full disk (or a read-only file system, or a permission) met by a write the jobs do not wrap
+  themselves, e.g. before a trainer's first checkpoint: one line naming the file, exit 2."""
+  import errno
+  from specjax import main
+  path = str(tmp_path / "metrics.jsonl")
+
+  def job_that_writes(config, workdir):
+    raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), path)
+  monkeypatch.setattr(main, "run_job", job_that_writes)
+  code, err = cli("--config", "configs/generate.py:runlocal", "--workdir", str(tmp_path), monkeypatch=monkeypatch)
+  _assert_clear_error(code, err, path, os.strerror(getattr(errno, errno_name)), "resume")
+
+
+def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
+  """An OSError that is not the storage refusing (a bug, say) keeps its traceback."""
+  import errno
+  from specjax import main
+
+  def job(config, workdir):
+    raise OSError(errno.EBADF, "Bad file descriptor")
+  monkeypatch.setattr(main, "run_job", job)
+  with pytest.raises(OSError, match="Bad file descriptor"):
+    cli("--config", "configs/generate.py:runlocal", "--workdir", str(tmp_path), monkeypatch=monkeypatch)
+
+
 # --- the generate job: answers as they go, resume ---------------------------------------------
 
 @pytest.fixture(scope="module")
