@@ -113,6 +113,18 @@ class Journal:
         raise SpecjaxError(f"{workdir}: cannot write the {what} there ({_reason(e)}); give a workdir you can "
                            "write") from None
 
+  def check_processes_agree(self, units: str = "units") -> None:
+    """Every process must resume the same finished `units`, or the collectives would hang."""
+    import jax
+    if jax.process_count() <= 1:
+      return
+    from jax.experimental import multihost_utils
+    try:
+      multihost_utils.assert_equal(np.int64(len(self.units)), f"finished {units}")
+    except AssertionError:
+      raise SpecjaxError(f"{self.path}: the processes see different finished {units}; the workdir must be one "
+                         "directory that every process reads (e.g. gs://...)") from None
+
   def _read(self) -> list[dict]:
     if not fileio.exists(self.path):
       return []

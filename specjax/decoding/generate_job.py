@@ -21,7 +21,6 @@ import math
 import time
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from specjax import console, fileio, journal, local_assets
@@ -83,13 +82,7 @@ def run(config, workdir: str) -> dict:
     questions = questions[:config.max_prompts]
   writer = jax.process_index() == 0
   progress = Journal(workdir, _echo(config), [q["question_id"] for q in questions], writer)  # fails before decoding
-  if jax.process_count() > 1:  # every process must skip the same batches, or the collectives would hang
-    from jax.experimental import multihost_utils
-    try:
-      multihost_utils.assert_equal(np.int64(len(progress.batches)), "finished batches")
-    except AssertionError:
-      raise SpecjaxError(f"{progress.path}: the processes see different finished batches; the workdir must be one "
-                         "directory that every process reads (e.g. gs://...)") from None
+  progress.check_processes_agree("batches")
   plan = _plan(questions, config.batch_size)
   todo = [b for b in plan if (b["turn"], b["lo"]) not in progress.batches]
   if progress.batches:

@@ -550,14 +550,7 @@ def _journal(config, workdir: str, questions: list[dict], writer: bool) -> journ
                              job="eval_specbench", kind="unit", required=("key", "record", "answers"),
                              explain={"question_ids": "answered other questions (the prompt files changed)"},
                              outputs=outputs, writer=writer)
-  if jax.process_count() > 1:  # every process must skip the same units, or the collectives would hang
-    from jax.experimental import multihost_utils
-    import numpy as np
-    try:
-      multihost_utils.assert_equal(np.int64(len(progress.units)), "finished units")
-    except AssertionError:
-      raise SpecjaxError(f"{progress.path}: the processes see different finished units; the workdir must be one "
-                         "directory that every process reads (e.g. gs://...)") from None
+  progress.check_processes_agree("units")
   return progress
 
 
