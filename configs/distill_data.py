@@ -60,7 +60,7 @@ def get_config(arg=None):
   c.max_shards_this_run = arg.max_shards_this_run  # 0 = all; N = stop after N new shards
 
   # local_assets: build the target when absent (a random-weight `tiny` checkpoint with a tokenizer
-  # trained on specjax/local_assets.py's sentences). runlocal uses it.
+  # trained on specjax/jobs/local_assets.py's sentences). runlocal uses it.
   c.local_assets = False
   if arg.runlocal:
     c.local_assets = True

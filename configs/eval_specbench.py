@@ -82,7 +82,7 @@ def get_config(arg=None):
   # A JAX compilation cache directory: drafters of one architecture then compile once.
   c.compilation_cache = config_dict.placeholder(str)
 
-  # local_assets: build the target, drafters and prompts when absent (specjax/local_assets.py):
+  # local_assets: build the target, drafters and prompts when absent (specjax/jobs/local_assets.py):
   # random-weight `tiny` / `tiny-drafter` checkpoints sharing one tokenizer.
   c.local_assets = False
   if arg.runlocal:

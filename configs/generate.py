@@ -68,7 +68,7 @@ def get_config(arg=None):
 
   # local_assets: build target, drafter and prompts when absent: random-weight checkpoints of
   # the `tiny` and `tiny-drafter` presets sharing a tokenizer trained on a few built-in
-  # sentences, and a question file made from them (specjax/local_assets.py). runlocal uses it.
+  # sentences, and a question file made from them (specjax/jobs/local_assets.py). runlocal uses it.
   c.local_assets = False
   if arg.runlocal:
     c.local_assets = True

@@ -138,7 +138,7 @@ def run(config, workdir: str) -> dict:
     for lang in langs:
       for x, en in load_pairs(data_dir, lang, "train"):
         texts += [x, en]
-    from specjax.local_assets import TEMPLATE_TEXT
+    from specjax.jobs.local_assets import TEMPLATE_TEXT
     tok = train_tokenizer([TEMPLATE_TEXT] + texts, config.vocab_size, path("tokenizer"))
     return {"vocab_size": len(tok)}
   _stage("tokenizer", path("tokenizer"), tokenizer_stage)

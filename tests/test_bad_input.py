@@ -194,7 +194,7 @@ def test_other_os_errors_are_not_disguised(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def generate_assets(tmp_path_factory):
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   root = tmp_path_factory.mktemp("bad_input_assets")
   local_assets.ensure_question_file(str(root / "question.jsonl"))
   local_assets.ensure_checkpoints([(str(root / "target"), "tiny")])
@@ -357,7 +357,7 @@ def test_checkpoint_that_does_not_fit_is_not_skipped_and_all_damaged_is_an_error
 
 
 def test_trainer_resumes_from_the_newest_intact_checkpoint(tmp_path, capfd):
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   from specjax.train import trainer
   from specjax.train.writers import read_metrics
   from tests.test_train import _config
@@ -566,7 +566,7 @@ def test_every_job_checks_its_checkpoints(config, override, kind, generate_asset
 @pytest.fixture(scope="module")
 def trained_two_steps(tmp_path_factory):
   """A pretraining run stopped after 2 of 4 steps (a checkpoint at step 2), to resume."""
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   from specjax.train import trainer
   from tests.test_train import _config
   root = tmp_path_factory.mktemp("resume_settings")
@@ -636,7 +636,7 @@ def test_resume_with_the_same_settings_and_a_config_typo(trained_two_steps, tmp_
 
 @pytest.fixture(scope="module")
 def eval_assets(tmp_path_factory):
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   root = tmp_path_factory.mktemp("eval_resume_assets")
   local_assets.ensure_question_file(str(root / "question.jsonl"))
   local_assets.ensure_checkpoints([(str(root / "target"), "tiny"), (str(root / "drafter"), "tiny-drafter")])

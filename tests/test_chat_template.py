@@ -10,7 +10,7 @@ import pytest
 
 from specjax.decoding.prompts import apply_template, encode_prompt, resolve_template
 from specjax.errors import SpecjaxError
-from specjax.local_assets import corpus_texts
+from specjax.jobs.local_assets import corpus_texts
 from specjax.models.tokenizer_utils import train_tokenizer
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -8,7 +8,7 @@ import pytest
 from specjax.data.parallel import LANGS, load_pairs, translation_message
 from specjax.decoding.prompts import apply_template, encode_prompt
 from specjax.errors import SpecjaxError
-from specjax.local_assets import TEMPLATE_TEXT
+from specjax.jobs.local_assets import TEMPLATE_TEXT
 from specjax.models.tokenizer_utils import train_tokenizer
 from tests.test_imports import _modules_after_import
 

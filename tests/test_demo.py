@@ -69,7 +69,7 @@ def test_tiny_demo_on_a_checkpoint_with_a_chat_template(tmp_path):
   template: import, distillation in that template, reduced vocabularies, drafters made of the
   target's embeddings and first layer, evaluation, summary.json."""
   from specjax import demo
-  from specjax.local_assets import corpus_texts
+  from specjax.jobs.local_assets import corpus_texts
   from specjax.models.draft_vocab import load_draft_vocab
   from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
   tokenizer = train_tokenizer(corpus_texts(), 1024)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs.distill_data import get_config
-from specjax import local_assets
+from specjax.jobs import local_assets
 from specjax.data import parallel, selfdistill
 from specjax.errors import SpecjaxError
 from specjax.main import run_job

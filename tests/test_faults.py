@@ -22,7 +22,7 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tiny random target (corpus-trained tokenizer) and the local question file."""
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   root = tmp_path_factory.mktemp("fault_assets")
   local_assets.ensure_corpus_checkpoints(str(root / "target"))
   local_assets.ensure_question_file(str(root / "question.jsonl"))

@@ -55,7 +55,7 @@ def _single(args, timeout=420):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   root = tmp_path_factory.mktemp("multihost_assets")
   local_assets.ensure_corpus_checkpoints(str(root / "target"))
   local_assets.ensure_checkpoints([(str(root / "gen" / "target"), "tiny"), (str(root / "gen" / "drafter"),

@@ -30,7 +30,7 @@ from configs import pretrain as pretrain_config  # noqa: E402
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tokenizer trained on the embedded corpus and a random tiny target that uses it."""
-  from specjax import local_assets
+  from specjax.jobs import local_assets
   root = tmp_path_factory.mktemp("train_assets")
   local_assets.ensure_corpus_checkpoints(str(root / "target"))
   return str(root / "target")

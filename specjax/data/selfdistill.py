@@ -24,7 +24,8 @@ from typing import Iterator
 import jax
 from tqdm import tqdm
 
-from specjax import console, local_assets
+from specjax import console
+from specjax.jobs import local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, LANGUAGE_NAMES, load_pairs, translation_message
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt

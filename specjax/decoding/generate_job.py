@@ -23,7 +23,8 @@ import time
 import jax
 from tqdm import tqdm
 
-from specjax import console, fileio, journal, local_assets
+from specjax import console, fileio, journal
+from specjax.jobs import local_assets
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder

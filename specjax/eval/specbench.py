@@ -28,7 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 from tqdm import tqdm
 
-from specjax import console, fileio, journal, local_assets
+from specjax import console, fileio, journal
+from specjax.jobs import local_assets
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics

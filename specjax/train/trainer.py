@@ -272,7 +272,7 @@ def run(config, workdir: str) -> dict:
   _check_config(config)
   paths = {f: workdir_path(config, f, workdir) for f in ("drafter", "target", "tokenizer")}
   if config.get("local_assets"):
-    from specjax import local_assets
+    from specjax.jobs import local_assets
     local_assets.ensure_corpus_checkpoints(paths["target"])
   tokenizer_dir = paths["tokenizer"] or paths["target"]
   if not tokenizer_dir or tokenizer_dir.startswith("preset:"):
