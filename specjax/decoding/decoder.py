@@ -75,51 +75,98 @@ class DecodeResult:
                          doc="[rows, G]: proposed with every earlier draft accepted")
 
 
-class Decoder:
-  """Plain (`ar`), drafter-model speculative (`sps`) or prompt-lookup (`pld`) decoding.
+@dataclasses.dataclass(frozen=True)
+class DecodingSettings:
+  """How a `Decoder` decodes: built once from a config (`from_config`), one default per setting.
 
   gamma: drafts per round; with dynamic_gamma it is the ceiling of transformers' schedule
   (start `gamma_start`, +2 after a fully accepted draft, -1 otherwise), with no recompiles.
   batch_size: the static batch; calls with fewer prompts are padded, more are split.
-  max_cache_len: cache positions available (default: the target's max_position_embeddings). A
+  max_cache_len: cache positions available (None: the target's max_position_embeddings). A
   drafter with fewer positions caps drafting, not generation: a row longer than the drafter's
   max_position_embeddings continues with plain steps (γ=0), so outputs stay the target's.
+  prompt_bucket: prompts are padded to a multiple of it (one compile per bucket).
+  ngram_max, ngram_min: the n-gram sizes prompt lookup matches, longest first.
+  """
+  method: str = "sps"  # "ar" plain, "sps" drafter model, "pld" prompt lookup
+  gamma: int = 5
+  dynamic_gamma: bool = False
+  gamma_start: int = 5
+  max_new_tokens: int = 128
+  batch_size: int = 1
+  max_cache_len: int | None = None
+  prompt_bucket: int = 64
+  ngram_max: int = 3
+  ngram_min: int = 1
+
+  @classmethod
+  def from_config(cls, config, prefix: str = "", **overrides) -> "DecodingSettings":
+    """The settings a config names (`prefix` + field, e.g. "acceptance_"), defaults for the rest."""
+    fields = {}
+    for f in dataclasses.fields(cls):
+      key = prefix + f.name
+      if key in config and config[key] is not None:
+        fields[f.name] = config[key]
+    return cls(**{**fields, **overrides}).checked()
+
+  def replace(self, **fields) -> "DecodingSettings":
+    return dataclasses.replace(self, **fields).checked()
+
+  def checked(self) -> "DecodingSettings":
+    """Self, or one SpecjaxError naming the setting at fault."""
+    if self.method not in engine.METHODS:
+      raise SpecjaxError(f"method={self.method!r}: expected one of {engine.METHODS}")
+    if self.method != "ar" and (isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or self.gamma < 1):
+      raise SpecjaxError(f"gamma={self.gamma!r}: the draft length must be an integer >= 1")
+    if self.max_new_tokens < 1:
+      raise SpecjaxError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+    if self.batch_size < 1:
+      raise SpecjaxError(f"batch_size={self.batch_size}: must be >= 1")
+    if not 1 <= self.ngram_min <= self.ngram_max:
+      raise SpecjaxError(f"prompt lookup n-gram sizes min={self.ngram_min}, max={self.ngram_max}: "
+                         "need 1 <= min <= max")
+    return self
+
+
+class Decoder:
+  """Plain (`ar`), drafter-model speculative (`sps`) or prompt-lookup (`pld`) decoding of a
+  target (and drafter) by `DecodingSettings`.
+
+  `Decoder(target, drafter, settings, mesh=mesh)`; keyword fields override the settings'
+  (`Decoder(target, method="ar", max_new_tokens=16)`). `abstract_inputs` and `lower` give the
+  exact program a call runs, for ahead-of-time compilation (specjax.aot).
   """
 
-  def __init__(self, target: Llama, drafter: Llama | None = None, *, method: str = "sps", gamma: int = 5,
-               dynamic_gamma: bool = False, gamma_start: int = 5, max_new_tokens: int = 128,
-               batch_size: int = 1, mesh=None, max_cache_len: int | None = None, prompt_bucket: int = 64,
-               ngram_max: int = 3, ngram_min: int = 1):
-    if method not in engine.METHODS:
-      raise SpecjaxError(f"method={method!r}: expected one of {engine.METHODS}")
-    if method != "ar" and (not isinstance(gamma, int) or gamma < 1):
-      raise SpecjaxError(f"gamma={gamma!r}: the draft length must be an integer >= 1")
-    if method == "sps" and drafter is None:
+  def __init__(self, target: Llama, drafter: Llama | None = None, settings: DecodingSettings | None = None, *,
+               mesh=None, **fields):
+    unknown = set(fields) - {f.name for f in dataclasses.fields(DecodingSettings)}
+    if unknown:
+      raise TypeError(f"Decoder: unknown settings {sorted(unknown)}")
+    settings = (settings or DecodingSettings()).replace(**fields)
+    if settings.method == "sps" and drafter is None:
       raise SpecjaxError("method='sps' needs a drafter model (config field `drafter`)")
-    if method == "sps" and drafter.config.vocab_size != target.config.vocab_size:
+    if settings.method == "sps" and drafter.config.vocab_size != target.config.vocab_size:
       raise SpecjaxError(f"the drafter's vocabulary ({drafter.config.vocab_size} tokens) differs from the "
                          f"target's ({target.config.vocab_size}); a drafter must share the target's tokenizer")
-    if max_new_tokens < 1:
-      raise SpecjaxError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if batch_size < 1:
-      raise SpecjaxError(f"batch_size={batch_size}: must be >= 1")
-    if not 1 <= ngram_min <= ngram_max:
-      raise SpecjaxError(f"prompt lookup n-gram sizes min={ngram_min}, max={ngram_max}: need 1 <= min <= max")
-    self.method = method
-    self.gamma = 1 if method == "ar" else gamma
-    self.dynamic_gamma = dynamic_gamma and method == "sps"
-    self.gamma_start = gamma_start
-    self.max_new_tokens = max_new_tokens
-    self.batch_size = batch_size
+    if settings.method == "ar":
+      settings = dataclasses.replace(settings, gamma=1, dynamic_gamma=False)
+    elif settings.method != "sps":
+      settings = dataclasses.replace(settings, dynamic_gamma=False)
+    self.settings = settings
     self.mesh = mesh
-    self.prompt_bucket = prompt_bucket
-    self.ngram = (ngram_max, ngram_min)
-    self.max_cache_len = max_cache_len or target.config.max_position_embeddings
+    self.max_cache_len = settings.max_cache_len or target.config.max_position_embeddings
     self.target_graph, self.target_state = nnx.split(target)
     self.target_config = target.config
-    self.drafter_config = drafter.config if method == "sps" else None
-    self.drafter_graph, self.drafter_state = nnx.split(drafter) if method == "sps" else (None, None)
+    self.drafter_config = drafter.config if settings.method == "sps" else None
+    self.drafter_graph, self.drafter_state = nnx.split(drafter) if settings.method == "sps" else (None, None)
     self.program_keys: set[tuple] = set()  # the _PROGRAMS entries this decoder has used
+
+  # Read-only views of the settings under the names callers have used.
+  method = property(lambda self: self.settings.method)
+  gamma = property(lambda self: self.settings.gamma)
+  max_new_tokens = property(lambda self: self.settings.max_new_tokens)
+  batch_size = property(lambda self: self.settings.batch_size)
+  prompt_bucket = property(lambda self: self.settings.prompt_bucket)
 
   # --- compile cache --------------------------------------------------------------------
 
@@ -145,9 +192,10 @@ class Decoder:
     need = prompt_len + self.max_new_tokens + self.gamma + 2
     buffer_len = min(_round_up(need, 64), self.max_cache_len)
     draft_positions = self.drafter_config.max_position_embeddings if self.drafter_config else buffer_len
-    return engine.LoopSpec(method=self.method, mode=mode, buffer_len=buffer_len,
-                           gamma=self.gamma, dynamic_gamma=self.dynamic_gamma, gamma_start=self.gamma_start,
-                           ngram_max=self.ngram[0], ngram_min=self.ngram[1],
+    st = self.settings
+    return engine.LoopSpec(method=st.method, mode=mode, buffer_len=buffer_len,
+                           gamma=st.gamma, dynamic_gamma=st.dynamic_gamma, gamma_start=st.gamma_start,
+                           ngram_max=st.ngram_max, ngram_min=st.ngram_min,
                            draft_positions=draft_positions if draft_positions < buffer_len else 0)
 
   def programs(self) -> list:

@@ -32,15 +32,16 @@ MAX_EOS_IDS = 8  # X: stop ids per call, padded with -1 (Llama-3 lists 3)
 
 @dataclasses.dataclass(frozen=True)
 class LoopSpec:
-  """Everything static about one compiled decoding program."""
+  """Everything static about one compiled decoding program (built by `Decoder` from its
+  `DecodingSettings`, which hold the defaults)."""
   method: str  # "ar" plain, "sps" drafter model, "pld" prompt lookup
   mode: smp.SamplingMode
   buffer_len: int  # N: prompt bucket + max_new + γ + 2, or the cache limit
-  gamma: int = 1  # G: drafts verified per round (maximum under the dynamic schedule)
-  dynamic_gamma: bool = False
-  gamma_start: int = 5
-  ngram_max: int = 3
-  ngram_min: int = 1
+  gamma: int  # G: drafts verified per round (maximum under the dynamic schedule); 1 for "ar"
+  dynamic_gamma: bool
+  gamma_start: int
+  ngram_max: int
+  ngram_min: int
   draft_positions: int = 0  # the drafter's max_position_embeddings when below buffer_len, else 0 (no cap)
 
 
