@@ -284,67 +284,57 @@ def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig)
 
 @dataclasses.dataclass
 class _DecodeSetup:
-  """What the decode program is compiled over: models, LoopSpec, inputs and their shardings."""
+  """What the decode program is compiled over: the generate job's `Decoder` (over abstract,
+  placed model states), its LoopSpec, inputs and cache shardings."""
   name: str
+  decoder: Any
   spec: Any
+  mode: Any
   target_cfg: LlamaConfig
   drafter_cfg: LlamaConfig | None
-  target_graph: Any
-  target_params: Any
-  drafter_graph: Any
-  drafter_params: Any
   cache_sharding: tuple
   inputs: Any
 
+  target_graph = property(lambda self: self.decoder.target_graph)
+  target_params = property(lambda self: self.decoder.target_state)
+  drafter_graph = property(lambda self: self.decoder.drafter_graph)
+  drafter_params = property(lambda self: self.decoder.drafter_state)
+
 
 def _decode_setup(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> _DecodeSetup:
-  """The Decoder's jitted loop as the generate job places it: target by the rules table, drafter
-  replicated (or sharded), inputs split by batch, one call of `batch` prompts of `prompt_len`."""
-  from specjax.decoding import engine
+  """The Decoder the generate job builds, over abstract models placed as the job places them
+  (target by the rules table, drafter replicated or sharded), for one call of `batch` prompts
+  of `prompt_len` tokens: its `lower` is exactly the program such a call runs."""
+  from specjax.decoding.decoder import Decoder, DecodingSettings
   from specjax.decoding.sampling import SamplingMode
-  from specjax.models.llama import KVCache
-  gamma = 1 if method == "ar" else args.gamma
+  from specjax.models.llama import abstract_model
   mode = SamplingMode(greedy=True) if args.sampling == "greedy" else SamplingMode(False, True, True)
-  draft_positions = drafter_cfg.max_position_embeddings if method == "sps" else 0
-  spec = engine.LoopSpec(method=method, mode=mode, buffer_len=args.max_len, gamma=gamma,
-                         draft_positions=draft_positions if draft_positions < args.max_len else 0)
   target_cfg = target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
-  target_graph, target_params = _abstract_params(target_cfg)
-  target_params = _with_shardings(target_params, shd.state_shardings(target_params, mesh))
-  drafter_graph = drafter_params = None
-  configs = [target_cfg]
-  if method == "sps":
-    drafter_cfg = drafter_cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
-    drafter_graph, drafter_params = _abstract_params(drafter_cfg)
-    placed = (shd.state_shardings(drafter_params, mesh) if args.drafter_sharding == "sharded"
-              else jax.tree.map(lambda _: NamedSharding(mesh, P()), drafter_params))
-    drafter_params = _with_shardings(drafter_params, placed)
-    configs.append(drafter_cfg)
-  else:
-    drafter_cfg = None
-  cache_sharding = tuple(
-      shd.cache_sharding(jax.eval_shape(lambda c=c: KVCache.zeros(c, args.batch, spec.buffer_len)), mesh)
-      for c in configs)
-  cache_sharding = cache_sharding + (None,) * (2 - len(cache_sharding))
-  B, Pn = args.batch, args.prompt_len
-  fields = {"prompt_BP": ((B, Pn), jnp.int32), "prompt_lens_B": ((B,), jnp.int32), "row_ids_B": ((B,), jnp.int32),
-            "active_B": ((B,), jnp.bool_), "max_new_B": ((B,), jnp.int32), "temperature_B": ((B,), jnp.float32),
-            "top_k_B": ((B,), jnp.int32), "top_p_B": ((B,), jnp.float32), "seed": ((), jnp.int32),
-            "eos_ids_X": ((engine.MAX_EOS_IDS,), jnp.int32)}
-  x = engine.Inputs(**{k: jax.ShapeDtypeStruct(s, d, sharding=shd.batch_sharding(s, mesh) if k.endswith(("_B", "_BP"))
-                                               else NamedSharding(mesh, P())) for k, (s, d) in fields.items()})
-  name = f"decode {method}" + (f" (gamma {gamma})" if method != "ar" else "")
-  return _DecodeSetup(name, spec, target_cfg, drafter_cfg, target_graph, target_params, drafter_graph,
-                      drafter_params, cache_sharding, x)
+  drafter_cfg = drafter_cfg.replace(dtype=args.dtype, param_dtype=args.dtype) if method == "sps" else None
+  # max_new_tokens as large as the cache: the buffer is then the cache (--max_len), as in aot's report.
+  settings = DecodingSettings(method=method, gamma=args.gamma, batch_size=args.batch, max_cache_len=args.max_len,
+                              max_new_tokens=args.max_len)
+  decoder = Decoder(abstract_model(target_cfg), abstract_model(drafter_cfg) if drafter_cfg else None, settings,
+                    mesh=mesh)
+  for role in ("target", "drafter"):
+    state = getattr(decoder, f"{role}_state")
+    if state is None:
+      continue
+    placed = (shd.state_shardings(state, mesh) if role == "target" or args.drafter_sharding == "sharded"
+              else jax.tree.map(lambda _: NamedSharding(mesh, P()), state))
+    setattr(decoder, f"{role}_state", _with_shardings(state, placed))
+  spec = decoder.loop_spec(args.prompt_len, mode)
+  name = f"decode {method}" + (f" (gamma {decoder.gamma})" if method != "ar" else "")
+  cache_sharding = decoder.cache_shardings(spec)
+  return _DecodeSetup(name, decoder, spec, mode, target_cfg, drafter_cfg,
+                      cache_sharding + (None,) * (2 - len(cache_sharding)),
+                      decoder.abstract_inputs(args.prompt_len, mode))
 
 
 def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
-  """The whole decoding loop (prefill and every round), compiled as the Decoder compiles it."""
-  from specjax.decoding import engine
+  """The whole decoding loop (prefill and every round), compiled as the generate job's Decoder compiles it."""
   d = _decode_setup(args, mesh, method, target_cfg, drafter_cfg)
-  jitted = jax.jit(lambda ts, ds, inputs: engine.decode_loop(d.target_graph, ts, d.drafter_graph, ds, inputs, d.spec,
-                                                             d.cache_sharding))
-  return _compile(d.name, lambda: jitted.lower(d.target_params, d.drafter_params, d.inputs), args.capacity)
+  return _compile(d.name, lambda: d.decoder.lower(args.prompt_len, d.mode), args.capacity)
 
 
 # --- roofline ----------------------------------------------------------------------------

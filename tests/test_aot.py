@@ -131,3 +131,37 @@ def test_mistakes_name_the_flag(flags, named):
   code, out, err = run_main(TINY + flags)
   assert code == 2 and out == ""
   assert err.startswith("specjax: error: ") and named in err, err
+
+
+@pytest.mark.parametrize("method", ["sps", "ar"])
+def test_decoder_lower_is_the_program_generate_runs(method):
+  """aot compiles `Decoder.lower`: the same LoopSpec, inputs (shapes, dtypes, shardings) and
+  program text as a real call of generate on the mesh."""
+  from specjax.decoding.decoder import Decoder
+  from specjax.decoding.sampling import SamplingMode
+  from specjax.sharding import make_mesh
+  from tests.helpers import random_model, tiny_config
+  mesh = make_mesh((1, -1, 1))
+  target = random_model(tiny_config(), seed=0)
+  drafter = random_model(tiny_config(num_layers=1), seed=1) if method == "sps" else None
+  decoder = Decoder(target, drafter, method=method, gamma=3, max_new_tokens=6, batch_size=8, mesh=mesh)
+  real, seen = decoder._program, {}
+
+  def recording(spec):
+    program = real(spec)
+
+    def call(ts, ds, x):
+      seen["spec"], seen["x"] = spec, x
+      return program(ts, ds, x)
+    return call
+  decoder._program = recording
+  decoder.generate([[5, 6, 7, 8, 9], [3, 4]], eos_id=-1)
+  decoder._program = real
+  mode = SamplingMode(greedy=True)
+  assert seen["spec"] == decoder.loop_spec(5, mode)
+  abstract = decoder.abstract_inputs(5, mode)
+  for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(seen["x"])):
+    assert (a.shape, a.dtype) == (x.shape, x.dtype)
+    assert a.sharding.is_equivalent_to(x.sharding, len(a.shape)), (a.sharding, x.sharding)
+  called = real(seen["spec"]).lower(decoder.target_state, decoder.drafter_state, seen["x"]).as_text()
+  assert decoder.lower(5, mode).as_text() == called

@@ -176,17 +176,25 @@ class Decoder:
     key = (self.target_graph, self.drafter_graph, spec, self.batch_size, self.mesh)
     self.program_keys.add(key)
     if key not in _PROGRAMS:
-      cache_sharding = None
-      if self.mesh is not None:
-        def sharding_of(config):
-          abstract = jax.eval_shape(lambda: KVCache.zeros(config, self.batch_size, spec.buffer_len))
-          return shd.cache_sharding(abstract, self.mesh)
-        cache_sharding = (sharding_of(self.target_config),
-                          sharding_of(self.drafter_config) if self.drafter_config else None)
+      cache_sharding = self.cache_shardings(spec)
       target_graph, drafter_graph = self.target_graph, self.drafter_graph
       _PROGRAMS[key] = jax.jit(
           lambda ts, ds, x: engine.decode_loop(target_graph, ts, drafter_graph, ds, x, spec, cache_sharding))
     return _PROGRAMS[key]
+
+  def cache_shardings(self, spec: engine.LoopSpec) -> tuple | None:
+    """(target, drafter) KV-cache shardings on the mesh (None without a mesh or drafter)."""
+    if self.mesh is None:
+      return None
+
+    def sharding_of(config):
+      abstract = jax.eval_shape(lambda: KVCache.zeros(config, self.batch_size, spec.buffer_len))
+      return shd.cache_sharding(abstract, self.mesh)
+    return (sharding_of(self.target_config), sharding_of(self.drafter_config) if self.drafter_config else None)
+
+  def loop_spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
+    """The static program a batch whose longest prompt has `prompt_len` tokens runs."""
+    return self._spec(_round_up(prompt_len, self.prompt_bucket), mode)
 
   def _spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
     need = prompt_len + self.max_new_tokens + self.gamma + 2
@@ -197,6 +205,44 @@ class Decoder:
                            gamma=st.gamma, dynamic_gamma=st.dynamic_gamma, gamma_start=st.gamma_start,
                            ngram_max=st.ngram_max, ngram_min=st.ngram_min,
                            draft_positions=draft_positions if draft_positions < buffer_len else 0)
+
+  def _bucket(self, prompt_len: int, spec: engine.LoopSpec) -> int:
+    """The padded prompt length P of a batch: its bucket, or what the buffer leaves for it."""
+    return min(_round_up(prompt_len, self.prompt_bucket), spec.buffer_len - self.gamma - 2)
+
+  def _place(self, x: engine.Inputs, put) -> engine.Inputs:
+    """Per-row arrays split by batch over the mesh, the seed and the stop ids replicated;
+    put(array, sharding) places one leaf (device_put, or a ShapeDtypeStruct for lowering)."""
+    if self.mesh is None:
+      return jax.tree.map(lambda a: put(a, None), x)
+    replicated = shd.logical_sharding((), (), self.mesh)
+    return jax.tree.map(lambda a: put(a, shd.batch_sharding(np.shape(a), self.mesh) if np.ndim(a) else replicated),
+                        x.replace(eos_ids_X=None)).replace(eos_ids_X=put(x.eos_ids_X, replicated))
+
+  def abstract_inputs(self, prompt_len: int, mode: SamplingMode) -> engine.Inputs:
+    """The loop's inputs for a batch whose longest prompt has `prompt_len` tokens, as
+    ShapeDtypeStructs with the shardings a call places them with."""
+    spec = self.loop_spec(prompt_len, mode)
+    B, P = self.batch_size, self._bucket(prompt_len, spec)
+    x = self._inputs(np.zeros((B, P), np.int32), np.ones((B,), np.int32), np.zeros((B,), np.int32),
+                     np.ones((B,), bool), np.ones((B,), np.int32), 1.0, 0, 1.0, 0, _eos_array_X(-1))
+    return self._place(x, lambda a, sharding: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
+                                                                   sharding=sharding))
+
+  def lower(self, prompt_len: int, mode: SamplingMode):
+    """The jitted loop a call with this longest prompt runs, lowered over this decoder's model
+    states (concrete, or abstract with shardings for ahead-of-time compilation)."""
+    spec = self.loop_spec(prompt_len, mode)
+    return self._program(spec).lower(self.target_state, self.drafter_state, self.abstract_inputs(prompt_len, mode))
+
+  @staticmethod
+  def _inputs(prompt_BP, lens_B, row_ids_B, active_B, max_new_B, temperature, top_k, top_p, seed, eos_X):
+    B = prompt_BP.shape[0]
+    return engine.Inputs(
+        prompt_BP=prompt_BP, prompt_lens_B=lens_B, row_ids_B=row_ids_B, active_B=active_B, max_new_B=max_new_B,
+        temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
+        top_k_B=np.full((B,), top_k, np.int32), top_p_B=np.full((B,), top_p, np.float32),
+        seed=np.int32(seed), eos_ids_X=eos_X)
 
   def programs(self) -> list:
     """The jitted loops this decoder has run (for compile-count checks)."""
@@ -252,28 +298,19 @@ class Decoder:
 
   def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode):
     n, B = len(prompts), self.batch_size
-    P = _round_up(max(len(p) for p in prompts), self.prompt_bucket)
-    spec = self._spec(P, mode)
-    P = min(P, spec.buffer_len - self.gamma - 2)
+    longest = max(len(p) for p in prompts)
+    spec = self.loop_spec(longest, mode)
+    P = self._bucket(longest, spec)
     prompt_BP = np.zeros((B, P), np.int32)
     lens_B = np.ones((B,), np.int32)
     for i, p in enumerate(prompts):
       prompt_BP[i, :len(p)] = p
       lens_B[i] = len(p)
     pad = B - n
-    x = engine.Inputs(
-        prompt_BP=prompt_BP, prompt_lens_B=lens_B,
-        row_ids_B=np.array(list(row_ids) + [0] * pad, np.int32),
-        active_B=np.arange(B) < n,
-        max_new_B=np.array(list(budgets) + [0] * pad, np.int32),
-        temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
-        top_k_B=np.full((B,), top_k, np.int32), top_p_B=np.full((B,), top_p, np.float32),
-        seed=np.int32(seed), eos_ids_X=eos)
-    if self.mesh is not None:  # per-row arrays split by batch; the seed and the stop ids replicated
-      replicated = shd.logical_sharding((), (), self.mesh)
-      x = jax.tree.map(lambda a: jax.device_put(a, shd.batch_sharding(a.shape, self.mesh)
-                                                if np.ndim(a) else replicated), x.replace(eos_ids_X=None))
-      x = x.replace(eos_ids_X=jax.device_put(eos, replicated))
+    x = self._inputs(prompt_BP, lens_B, np.array(list(row_ids) + [0] * pad, np.int32), np.arange(B) < n,
+                     np.array(list(budgets) + [0] * pad, np.int32), temperature, top_k, top_p, seed, eos)
+    if self.mesh is not None:
+      x = self._place(x, jax.device_put)
     s = self._program(spec)(self.target_state, self.drafter_state, x)
     fetch = jax.device_get
     if jax.process_count() > 1:  # rows live on every host's devices: gather them to each process
