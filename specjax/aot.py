@@ -266,8 +266,7 @@ def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig)
   from specjax.train.optimizer import make_optimizer
   graphdef, params = _abstract_params(drafter_cfg.replace(dtype=args.dtype, param_dtype="float32"))
   tx, schedule = make_optimizer(trainer_config("pretrain"), total_steps=1000)
-  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-           "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+  state = jax.eval_shape(lambda p: train_step.init_state(p, tx, seed=0), params)  # the trainer's state, abstract
   spec = train_step.StepSpec(loss=args.train_loss, with_target=args.train_loss != "cross_entropy")
   target_graphdef = target_params = None
   if spec.with_target:

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from specjax.config_utils import workdir_path
 from specjax.decoding import metrics
-from specjax.decoding.decoder import Decoder, stop_ids
+from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
 from specjax.models.draft_vocab import set_draft_vocab
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
@@ -67,9 +67,8 @@ class AcceptanceEval:
     self.seed = config.seed
     self.mesh = mesh if jax.device_count() > 1 else None
     self.drafter_graphdef, self.draft_ids_W = drafter_graphdef, draft_ids_W
-    self.decoder = Decoder(target, self._drafter(params), method="sps", gamma=config.acceptance_gamma,
-                           max_new_tokens=config.acceptance_max_new_tokens, batch_size=config.acceptance_batch_size,
-                           mesh=self.mesh, prompt_bucket=config.acceptance_prompt_bucket)
+    settings = DecodingSettings.from_config(config, prefix="acceptance_", method="sps")  # acceptance_gamma, ...
+    self.decoder = Decoder(target, self._drafter(params), settings, mesh=self.mesh)
     self.decoder.drafter_state = None  # set per call: the train step donates parameter buffers
     self.eos_id = stop_ids(target.config, tokenizer)
 
