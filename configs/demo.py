@@ -26,7 +26,7 @@ Fields: --config.FIELD=VALUE.
 import ml_collections
 
 from specjax.config_utils import parse_arg
-from specjax.data.parallel import EMBEDDED_CORPUS
+from specjax.data.parallel import EMBEDDED_CORPUS, LANGS
 
 # Model shapes (LlamaConfig fields; the vocabulary comes from the tokenizer). The default target
 # (1.5M parameters, 6 layers) is what 2 CPU cores train in about 3 minutes; a decode step of a
@@ -123,7 +123,7 @@ def get_config(arg=None):
   # (de, fr, ru, zh; prepared under TFDS_DATA_DIR; ja has no TFDS WMT set and stays local);
   # general text, self-distillation sources and held-out prompts still come from data_dir.
   c.data = arg.data
-  c.langs = ("de", "fr", "ja", "ru", "zh")
+  c.langs = LANGS
   # A real target's own chat template (auto -> hf); targets trained from scratch use Vicuna's turns
   # without its system prompt (see specjax.decoding.prompts).
   c.template = "auto" if SCALES[scale].get("target") else "vicuna_compact"

@@ -22,9 +22,8 @@ scratch (true: skip pretraining, start from a random drafter), lr. Any field can
 by `python launch/sweep.py configs/finetune.py --workdir BASE`.
 """
 from specjax.config_utils import given, parse_arg, unset
+from specjax.data.parallel import LANGS
 from specjax.train.defaults import shrink_for_cpu, trainer_config
-
-LANGS = ("de", "fr", "ja", "ru", "zh")
 
 
 def get_config(arg=None):
