@@ -237,3 +237,21 @@ def test_prompt_lookup_tau_over_drafted_rounds(target, prompts, reference):
   assert m["tau_drafted"] == pytest.approx(1 + result.accepted.sum() / result.drafted_steps.sum())
   assert m["tau_drafted"] > m["tau"]
   assert metrics.compute(plain)["tau_drafted"] is None  # plain decoding drafts nothing
+
+
+def test_decoding_settings_from_config_and_overrides(target):
+  """One settings object: a config's (prefixed) fields over the defaults, keywords over both."""
+  import ml_collections
+  from specjax.decoding import DecodingSettings
+  config = ml_collections.ConfigDict({"acceptance_gamma": 3, "acceptance_batch_size": 2, "gamma": 9,
+                                      "acceptance_max_cache_len": None})
+  settings = DecodingSettings.from_config(config, prefix="acceptance_", method="sps")
+  assert (settings.gamma, settings.batch_size, settings.max_cache_len) == (3, 2, None)
+  assert settings.max_new_tokens == DecodingSettings().max_new_tokens
+  decoder = Decoder(target, target, settings, max_new_tokens=7)
+  assert (decoder.gamma, decoder.batch_size, decoder.max_new_tokens) == (3, 2, 7)
+  assert decoder.settings.gamma == 3 and Decoder(target, settings=settings, method="ar").gamma == 1
+  with pytest.raises(SpecjaxError, match="batch_size=0"):
+    DecodingSettings.from_config(config, prefix="acceptance_", batch_size=0)
+  with pytest.raises(TypeError, match="gama"):
+    Decoder(target, target, gama=3)
