@@ -49,7 +49,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from configs import demo as demo_config
-  from specjax import demo
+  from specjax.jobs import demo
   from specjax.data.parallel import LANGS
   from specjax.errors import SpecjaxError
   from specjax.eval import report, specbench

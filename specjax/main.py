@@ -25,12 +25,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # job name -> "module:function" taking (config, workdir).
 JOBS = {
-    "generate": "specjax.decoding.generate_job:run",
-    "distill_data": "specjax.data.selfdistill:run",
-    "pretrain": "specjax.train.trainer:run",
-    "finetune": "specjax.train.trainer:run",
-    "eval_specbench": "specjax.eval.specbench:run",
-    "demo": "specjax.demo:run",
+    "generate": "specjax.jobs.generate:run",
+    "distill_data": "specjax.jobs.distill_data:run",
+    "pretrain": "specjax.jobs.train:run",
+    "finetune": "specjax.jobs.train:run",
+    "eval_specbench": "specjax.jobs.eval_specbench:run",
+    "demo": "specjax.jobs.demo:run",
 }
 
 

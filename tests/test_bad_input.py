@@ -220,7 +220,7 @@ def _answers(workdir):
 
 
 def test_generate_writes_as_it_goes_and_resumes_exactly(generate_assets, tmp_path, monkeypatch):
-  from specjax.decoding import generate_job
+  from specjax.jobs import generate as generate_job
   config = _generate_config(generate_assets)
   full = generate_job.run(config, str(tmp_path / "full"))
 
@@ -264,7 +264,7 @@ def test_generate_writes_as_it_goes_and_resumes_exactly(generate_assets, tmp_pat
 
 
 def test_generate_refuses_a_journal_of_other_settings(generate_assets, tmp_path):
-  from specjax.decoding import generate_job
+  from specjax.jobs import generate as generate_job
   journal = tmp_path / generate_job.JOURNAL
   echo = generate_job._echo(_generate_config(generate_assets, max_new_tokens=8))
   journal.write_text(json.dumps({"kind": "header", "config": echo, "question_ids": []}) + "\n")
@@ -273,7 +273,7 @@ def test_generate_refuses_a_journal_of_other_settings(generate_assets, tmp_path)
 
 
 def test_generate_finds_an_unwritable_output_before_decoding(generate_assets, tmp_path, monkeypatch):
-  from specjax.decoding import generate_job
+  from specjax.jobs import generate as generate_job
   (tmp_path / "answers.jsonl").mkdir()  # writing the answers fails, even for root
   monkeypatch.setattr(generate_job, "_load", lambda *a: pytest.fail("the models were loaded"))
   with pytest.raises(SpecjaxError, match="cannot write the answers"):
@@ -358,7 +358,7 @@ def test_checkpoint_that_does_not_fit_is_not_skipped_and_all_damaged_is_an_error
 
 def test_trainer_resumes_from_the_newest_intact_checkpoint(tmp_path, capfd):
   from specjax.jobs import local_assets
-  from specjax.train import trainer
+  from specjax.jobs import train as trainer
   from specjax.train.writers import read_metrics
   from tests.test_train import _config
   assets = str(tmp_path / "assets" / "target")
@@ -567,7 +567,7 @@ def test_every_job_checks_its_checkpoints(config, override, kind, generate_asset
 def trained_two_steps(tmp_path_factory):
   """A pretraining run stopped after 2 of 4 steps (a checkpoint at step 2), to resume."""
   from specjax.jobs import local_assets
-  from specjax.train import trainer
+  from specjax.jobs import train as trainer
   from tests.test_train import _config
   root = tmp_path_factory.mktemp("resume_settings")
   assets = str(root / "assets" / "target")
@@ -587,7 +587,7 @@ def trained_two_steps(tmp_path_factory):
 ])
 def test_resume_with_other_data_settings_is_refused(change, named, trained_two_steps, tmp_path, monkeypatch):
   import shutil
-  from specjax.train import trainer
+  from specjax.jobs import train as trainer
   from tests.test_train import _config
   assets, run = trained_two_steps
   workdir = tmp_path / "run"
@@ -601,7 +601,7 @@ def test_resume_with_other_data_settings_is_refused(change, named, trained_two_s
 
 def test_resume_with_other_settings_when_asked(trained_two_steps, tmp_path, capfd):
   import shutil
-  from specjax.train import trainer
+  from specjax.jobs import train as trainer
   from tests.test_train import _config
   assets, run = trained_two_steps
   workdir = tmp_path / "run"
@@ -619,7 +619,7 @@ def test_resume_with_other_settings_when_asked(trained_two_steps, tmp_path, capf
 
 def test_resume_with_the_same_settings_and_a_config_typo(trained_two_steps, tmp_path, monkeypatch):
   import shutil
-  from specjax.train import trainer
+  from specjax.jobs import train as trainer
   from tests.test_train import _config
   assets, run = trained_two_steps
   workdir = tmp_path / "run"
@@ -674,8 +674,9 @@ def _untimed(records):
 
 def test_eval_writes_as_it_goes_and_resumes_exactly(eval_assets, tmp_path, monkeypatch):
   from specjax.eval import specbench
+  from specjax.jobs import eval_specbench
   config = _eval_config(eval_assets)
-  full = specbench.run(config, str(tmp_path / "full"))
+  full = eval_specbench.run(config, str(tmp_path / "full"))
   units = len(full["records"])
   assert units >= 6
 
@@ -691,7 +692,7 @@ def test_eval_writes_as_it_goes_and_resumes_exactly(eval_assets, tmp_path, monke
   split = tmp_path / "split"
   monkeypatch.setattr(specbench._Evaluation, "decode", killed_at_the_fourth)
   with pytest.raises(KeyboardInterrupt):
-    specbench.run(config, str(split))
+    eval_specbench.run(config, str(split))
   assert sum(len(a) for a in _eval_answers(split).values()) == 3  # three units' answers on disk (1 question each)
   with open(split / "answers.progress.jsonl", "a", encoding="utf-8") as f:
     f.write('{"kind": "unit", "key": ["deen", 0.0')  # and a kill cut the journal mid-line
@@ -699,30 +700,30 @@ def test_eval_writes_as_it_goes_and_resumes_exactly(eval_assets, tmp_path, monke
   calls.clear()
   monkeypatch.setattr(specbench._Evaluation, "decode",
                       lambda self, run, *a: (calls.append(run.model_id), decode(self, run, *a))[1])
-  resumed = specbench.run(config, str(split))
+  resumed = eval_specbench.run(config, str(split))
   assert len(calls) == units - 3  # only the unfinished units
   assert _eval_answers(split) == _eval_answers(tmp_path / "full")
   assert _untimed(resumed["records"]) == _untimed(full["records"])
 
   calls.clear()  # a finished job's rerun decodes nothing and loads no model
-  monkeypatch.setattr(specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
-  again = specbench.run(config, str(split))
+  monkeypatch.setattr(eval_specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
+  again = eval_specbench.run(config, str(split))
   assert calls == [] and _untimed(again["records"]) == _untimed(full["records"])
 
 
 def test_eval_refuses_a_journal_of_other_settings(eval_assets, tmp_path):
-  from specjax.eval import specbench
-  specbench._journal(_eval_config(eval_assets, max_new_tokens=4), str(tmp_path), [], True)
+  from specjax.jobs import eval_specbench
+  eval_specbench._journal(_eval_config(eval_assets, max_new_tokens=4), str(tmp_path), [], True)
   with pytest.raises(SpecjaxError, match=r"other values of max_new_tokens \(4, now 8\)"):
-    specbench.run(_eval_config(eval_assets), str(tmp_path))
+    eval_specbench.run(_eval_config(eval_assets), str(tmp_path))
 
 
 def test_eval_finds_an_unwritable_output_before_decoding(eval_assets, tmp_path, monkeypatch):
-  from specjax.eval import specbench
+  from specjax.jobs import eval_specbench
   (tmp_path / "answers").write_text("a file where the answers folder goes\n")  # fails even for root
-  monkeypatch.setattr(specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
+  monkeypatch.setattr(eval_specbench, "_load", lambda *a: pytest.fail("the models were loaded"))
   with pytest.raises(SpecjaxError, match="cannot write the answers"):
-    specbench.run(_eval_config(eval_assets), str(tmp_path))
+    eval_specbench.run(_eval_config(eval_assets), str(tmp_path))
 
 
 # --- corpora ---------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_generate_job_on_the_real_target_equals_transformers(tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
 
-  from specjax.decoding import generate_job
+  from specjax.jobs import generate as generate_job
   from specjax.models.gguf import find_smollm2_gguf
   from specjax.models.hf import load_tokenizer
   questions = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([

@@ -37,7 +37,7 @@ def test_generate_is_quiet_and_verbose_brings_info_back(tmp_path):
   assert _library_lines(quiet) == [] and "cuInit" not in quiet, quiet
   verbose = _generate(tmp_path, "verbose", "--verbose")
   info = [m.group(2) for m in ABSL_LINE.finditer(verbose) if m.group(1) == "I"]
-  assert "generate_job.py" in info, verbose  # specjax's own line, through absl as before
+  assert "generate.py" in info, verbose  # specjax's own line, through absl as before
   assert "[specjax]" not in verbose
 
 

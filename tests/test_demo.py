@@ -11,7 +11,7 @@ from configs import demo as demo_config  # noqa: E402
 
 
 def test_tiny_demo_runs_every_stage_and_reports(tmp_path, capsys):
-  from specjax import demo
+  from specjax.jobs import demo
   config = demo_config.get_config("scale=tiny")
   out = demo.run(config, str(tmp_path))
   langs = tuple(config.langs)
@@ -48,7 +48,7 @@ def test_tiny_demo_runs_every_stage_and_reports(tmp_path, capsys):
 
 
 def test_demo_config_errors(tmp_path):
-  from specjax import demo
+  from specjax.jobs import demo
   from specjax.errors import SpecjaxError
   with pytest.raises(SpecjaxError, match="scale='huge'"):
     demo_config.get_config("scale=huge")
@@ -68,7 +68,7 @@ def test_tiny_demo_on_a_checkpoint_with_a_chat_template(tmp_path):
   """The real-target path (make demo's default) on a tiny random checkpoint with its own chat
   template: import, distillation in that template, reduced vocabularies, drafters made of the
   target's embeddings and first layer, evaluation, summary.json."""
-  from specjax import demo
+  from specjax.jobs import demo
   from specjax.jobs.local_assets import corpus_texts
   from specjax.models.draft_vocab import load_draft_vocab
   from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer

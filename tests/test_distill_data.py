@@ -10,6 +10,7 @@ import pytest
 from configs.distill_data import get_config
 from specjax.jobs import local_assets
 from specjax.data import parallel, selfdistill
+from specjax.jobs import distill_data
 from specjax.errors import SpecjaxError
 from specjax.main import run_job
 
@@ -148,14 +149,14 @@ def test_read_records_round_trip_and_errors(full_run, tmp_path):
 
 
 def test_sources_for_both_directions(data_dir, assets, tmp_path, monkeypatch):
-  into_english = selfdistill._sources(_config(data_dir, assets), data_dir)
-  from_english = selfdistill._sources(_config(data_dir, assets, src="en", tgt="de"), data_dir)
+  into_english = distill_data._sources(_config(data_dir, assets), data_dir)
+  from_english = distill_data._sources(_config(data_dir, assets, src="en", tgt="de"), data_dir)
   pairs = parallel.load_pairs(data_dir, "de", "train", limit=NUM_TRAIN)
   assert into_english == [x for x, _ in pairs] and from_english == [en for _, en in pairs]
   with pytest.raises(SpecjaxError, match="`data_dir`='/nonexistent': /nonexistent does not exist"):
-    selfdistill._sources(_config("/nonexistent", assets), "/nonexistent")  # a data_dir given is never ignored
+    distill_data._sources(_config("/nonexistent", assets), "/nonexistent")  # a data_dir given is never ignored
   monkeypatch.chdir(tmp_path)  # runlocal's default ../shared/data is absent here: local_assets' sentences
-  fallback = selfdistill._sources(_config("../shared/data", assets), "../shared/data")
+  fallback = distill_data._sources(_config("../shared/data", assets), "../shared/data")
   assert fallback == [text for _, language, text in local_assets.SENTENCES if language == "German"]
 
 

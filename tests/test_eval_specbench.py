@@ -11,6 +11,8 @@ import pytest
 from specjax.decoding.prompts import read_questions
 from specjax.errors import SpecjaxError
 from specjax.eval import specbench
+from specjax.jobs import eval_specbench as eval_specbench_job
+from specjax.jobs import local_assets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_FIELDS = {"language", "category", "method", "drafter", "temperature", "seed", "prompts", "new_tokens",
@@ -48,7 +50,7 @@ def runlocal(tmp_path_factory):
 def _expected_runs():
   """(category, method, drafter, temperature, seed) that runlocal's config asks for."""
   config, _ = _config()
-  categories = {q["category"] for q in specbench.local_assets.questions()}
+  categories = {q["category"] for q in local_assets.questions()}
   expected = set()
   for t in config.temperatures:
     for seed in (config.greedy_seeds if t == 0 else config.seeds):
@@ -167,12 +169,12 @@ def test_bleu_chrf_count_mismatch_names_file_and_counts(tmp_path):
 def test_config_runs_and_sweep():
   config, module = _config("methods=ar+sps,drafter=de,temperature=0")
   assert config.temperatures == (0.0,)
-  assert specbench.runs_from_config(config, ["general", "de"]) == [("ar", None), ("sps", "de")]
+  assert eval_specbench_job.runs_from_config(config, ["general", "de"]) == [("ar", None), ("sps", "de")]
   config, _ = _config("drafter=all")
   config.cross_language = True
-  assert specbench.runs_from_config(config, ["general", "de"]) == [
+  assert eval_specbench_job.runs_from_config(config, ["general", "de"]) == [
       ("ar", None), ("pld", None), ("sps", "general"), ("sps", "de"), ("sps", "de", (0.0,))]
-  runs = specbench._normalize_runs(specbench.runs_from_config(config, ["general", "de"]), ["general", "de"])
+  runs = specbench.normalize_runs(eval_specbench_job.runs_from_config(config, ["general", "de"]), ["general", "de"])
   assert [r.model_id for r in runs] == ["specjax-ar", "specjax-pld", "specjax-sps-general", "specjax-sps-de"]
   assert runs[-1].temperatures is None  # de at every temperature already
   sweep = module.sweep()
@@ -183,8 +185,8 @@ def test_config_runs_and_sweep():
 
 def test_select_questions_keeps_first_per_category():
   qs = [{"question_id": i, "category": c} for i, c in enumerate(["deen", "deen", "fren", "deen", "fren"])]
-  assert [q["question_id"] for q in specbench._select_questions(qs, 1)] == [0, 2]
-  assert specbench._select_questions(qs, 0) == qs
+  assert [q["question_id"] for q in eval_specbench_job._select_questions(qs, 1)] == [0, 2]
+  assert eval_specbench_job._select_questions(qs, 0) == qs
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -200,7 +202,7 @@ def test_config_mistakes_are_named(tmp_path, overrides, expected):
   config, _ = _config()
   config.update(overrides)
   with pytest.raises(SpecjaxError, match=expected):
-    specbench.run(config, str(tmp_path))
+    eval_specbench_job.run(config, str(tmp_path))
 
 
 def test_run_refuses_drafter_with_another_vocabulary(runlocal, tmp_path):
@@ -210,7 +212,7 @@ def test_run_refuses_drafter_with_another_vocabulary(runlocal, tmp_path):
                  "drafters": "general=preset:tiny-drafter", "local_assets": False})
   with pytest.raises(SpecjaxError, match=r"`drafters`: drafter 'general' \(preset:tiny-drafter\) has a "
                                          r"vocabulary of 256 tokens"):
-    specbench.run(config, str(tmp_path))
+    eval_specbench_job.run(config, str(tmp_path))
 
 
 def test_evaluate_refuses_unloaded_drafter():

@@ -231,8 +231,8 @@ def test_write_report_into_a_url():
 
 
 def test_generate_and_specbench_outputs_into_a_url(capsys):
-  from specjax.decoding import generate_job
-  from specjax.eval import specbench
+  from specjax.jobs import generate as generate_job
+  from specjax.jobs import eval_specbench
   from tests.test_report import make_records
   workdir = fileio.join(_ram(), "gen")
   answers = [{"question_id": 1, "choices": [{"turns": ["Grüße"]}]}]
@@ -251,7 +251,7 @@ def test_generate_and_specbench_outputs_into_a_url(capsys):
   files = {"specjax-ar-T0-seed0.jsonl": [{"question_id": 1, "answer": "ja"}],
            "specjax-sps-de-T0-seed0.jsonl": [{"question_id": 1, "answer": "ja"}, {"question_id": 2}]}
   records = make_records(seeds=(0,))
-  specbench._write(workdir, files, {"job": "eval_specbench", "records": records}, title="t", notes=())
+  eval_specbench._write(workdir, files, {"job": "eval_specbench", "records": records}, title="t", notes=())
   capsys.readouterr()
   names = sorted(os.path.basename(p) for p in fileio.glob(fileio.join(workdir, "answers", "*")))
   assert names == ["mine.jsonl", *sorted(files)]  # the earlier run's answer file is gone, others stay
@@ -300,7 +300,7 @@ def test_save_hf_checkpoint_into_a_url(tmp_path, shards):
 
 
 def test_trainer_reads_a_run_drafter_config_from_a_url():
-  from specjax.train.trainer import _drafter_config
+  from specjax.jobs.train import _drafter_config
   config = tiny_config()
   run = _ram()
   fileio.makedirs(run)

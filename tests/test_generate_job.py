@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from specjax.decoding import metrics
-from specjax.decoding.generate_job import exactness
+from specjax.jobs.generate import exactness
 from specjax.decoding.decoder import DecodeResult
 from specjax.decoding.engine import RoundStats
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files, read_questions

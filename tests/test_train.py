@@ -15,7 +15,8 @@ from flax import nnx
 
 from specjax import sharding as shd
 from specjax.errors import SpecjaxError
-from specjax.train import losses, trainer
+from specjax.jobs import train as trainer
+from specjax.train import losses
 from specjax.train.checkpoint import Checkpointer
 from specjax.train.step import StepSpec, init_state, jit_train_step, make_train_step
 from specjax.train.writers import read_metrics

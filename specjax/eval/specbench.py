@@ -1,4 +1,5 @@
-"""The `eval_specbench` job: every method and drafter on multilingual Spec-Bench, as the paper measures.
+"""Multilingual Spec-Bench evaluation: every method and drafter, as the paper measures (`evaluate`;
+the `eval_specbench` job, specjax/jobs/eval_specbench.py, runs it from a config).
 
 One Decoder per (method, drafter), compiled on every prompt bucket and sampling mode before its
 first timed call, so tokens/s is decoding alone. For each (language, temperature, seed) every
@@ -7,44 +8,32 @@ two numbers measured a second apart is fairer than of two measured an hour apart
 yields one RECORD (specjax/eval/__init__.py) and Spec-Bench/FastChat answer lines, from which
 Spec-Bench's own speed.py and BLEU/chrF against references can be computed.
 
-Nothing computed is thrown away: each finished (run, category, temperature, seed) unit's answers
-are appended to its file in WORKDIR/answers/ at once, and the unit (its record and answers) to
-WORKDIR/answers.progress.jsonl (specjax.journal, as the generate job). A rerun of the same command
-skips the finished units and decodes the rest; a finished job's rerun loads no model. Decoding is
-seeded per (seed, question row), so the resumed answers equal an uninterrupted run's (timings and
-tstamp aside); a journal of other settings is refused, naming them.
+`evaluate` resumes: given the finished units (`done`, by `unit_key`) it decodes only the rest,
+and hands each unit it decodes to `on_unit` (the job journals it). Decoding is seeded per (seed,
+question row), so resumed answers equal an uninterrupted run's (timings and tstamp aside).
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 from tqdm import tqdm
 
-from specjax import console, fileio, journal
-from specjax.jobs import local_assets
-from specjax.config_utils import workdir_path
+from specjax import console
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder, stop_ids
-from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
+from specjax.decoding.prompts import apply_template, check_template, encode_prompt
 from specjax.errors import SpecjaxError
-from specjax.models.hf import check_checkpoint, load_model, target_tokenizer
 from specjax.models.llama import Llama
-from specjax.sharding import make_mesh, replicate_model
 
 DRAFTER_NAMES = ("general",) + LANGS  # what a drafter may be called: its language, or general
 ROUTED = "auto"  # the drafter of a run that picks one per question (specjax.eval.routing)
-# Fields that change no answer; every other field must match the journal's to resume.
-NOT_ECHOED = ("compilation_cache", "references")
-LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +48,7 @@ class Run:
     return f"specjax-{self.method}" + (f"-{self.drafter}" if self.drafter else "")
 
 
-def _normalize_runs(runs: Sequence, drafter_names: Sequence[str]) -> list[Run]:
+def normalize_runs(runs: Sequence, drafter_names: Sequence[str]) -> list[Run]:
   """(method, drafter[, temperatures]) tuples as Runs, checked against the loaded drafters;
   repeats are dropped (a repeat with other temperatures adds them)."""
   out: dict[tuple, Run] = {}
@@ -214,7 +203,7 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
   with each unit decoded here ({"key", "record", "answers", "compile_s"}), e.g. to journal it.
   """
   from specjax.eval.routing import language_of_category
-  runs = _normalize_runs(runs, list(drafters))
+  runs = normalize_runs(runs, list(drafters))
   if not runs:
     raise SpecjaxError("runs: nothing to evaluate (give at least one (method, drafter) pair)")
   if not questions:
@@ -343,259 +332,3 @@ def read_reference_file(path: str) -> list[str]:
     raise SpecjaxError(f"config field `references`: {path}: file not found")
   with open(path, encoding="utf-8") as f:
     return f.read().rstrip("\n").split("\n")
-
-
-# --- the job -----------------------------------------------------------------------------
-
-
-def _named_paths(value, field: str, workdir: str) -> dict[str, str]:
-  """"name=path,name=path" or a ConfigDict/dict as {name: path}, with {workdir} replaced."""
-  if not value:
-    return {}
-  if isinstance(value, str):
-    pairs = []
-    for item in (p.strip() for p in value.split(",")):
-      if not item:
-        continue
-      name, has_path, path = item.partition("=")
-      if not has_path or not name.strip() or not path.strip():
-        raise SpecjaxError(f"config field `{field}`: {item!r}: expected name=path (e.g. de=/ckpt/drafter-de)")
-      pairs.append((name.strip(), path.strip()))
-  else:
-    pairs = [(str(k), str(v)) for k, v in dict(value).items()]
-  out = {}
-  for name, path in pairs:
-    if name in out:
-      raise SpecjaxError(f"config field `{field}`: {name!r} is given twice")
-    out[name] = workdir_path({"path": path}, "path", workdir)
-  return out
-
-
-def _split_list(value, field: str) -> list[str]:
-  """A list field given as "a,b" or "a+b" (config strings split on commas) or a sequence."""
-  items = value.replace("+", ",").split(",") if isinstance(value, str) else list(value)
-  items = [str(item).strip() for item in items if str(item).strip()]
-  if not items:
-    raise SpecjaxError(f"config field `{field}` is empty")
-  return items
-
-
-def runs_from_config(config, drafter_names: Sequence[str]) -> list[tuple]:
-  """The (method, drafter[, temperatures]) runs that `methods`, `drafter` and `cross_language` ask for."""
-  methods = _split_list(config.methods, "methods")
-  for method in methods:
-    if method not in engine.METHODS:
-      raise SpecjaxError(f"config field `methods`: {method!r}: expected some of {', '.join(engine.METHODS)}")
-  runs = [(method, None) for method in methods if method != "sps"]
-  if "sps" in methods:
-    for choice in _split_list(config.drafter, "drafter"):
-      if choice == "all":
-        runs += [("sps", name) for name in drafter_names]
-      elif choice == ROUTED or choice in drafter_names:
-        runs.append(("sps", choice))
-      else:
-        raise SpecjaxError(f"config field `drafter`={choice!r}: expected {ROUTED!r}, 'all', or a drafter of "
-                           f"config field `drafters` ({', '.join(drafter_names) or 'none given'})")
-    if config.cross_language:
-      runs += [("sps", name, (0.0,)) for name in drafter_names if name in LANGS]
-  return runs
-
-
-def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
-  """Mistakes that would otherwise surface only after the models load."""
-  if not paths["target"]:
-    raise SpecjaxError("config field `target` is not set: give a Hugging Face checkpoint directory "
-                       "(--config.target=DIR), or use configs/eval_specbench.py:runlocal")
-  if not paths["prompts"]:
-    raise SpecjaxError("config field `prompts` is not set: give Spec-Bench question.jsonl paths or a glob")
-  for name in drafter_paths:
-    if name not in DRAFTER_NAMES:
-      raise SpecjaxError(f"config field `drafters`: drafter name {name!r}: expected one of {', '.join(DRAFTER_NAMES)}")
-  check_template(config.template)
-  if config.max_prompts_per_language < 0:
-    raise SpecjaxError(f"config field `max_prompts_per_language`={config.max_prompts_per_language}: "
-                       "must be >= 0 (0 = all)")
-  if config.drafter_sharding not in ("replicated", "sharded"):
-    raise SpecjaxError(f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' "
-                       "or 'sharded'")
-  if not tuple(config.temperatures) or any(float(t) < 0 for t in config.temperatures):
-    raise SpecjaxError(f"config field `temperatures`={tuple(config.temperatures)}: need at least one, each >= 0")
-  if not tuple(config.seeds):
-    raise SpecjaxError("config field `seeds` is empty")
-
-
-def _select_questions(questions: list[dict], per_category: int) -> list[dict]:
-  """The first `per_category` questions of each category (0 = all), in file order."""
-  from specjax.train.acceptance import first_per_category
-  return first_per_category(questions, per_category)
-
-
-def _read_references(reference_paths: dict[str, str], all_questions: list[dict],
-                     kept: list[dict]) -> dict[str, list[str]]:
-  """Reference lines per category, checked against every question of that category, then cut to
-  the questions kept (max_prompts_per_language keeps the first ones)."""
-  out = {}
-  for category, path in reference_paths.items():
-    lines = read_reference_file(path)
-    total = sum(q["category"] == category for q in all_questions)
-    if total == 0:
-      raise SpecjaxError(f"config field `references`: category {category!r} ({path}) has no questions; "
-                         f"categories: {', '.join(dict.fromkeys(q['category'] for q in all_questions))}")
-    if len(lines) != total:
-      raise SpecjaxError(f"config field `references`: {path}: {len(lines)} lines for {total} questions of "
-                         f"category {category!r}")
-    out[category] = lines[:sum(q["category"] == category for q in kept)]
-  return out
-
-
-def answers_file_name(answer: dict) -> str:
-  return f"{answer['model_id']}-T{answer['temperature']:g}-seed{answer['seed']}.jsonl"
-
-
-def run(config, workdir: str) -> dict:
-  """Runs the job; returns what it writes to WORKDIR/metrics.json."""
-  paths = {field: workdir_path(config, field, workdir) for field in ("target", "tokenizer", "prompts")}
-  drafter_paths = _named_paths(config.drafters, "drafters", workdir)
-  _check_config(config, paths, drafter_paths)
-  runs = runs_from_config(config, list(drafter_paths))
-  reference_paths = _named_paths(config.references, "references", workdir)
-  if config.local_assets and not glob.has_magic(paths["prompts"]) and "," not in paths["prompts"]:
-    local_assets.ensure_question_file(paths["prompts"])  # a glob or list names real files: never write there
-  try:  # before the models load: a bad file fails fast
-    all_questions = read_prompt_files(paths["prompts"])
-  except SpecjaxError as e:
-    raise SpecjaxError(f"config field `prompts`: {e}") from None
-  questions = _select_questions(all_questions, config.max_prompts_per_language)
-  references = _read_references(reference_paths, all_questions, questions)
-  if config.local_assets:
-    local_assets.ensure_checkpoints(
-        [(paths["target"], LOCAL_PRESETS["target"])] +
-        [(path, LOCAL_PRESETS["drafter"]) for path in drafter_paths.values() if not path.startswith("preset:")])
-  if config.compilation_cache:
-    # Drafters of one architecture then compile once: the programs differ only in weights.
-    jax.config.update("jax_compilation_cache_dir", workdir_path(config, "compilation_cache", workdir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-  for name, path in drafter_paths.items():  # every checkpoint checked before any loads
-    check_checkpoint(path, f"config field `drafters` ({name})")
-  writer = jax.process_index() == 0
-  progress = _journal(config, workdir, questions, writer)  # an unwritable workdir fails here, before any load
-  done = {tuple(u["key"]): u for u in progress.units}
-  units = work_units(questions, _normalize_runs(runs, list(drafter_paths)), tuple(config.temperatures),
-                     tuple(config.seeds), tuple(config.greedy_seeds))
-  todo = [u for u in units if unit_key(*u) not in done]
-  if done:
-    console.info("eval_specbench: resuming %s: %d of %d units done, %d to decode", progress.path,
-                 len(units) - len(todo), len(units), len(todo))
-  mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
-  tokenizer = target = None
-  drafters = {name: None for name in drafter_paths}
-  if todo:
-    tokenizer, target, drafters = _load(config, paths, drafter_paths, mesh)
-
-  def on_unit(unit):
-    file = fileio.join(workdir, "answers", answers_file_name(unit["answers"][0]))
-    progress.append(unit, {file: unit["answers"]})
-
-  records, answers = evaluate(
-      target, tokenizer, drafters, questions, runs=runs, temperatures=tuple(config.temperatures),
-      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), gamma=config.gamma,
-      dynamic_gamma=config.dynamic_gamma, gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
-      template=config.template, system_prompt=config.system_prompt, batch_size=config.batch_size, mesh=mesh,
-      prompt_bucket=config.prompt_bucket, max_cache_len=config.max_cache_len, done=done, on_unit=on_unit)
-
-  files: dict[str, list[dict]] = {}
-  for answer in answers:
-    files.setdefault(answers_file_name(answer), []).append(answer)
-  bleu = {name[:-len(".jsonl")]: bleu_chrf(group, references) for name, group in files.items()} if references else {}
-  device = jax.devices()[0]
-  hardware = {"device_kind": device.device_kind, "platform": device.platform,
-              "device_count": jax.device_count(), "process_count": jax.process_count()}
-  out = {"job": "eval_specbench", "records": records, "bleu": bleu, "hardware": hardware,
-         "config": config.to_dict()}
-  if writer:
-    target_name = os.path.basename(paths["target"].rstrip("/"))
-    try:
-      _write(workdir, files, out, title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x "
-                                        f"{device.device_kind}", notes=_notes(config, drafter_paths, len(questions)))
-    except OSError as e:
-      raise SpecjaxError(f"{workdir}: writing the answers, metrics.json and report failed ({e.strerror or e}); "
-                         f"every unit is in {progress.path}: free space and rerun the same command") from None
-  console.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
-  return out
-
-
-def _echo(config) -> dict:
-  """The settings a resume must share, as they read back from JSON (tuples become lists)."""
-  return json.loads(json.dumps({k: v for k, v in config.to_dict().items() if k not in NOT_ECHOED}))
-
-
-def _journal(config, workdir: str, questions: list[dict], writer: bool) -> journal.Journal:
-  """WORKDIR/answers.progress.jsonl; the answer files rewritten from its finished units (an earlier
-  run's other files in WORKDIR/answers/ removed, so appends never land after stale lines)."""
-  answers_dir = fileio.join(workdir, "answers")
-
-  def outputs(units):
-    files: dict[str, list[dict]] = {}
-    for unit in units:
-      for answer in unit["answers"]:
-        files.setdefault(fileio.join(answers_dir, answers_file_name(answer)), []).append(answer)
-    if writer:
-      fileio.makedirs(answers_dir, exist_ok=True)
-      for stale in fileio.glob(fileio.join(answers_dir, "specjax-*-T*-seed*.jsonl")):
-        if stale not in files:
-          fileio.remove(stale)
-    return files
-
-  progress = journal.Journal(workdir, {"config": _echo(config), "question_ids": [q["question_id"] for q in questions]},
-                             job="eval_specbench", kind="unit", required=("key", "record", "answers"),
-                             explain={"question_ids": "answered other questions (the prompt files changed)"},
-                             outputs=outputs, writer=writer)
-  progress.check_processes_agree("units")
-  return progress
-
-
-def _load(config, paths: dict, drafter_paths: dict[str, str], mesh):
-  """(tokenizer, target, drafters by name), the target checked before its tokenizer loads."""
-  tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
-  target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
-  drafters = {}
-  for k, (name, path) in enumerate(drafter_paths.items()):
-    sharded = mesh is not None and config.drafter_sharding == "sharded"
-    drafter, _ = load_model(path, config.dtype, mesh if sharded else None, seed=config.seed + 1 + k)
-    if drafter.config.vocab_size != target.config.vocab_size:
-      raise SpecjaxError(f"config field `drafters`: drafter {name!r} ({path}) has a vocabulary of "
-                         f"{drafter.config.vocab_size} tokens, the target ({paths['target']}) "
-                         f"{target.config.vocab_size}; a drafter must share the target's tokenizer")
-    if mesh is not None and not sharded:
-      replicate_model(drafter, mesh)
-    drafters[name] = drafter
-  return tokenizer, target, drafters
-
-
-def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[str]:
-  """What the report needs to be reproduced: the command line and the settings behind it."""
-  gamma = f"γ={config.gamma}" + (f" (dynamic, start {config.gamma_start})" if config.dynamic_gamma else "")
-  drafters = ", ".join(f"{name} = {path}" for name, path in drafter_paths.items()) or "none"
-  return [f"Command: `python -m specjax.main {' '.join(sys.argv[1:])}`",
-          f"Drafters: {drafters}",
-          (f"{gamma}, max_new_tokens={config.max_new_tokens}, template {config.template}, dtype {config.dtype}, "
-           f"batch size {config.batch_size}, {num_questions} questions")]
-
-
-def _write(workdir: str, files: dict[str, list[dict]], out: dict, title: str, notes: list[str]) -> None:
-  from specjax.eval import report
-  answers_dir = fileio.join(workdir, "answers")
-  fileio.makedirs(answers_dir, exist_ok=True)
-  for stale in fileio.glob(fileio.join(answers_dir, "specjax-*-T*-seed*.jsonl")):  # an earlier run's, here
-    if os.path.basename(stale) not in files:
-      fileio.remove(stale)
-  for name, answers in files.items():
-    with fileio.open(fileio.join(answers_dir, name), "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(answer, ensure_ascii=False) + "\n" for answer in answers)
-  with fileio.open(fileio.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2, ensure_ascii=False)
-    f.write("\n")
-  report.write_report(out["records"], workdir, title, notes=notes)
-  for temperature in sorted({r["temperature"] for r in out["records"]}):
-    report.print_table(out["records"], temperature)

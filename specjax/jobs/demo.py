@@ -111,7 +111,7 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns the evaluation records and the report's path."""
   from specjax.models.hf import load_tokenizer
   from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
-  from specjax.train import trainer
+  from specjax.jobs import train as train_job
 
   if jax.process_count() > 1:
     raise SpecjaxError("the demo runs in one process (its models are small); drop SPECJAX_DISTRIBUTED")
@@ -152,16 +152,16 @@ def run(config, workdir: str) -> dict:
                         mixture="finetune_multilingual", selfdistill_dir=None,
                         num_train_steps=config.target_steps, batch_size=config.batch_size,
                         sequence_length=config.sequence_length, learning_rate=config.target_lr)
-    out = trainer.run(c, path("target_train"))
+    out = train_job.run(c, path("target_train"))
     return {"final_loss": out.get("loss")}
   _stage("train the target", path("target_train"), target_stage)
   target_dir = path("target_train", "drafter")
 
   # 3. Self-distillation data, one distill_data workdir per language.
-  from specjax.data import selfdistill
+  from specjax.jobs import distill_data
   for lang in langs:
     def one(lang=lang):
-      return selfdistill.run(_distill_config(config, lang, target_dir, data_dir), path("selfdistill", lang))
+      return distill_data.run(_distill_config(config, lang, target_dir, data_dir), path("selfdistill", lang))
     _stage(f"self-distillation data {lang}->en", path("selfdistill", lang), one)
 
   # 4. The general drafter: monolingual text of every language.
@@ -175,12 +175,12 @@ def run(config, workdir: str) -> dict:
                         mixture="pretrain_multilingual", num_train_steps=config.pretrain_steps,
                         batch_size=config.batch_size, sequence_length=config.sequence_length,
                         learning_rate=config.drafter_lr)
-    trainer.run(c, path("drafters", "general"))
+    train_job.run(c, path("drafters", "general"))
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
 
   # 5. One drafter per language: the general one finetuned on the target's outputs.
   for lang in langs:
-    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: trainer.run(
+    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: train_job.run(
         _finetune_config(config, path, target_dir, lang, config.finetune_steps, f"run:{path('drafters', 'general')}"),
         path("drafters", lang)))
 
@@ -203,10 +203,10 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
   """Stages 1-5 for a real checkpoint: import it, distil, choose each language's vocabulary,
   build the general drafter from the target's own embeddings and lowest layers, pretrain it on the
   corpus's text, finetune one per language on the target's outputs."""
-  from specjax.data import selfdistill
+  from specjax.jobs import distill_data
   from specjax.models.derive import drafter_from_target
   from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
-  from specjax.train import trainer
+  from specjax.jobs import train as train_job
 
   target_dir = path("target")
 
@@ -219,7 +219,7 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
   for lang in langs:
     def one(lang=lang):
       c = _distill_config(config, lang, target_dir, data_dir)
-      return selfdistill.run(c, path("selfdistill", lang))
+      return distill_data.run(c, path("selfdistill", lang))
     _stage(f"self-distillation data {lang}->en", path("selfdistill", lang), one)
 
   def vocab_stage():
@@ -237,10 +237,10 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
                         mixture="pretrain_multilingual", num_train_steps=config.pretrain_steps,
                         batch_size=config.batch_size, sequence_length=config.sequence_length,
                         learning_rate=config.drafter_lr, draft_vocab=vocab("general"))
-    trainer.run(c, path("drafters", "general"))
+    train_job.run(c, path("drafters", "general"))
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
   for lang in langs:
-    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: trainer.run(
+    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: train_job.run(
         _finetune_config(config, path, target_dir, lang, config.finetune_steps,
                          f"run:{path('drafters', 'general')}", draft_vocab=vocab(lang)), path("drafters", lang)))
 
@@ -338,7 +338,7 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   fitted line; P+F runs of increasing length), pretrain+finetune against finetune only (same
   steps from random weights), and speedup and τ against γ. Returns write_report's ablations."""
   from specjax.eval import specbench
-  from specjax.train import trainer
+  from specjax.jobs import train as train_job
   from specjax.train.writers import read_metrics
 
   def tau_and_tokens(run_dir):
@@ -351,7 +351,7 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   runs.append((config.finetune_steps, path("drafter_init"), f"{lang}_scratch"))
   for steps, start, name in runs:
     _stage(f"ablation: finetune {name}", path("ablations", name),
-           lambda steps=steps, start=start, name=name: trainer.run(
+           lambda steps=steps, start=start, name=name: train_job.run(
                finetune_config(lang, steps, start, n, config.ablation_acceptance_gamma), path("ablations", name)))
   tokens_points = []
   for steps, _, name in runs[:-1]:

@@ -24,16 +24,16 @@ import jax
 from tqdm import tqdm
 
 from specjax import console, fileio, journal
-from specjax.jobs import local_assets
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
-from specjax.models.hf import check_checkpoint, load_model, target_tokenizer
-from specjax.sharding import make_mesh, replicate_model
+from specjax.jobs import local_assets
+from specjax.jobs.common import job_mesh, load_target_and_drafters
+from specjax.jobs.local_assets import LOCAL_PRESETS
+from specjax.models.hf import check_checkpoint
 
-LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}  # what local_assets builds
 ANSWERS = "answers.jsonl"
 JOURNAL = journal.NAME
 # Fields that do not change a single answer; every other field must match the journal's to resume.
@@ -154,15 +154,11 @@ def run(config, workdir: str) -> dict:
 def _load(config, paths):
   if config.method == "sps":
     check_checkpoint(paths["drafter"], "config field `drafter`")  # both checked before either loads
-  tokenizer = target_tokenizer(paths["tokenizer"], paths["target"])
-  mesh = make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
-  target, _ = load_model(paths["target"], config.dtype, mesh, seed=config.seed)
-  drafter = None
-  if config.method == "sps":
-    sharded = mesh is not None and config.drafter_sharding == "sharded"
-    drafter, _ = load_model(paths["drafter"], config.dtype, mesh if sharded else None, seed=config.seed + 1)
-    if mesh is not None and not sharded:
-      replicate_model(drafter, mesh)
+  mesh = job_mesh(config)
+  tokenizer, target, _, drafters = load_target_and_drafters(
+      config, paths["target"], {"drafter": paths["drafter"]} if config.method == "sps" else {}, mesh,
+      tokenizer_path=paths["tokenizer"])
+  drafter = drafters.get("drafter")
   decoder = Decoder(target, drafter, method=config.method, gamma=config.gamma, dynamic_gamma=config.dynamic_gamma,
                     gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
                     batch_size=config.batch_size, mesh=mesh, max_cache_len=config.max_cache_len,

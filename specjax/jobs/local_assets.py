@@ -14,6 +14,9 @@ import jax
 from specjax.errors import SpecjaxError
 from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
 
+# The presets of the checkpoints that runlocal configs build, per role.
+LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}
+
 # Written for this file: everyday sentences, (language category, source language, text).
 SENTENCES = (
     ("deen", "German", "Der Zug nach Hamburg fährt heute zehn Minuten später ab."),

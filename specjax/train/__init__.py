@@ -1,2 +1,3 @@
-"""Drafter training: losses, optimizer, train step, checkpoints, metric writers and the trainer
-(`pretrain` and `finetune` jobs). Importing this package loads no TensorFlow; the trainer does."""
+"""Drafter training: losses, optimizer, train step, checkpoints, metric writers and the trainer's
+batches and evaluation (the `pretrain` and `finetune` jobs' loop is specjax/jobs/train.py).
+Importing this package loads no TensorFlow; the trainer's batches do."""
