@@ -27,7 +27,7 @@ from tqdm import tqdm
 from specjax import console
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
-from specjax.decoding.decoder import Decoder, stop_ids
+from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt
 from specjax.errors import SpecjaxError
 from specjax.models.llama import Llama
@@ -98,10 +98,11 @@ def _trim_none(values: list) -> list:
 class _Evaluation:
   """The state of one `evaluate` call: decoders, their compiled buckets, and the routing."""
 
-  def __init__(self, target, tokenizer, drafters, questions, runs, *, gamma, dynamic_gamma, gamma_start,
-               max_new_tokens, template, system_prompt, batch_size, mesh, eos_id, prompt_bucket, max_cache_len):
+  def __init__(self, target, tokenizer, drafters, questions, runs, *, decoding: DecodingSettings, template,
+               system_prompt, mesh, eos_id):
     self.tokenizer, self.questions = tokenizer, questions
-    self.template, self.system_prompt, self.batch_size, self.eos_id = template, system_prompt, batch_size, eos_id
+    self.template, self.system_prompt, self.eos_id = template, system_prompt, eos_id
+    self.batch_size = decoding.batch_size
     self.routed: dict[int, str] = {}
     if any(run.drafter == ROUTED for run in runs):
       from specjax.eval.routing import route
@@ -119,9 +120,7 @@ class _Evaluation:
       else:
         needed.append((run.method, run.drafter))
     self.decoders = {
-        key: Decoder(target, drafters[key[1]] if key[1] else None, method=key[0], gamma=gamma,
-                     dynamic_gamma=dynamic_gamma, gamma_start=gamma_start, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, mesh=mesh, max_cache_len=max_cache_len, prompt_bucket=prompt_bucket)
+        key: Decoder(target, drafters[key[1]] if key[1] else None, decoding, method=key[0], mesh=mesh)
         for key in dict.fromkeys(needed)}
     self.compiled: set[tuple] = set()  # (decoder key, sampling?, prompt bucket)
     self.compile_s = 0.0
@@ -182,11 +181,11 @@ class _Evaluation:
 
 def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions: list[dict], *,
              runs: Sequence[tuple], temperatures: Sequence[float] = (0.0, 1.0), seeds: Sequence[int] = (0, 1, 2),
-             greedy_seeds: Sequence[int] = (0,), gamma: int = 5, dynamic_gamma: bool = False, gamma_start: int = 5,
-             max_new_tokens: int = 1024, template: str = "vicuna_v1.1", system_prompt: str | None = None,
-             batch_size: int = 1, mesh=None, eos_id: int | Sequence[int] | None = None, prompt_bucket: int = 64,
-             max_cache_len: int | None = None, progress: bool = True, done: Mapping[tuple, dict] | None = None,
-             on_unit: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
+             greedy_seeds: Sequence[int] = (0,), decoding: DecodingSettings | None = None,
+             template: str = "vicuna_v1.1", system_prompt: str | None = None, mesh=None,
+             eos_id: int | Sequence[int] | None = None, progress: bool = True,
+             done: Mapping[tuple, dict] | None = None, on_unit: Callable[[dict], None] | None = None,
+             **decoding_fields) -> tuple[list[dict], list[dict]]:
   """Decodes every category's questions with every run; returns (records, answers).
 
   runs: (method, drafter) pairs, e.g. [("ar", None), ("pld", None), ("sps", "general"),
@@ -198,11 +197,14 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
   answer_id, model_id, tstamp, and choices[0] with per turn text, decoding_steps, new_tokens,
   wall_time (a batch's time shared by its rows) and token_ids, and accept_lengths over all
   turns; tagged with method, drafter, temperature, seed (and routed_drafter for "auto").
+  decoding: how every run decodes (its method comes from the run); decoding_fields (gamma=,
+  max_new_tokens=, batch_size=, ...) override its fields.
   done: finished units by `unit_key` ({"record", "answers", "compile_s"}, from a journal): used as
   they are, not decoded (target and drafters may be None when every unit is done). on_unit: called
   with each unit decoded here ({"key", "record", "answers", "compile_s"}), e.g. to journal it.
   """
   from specjax.eval.routing import language_of_category
+  decoding = (decoding or DecodingSettings()).replace(**decoding_fields)
   runs = normalize_runs(runs, list(drafters))
   if not runs:
     raise SpecjaxError("runs: nothing to evaluate (give at least one (method, drafter) pair)")
@@ -226,11 +228,9 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
       bar.update(1)
       continue
     if state is None:
-      state = _Evaluation(target, tokenizer, drafters, questions, runs, gamma=gamma, dynamic_gamma=dynamic_gamma,
-                          gamma_start=gamma_start, max_new_tokens=max_new_tokens, template=template,
-                          system_prompt=system_prompt, batch_size=batch_size, mesh=mesh,
-                          eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id,
-                          prompt_bucket=prompt_bucket, max_cache_len=max_cache_len)
+      state = _Evaluation(target, tokenizer, drafters, questions, runs, decoding=decoding, template=template,
+                          system_prompt=system_prompt, mesh=mesh,
+                          eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id)
     compiled_before = state.compile_s
     decoded += 1
     indices = by_category[category]

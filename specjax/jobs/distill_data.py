@@ -216,14 +216,13 @@ def _load_tokenizer(config, target: str, workdir: str):
 
 def _generate(config, target, tokenizer, shards, todo, paths, done, writer, write_manifest) -> None:
   """Loads the target and fills the shards in `todo`, writing each as soon as it is complete."""
-  from specjax.decoding.decoder import Decoder, stop_ids
+  from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
   from specjax.jobs.common import job_mesh, load_target_and_drafters
 
   mesh = job_mesh(config)
   _, model, model_config, _ = load_target_and_drafters(config, target, {}, mesh, with_tokenizer=False)
   eos = stop_ids(model_config, tokenizer)
-  decoder = Decoder(model, method="ar", max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                    mesh=mesh, max_cache_len=config.max_cache_len, prompt_bucket=config.prompt_bucket)
+  decoder = Decoder(model, settings=DecodingSettings.from_config(config, method="ar"), mesh=mesh)
 
   bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="record", desc=f"distill {config.src}->{config.tgt}",
              disable=not writer)

@@ -24,6 +24,7 @@ from specjax import console, fileio, journal
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine
+from specjax.decoding.decoder import DecodingSettings
 from specjax.decoding.prompts import check_template, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.eval.specbench import (DRAFTER_NAMES, ROUTED, bleu_chrf, evaluate, normalize_runs, read_reference_file,
@@ -188,10 +189,8 @@ def run(config, workdir: str) -> dict:
 
   records, answers = evaluate(
       target, tokenizer, drafters, questions, runs=runs, temperatures=tuple(config.temperatures),
-      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), gamma=config.gamma,
-      dynamic_gamma=config.dynamic_gamma, gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
-      template=config.template, system_prompt=config.system_prompt, batch_size=config.batch_size, mesh=mesh,
-      prompt_bucket=config.prompt_bucket, max_cache_len=config.max_cache_len, done=done, on_unit=on_unit)
+      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), decoding=DecodingSettings.from_config(config),
+      template=config.template, system_prompt=config.system_prompt, mesh=mesh, done=done, on_unit=on_unit)
 
   files: dict[str, list[dict]] = {}
   for answer in answers:

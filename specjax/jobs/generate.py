@@ -26,7 +26,7 @@ from tqdm import tqdm
 from specjax import console, fileio, journal
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
-from specjax.decoding.decoder import Decoder
+from specjax.decoding.decoder import Decoder, DecodingSettings
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.jobs import local_assets
@@ -159,10 +159,7 @@ def _load(config, paths):
       config, paths["target"], {"drafter": paths["drafter"]} if config.method == "sps" else {}, mesh,
       tokenizer_path=paths["tokenizer"])
   drafter = drafters.get("drafter")
-  decoder = Decoder(target, drafter, method=config.method, gamma=config.gamma, dynamic_gamma=config.dynamic_gamma,
-                    gamma_start=config.gamma_start, max_new_tokens=config.max_new_tokens,
-                    batch_size=config.batch_size, mesh=mesh, max_cache_len=config.max_cache_len,
-                    prompt_bucket=config.prompt_bucket)
+  decoder = Decoder(target, drafter, DecodingSettings.from_config(config), mesh=mesh)
   return tokenizer, decoder
 
 
