@@ -18,7 +18,7 @@ specjax pretraining run), 3 epochs over the target's German->English generations
 
 Config string arguments (comma-separated): runlocal, lang, steps, tokens (finetuning tokens),
 scratch (true: skip pretraining, start from a random drafter), lr. Any field can be set with
---config.FIELD=VALUE (fields: specjax/train/defaults.py). Ablations: `sweep()` below, expanded
+--config.FIELD=VALUE (fields: specjax/train/settings.py). Ablations: `sweep()` below, expanded
 by `python launch/sweep.py configs/finetune.py --workdir BASE`.
 """
 from specjax.config_utils import given, parse_arg, unset
@@ -36,15 +36,15 @@ def get_config(arg=None):
   c.mixture = f"finetune_{arg.lang}_en"
   c.drafter = "preset:vicuna-68m" if arg.scratch else "run:{workdir}/../pretrain"
   c.selfdistill_dir = "{workdir}/../selfdistill"
-  c.acceptance_prompts = f"heldout:{arg.lang}"
-  c.acceptance_prompts_per_language = 40
+  c.acceptance.prompts = f"heldout:{arg.lang}"
+  c.acceptance.prompts_per_language = 40
   c.learning_rate = 2e-5  # the paper's (3e-5 for Llama 68M)
   c.num_train_steps = 5000
   if arg.runlocal:
     shrink_for_cpu(c, steps=given(arg.steps, 40))
     c.drafter = "preset:tiny-drafter"
     c.selfdistill_dir = None
-    c.acceptance_prompts_per_language = 4
+    c.acceptance.prompts_per_language = 4
     c.sequence_length = 384  # prompts in the Vicuna template are ~120 tokens; half the row is theirs
   c.num_train_steps = given(arg.steps, c.num_train_steps)
   c.train_tokens = arg.tokens

@@ -17,7 +17,7 @@ On C4 and Wiki-40B from TFDS instead: add --config.pretrain_source=tfds.
 
 Config string arguments (comma-separated): runlocal, size (a model preset, e.g. vicuna-68m),
 steps, batch_size, sequence_length, lr. Any field can be set with --config.FIELD=VALUE; the
-fields are documented in specjax/train/defaults.py. Ablations: `sweep()` below, expanded by
+fields are documented in specjax/train/settings.py. Ablations: `sweep()` below, expanded by
 `python launch/sweep.py configs/pretrain.py --workdir BASE`.
 """
 from specjax.config_utils import given, parse_arg, unset

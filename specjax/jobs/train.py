@@ -13,6 +13,7 @@ Face checkpoint in WORKDIR/drafter.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,15 +34,12 @@ from specjax.models.config import PRESETS
 from specjax.models.draft_vocab import DRAFT_VOCAB_FILE, choose_token_ids, load_draft_vocab, save_draft_vocab
 from specjax.models.hf import check_checkpoint, load_model, load_tokenizer, save_hf_checkpoint
 from specjax.models.llama import init_model
-from specjax.train import losses
 from specjax.train.checkpoint import Checkpointer, check_settings, checkpoint_dir, newest_meta, restore_params
 from specjax.train.optimizer import make_optimizer
+from specjax.train.settings import TrainerSettings
 from specjax.train.step import BATCH_FEATURES, StepSpec, init_state, jit_train_step, make_train_step
 from specjax.train.trainer import Batches, Evaluator, run_settings, total_steps
 from specjax.train.writers import MetricWriter
-
-
-DTYPES = ("float32", "bfloat16")
 
 
 class _Preempted:
@@ -63,24 +61,6 @@ class _Preempted:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def _check_config(config) -> None:
-  if config.loss not in losses.LOSSES:
-    raise SpecjaxError(f"config field `loss`={config.loss!r}: expected one of {', '.join(losses.LOSSES)}")
-  if config.dtype not in DTYPES:
-    raise SpecjaxError(f"config field `dtype`={config.dtype!r}: expected one of {', '.join(DTYPES)}")
-  for field in ("batch_size", "sequence_length", "grad_accumulation", "log_every"):
-    if int(config[field]) < 1:
-      raise SpecjaxError(f"config field `{field}`={config[field]}: must be >= 1")
-  if config.batch_size % config.grad_accumulation:
-    raise SpecjaxError(f"config fields `batch_size`={config.batch_size} and `grad_accumulation`="
-                       f"{config.grad_accumulation}: the batch must split into equal micro-batches")
-  if not config.drafter:
-    raise SpecjaxError("config field `drafter` is empty: give preset:NAME (from scratch), a Hugging Face "
-                       "checkpoint directory, or run:DIR (a specjax training run)")
-  if config.loss != "cross_entropy" and not config.target:
-    raise SpecjaxError(f"config field `loss`={config.loss!r} distils from the target: set config field `target`")
 
 
 def _register_data(config, workdir: str, tokenizer_dir: str) -> None:
@@ -180,7 +160,7 @@ def _finite(metrics: dict) -> bool:
 
 def run(config, workdir: str) -> dict:
   """Trains; returns the last logged metrics. Resumes from WORKDIR/checkpoints when present."""
-  _check_config(config)
+  settings = TrainerSettings.from_config(config)  # checked: a mistake in a field fails here
   paths = {f: workdir_path(config, f, workdir) for f in ("drafter", "target", "tokenizer")}
   if config.get("local_assets"):
     from specjax.jobs import local_assets
@@ -194,13 +174,13 @@ def run(config, workdir: str) -> dict:
   if not paths["drafter"].startswith(("preset:", "run:")):
     check_checkpoint(paths["drafter"], "config field `drafter`")
   tokenizer = load_tokenizer(tokenizer_dir)
-  mesh = shd.make_mesh(tuple(config.mesh_shape))
+  mesh = shd.make_mesh(settings.mesh_shape)
   steps = total_steps(config)
 
   target = target_params = target_graphdef = None
-  needs_target = config.loss != "cross_entropy" or (config.eval_every and config.acceptance_prompts)
+  needs_target = settings.loss != "cross_entropy" or (settings.eval_every and settings.acceptance.prompts)
   if needs_target and paths["target"]:
-    target, _ = load_model(paths["target"], config.target_dtype, mesh, seed=config.seed)
+    target, _ = load_model(paths["target"], settings.target_dtype, mesh, seed=settings.seed)
     target_graphdef, target_params = nnx.split(target)
   vocab_size = target.config.vocab_size if target is not None else len(tokenizer)
   _register_data(config, workdir, tokenizer_dir)
@@ -208,18 +188,18 @@ def run(config, workdir: str) -> dict:
   graphdef, params, drafter_cfg = _build_drafter(config, paths, vocab_size, mesh)
   draft_ids_W = _draft_vocab(config, workdir, paths, vocab_size, tokenizer)
   tx, schedule = make_optimizer(config, steps)
-  spec = StepSpec(loss=config.loss, with_target=config.loss != "cross_entropy")
-  state = init_state(params, tx, config.seed)
-  A, L = config.grad_accumulation, config.sequence_length
-  batch_shapes = {k: (A, config.batch_size // A, L) for k in BATCH_FEATURES}
+  spec = StepSpec(loss=settings.loss, with_target=settings.loss != "cross_entropy")
+  state = init_state(params, tx, settings.seed)
+  A, L = settings.grad_accumulation, settings.sequence_length
+  batch_shapes = {k: (A, settings.batch_size // A, L) for k in BATCH_FEATURES}
   device_ids_W = None if draft_ids_W is None else jax.numpy.asarray(draft_ids_W)
   step_fn, state_sh = jit_train_step(make_train_step(graphdef, target_graphdef if spec.with_target else None, tx,
                                                      schedule, spec, device_ids_W),
                                      state, target_params if spec.with_target else None, batch_shapes, mesh)
   state = jax.device_put(state, state_sh)
 
-  checkpointer = Checkpointer(checkpoint_dir(workdir), save_every=config.checkpoint_every,
-                              keep=config.checkpoints_to_keep, async_save=config.async_checkpointing,
+  checkpointer = Checkpointer(checkpoint_dir(workdir), save_every=settings.checkpoint_every,
+                              keep=settings.checkpoints_to_keep, async_save=settings.async_checkpointing,
                               settings=run_settings(config))
   start = 0
   if checkpointer.latest_step() is not None:
@@ -233,18 +213,19 @@ def run(config, workdir: str) -> dict:
     with fileio.open(fileio.join(workdir, "drafter_config.json"), "w") as f:
       json.dump(drafter_cfg.to_hf_dict(), f, indent=2)
 
-  writer = MetricWriter(workdir, resume_step=start, tensorboard=config.tensorboard)
+  writer = MetricWriter(workdir, resume_step=start, tensorboard=settings.tensorboard)
   evaluator = Evaluator(config, workdir, mesh, graphdef, state["params"], target, target_graphdef, target_params,
                          tokenizer, spec, draft_ids_W)
-  batches = Batches(config, config.mixture, "train", mesh, start)
-  tokens_per_step = config.batch_size * L
+  batches = Batches(config, settings.mixture, "train", mesh, start)
   last = {}
   try:
-    if start == 0 and config.eval_every and config.eval_at_start:
+    if start == 0 and settings.eval_every and settings.eval_at_start:
       last = evaluator(0, state["params"], writer)
-    last = _loop(config, state, step_fn, target_params if spec.with_target else None, batches, start, steps,
-                 checkpointer, writer, evaluator, tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh,
-                 workdir, draft_ids_W)
+    live = _Run(start=start, steps=steps, state=state, step_fn=step_fn,
+                target_params=target_params if spec.with_target else None, batches=batches,
+                checkpointer=checkpointer, writer=writer, evaluator=evaluator,
+                export=_Export(graphdef, drafter_cfg, tokenizer, draft_ids_W, workdir))
+    last = _loop(settings, live, last)
   finally:
     batches.close()
     checkpointer.close()
@@ -252,10 +233,44 @@ def run(config, workdir: str) -> dict:
   return last
 
 
-def _loop(config, state, step_fn, target_params, batches, start, steps, checkpointer, writer, evaluator,
-          tokens_per_step, last, graphdef, drafter_cfg, tokenizer, mesh, workdir, draft_ids_W):
-  stop_at = steps if not config.max_steps_this_run else min(steps, start + config.max_steps_this_run)
-  bar = tqdm(total=steps, initial=start, unit="step", desc=config.job, disable=jax.process_index() != 0)
+@dataclasses.dataclass
+class _Run:
+  """The run's live objects, built by `run` and driven by `_loop`: where it starts and ends, the
+  train state (donated to each step), the jitted step and its target parameters (None without a
+  distillation loss), the data, the checkpoints, the metric writer, the evaluation and what the
+  finished drafter is exported with."""
+  start: int  # the step this run resumes from (0: a fresh run)
+  steps: int  # the run's steps in all (total_steps(config))
+  state: dict
+  step_fn: object
+  target_params: object
+  batches: Batches
+  checkpointer: Checkpointer
+  writer: MetricWriter
+  evaluator: Evaluator
+  export: "_Export"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Export:
+  """What the finished drafter is written with: WORKDIR/drafter (a Hugging Face checkpoint)."""
+  graphdef: object
+  drafter_cfg: object  # its LlamaConfig
+  tokenizer: object
+  draft_ids_W: np.ndarray | None  # its reduced vocabulary, or None
+  workdir: str
+
+
+def _loop(settings: TrainerSettings, live: _Run, last: dict) -> dict:
+  """Trains from live.start to live.steps (or settings.max_steps_this_run more steps, or until
+  SIGTERM), logging, evaluating and checkpointing on the way; exports the drafter when finished.
+  Returns `last` (the metrics so far) updated with the run's last metrics, step and finished."""
+  state, step_fn, target_params, batches = live.state, live.step_fn, live.target_params, live.batches
+  checkpointer, writer, evaluator = live.checkpointer, live.writer, live.evaluator
+  start, steps = live.start, live.steps
+  tokens_per_step = settings.batch_size * settings.sequence_length
+  stop_at = steps if not settings.max_steps_this_run else min(steps, start + settings.max_steps_this_run)
+  bar = tqdm(total=steps, initial=start, unit="step", desc=settings.job, disable=jax.process_index() != 0)
   window = {"metrics": [], "t0": time.perf_counter(), "steps": 0}
   pending = None  # (step number, device metrics): fetched one step late
   good_step = start if checkpointer.latest_step() is not None else None
@@ -293,7 +308,7 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
       state, device_metrics = step_fn(state, target_params, batch)
       step += 1
       window["steps"] += 1
-      if step == start + 1 and step % config.log_every:  # the first call compiled: time from here
+      if step == start + 1 and step % settings.log_every:  # the first call compiled: time from here
         jax.block_until_ready(device_metrics)
         window.update(t0=time.perf_counter(), steps=0)
       if pending is not None:
@@ -301,17 +316,17 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
       pending = (step, device_metrics)
       bar.update(1)
       final = step == stop_at
-      if step % config.log_every == 0 or final or checkpointer.due(step) or preempted.flag or (
-          config.eval_every and step % config.eval_every == 0):
+      if step % settings.log_every == 0 or final or checkpointer.due(step) or preempted.flag or (
+          settings.eval_every and step % settings.eval_every == 0):
         fetch(pending)  # the state about to be logged, evaluated or saved is known to be finite
         pending = None
-      if window["metrics"] and (step % config.log_every == 0 or final):
+      if window["metrics"] and (step % settings.log_every == 0 or final):
         last = {**last, **log(step)}
-      if config.eval_every and step % config.eval_every == 0:
+      if settings.eval_every and step % settings.eval_every == 0:
         last = {**last, **evaluator(step, state["params"], writer)}
         window["t0"] = time.perf_counter()  # evaluation time is not training time
       if checkpointer.due(step) or final or preempted.flag:
-        checkpointer.save(step, state, {"step": step, "data_step": step, "job": config.job})
+        checkpointer.save(step, state, {"step": step, "data_step": step, "job": settings.job})
         good_step = step
       if preempted.flag:
         break
@@ -320,11 +335,13 @@ def _loop(config, state, step_fn, target_params, batches, start, steps, checkpoi
   bar.close()
   checkpointer.wait()
   finished = step >= steps
-  if finished and config.export_hf:  # every process gathers the weights; process 0 writes them
-    save_hf_checkpoint(nnx.merge(graphdef, state["params"]), drafter_cfg.replace(dtype="float32"),
-                       os.path.join(workdir, "drafter"), tokenizer=tokenizer)
-    if draft_ids_W is not None and jax.process_index() == 0:
-      save_draft_vocab(os.path.join(workdir, "drafter"), draft_ids_W, {"coverage": config.draft_vocab_coverage})
-  console.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", config.job, step, steps,
+  out = live.export
+  if finished and settings.export_hf:  # every process gathers the weights; process 0 writes them
+    save_hf_checkpoint(nnx.merge(out.graphdef, state["params"]), out.drafter_cfg.replace(dtype="float32"),
+                       os.path.join(out.workdir, "drafter"), tokenizer=out.tokenizer)
+    if out.draft_ids_W is not None and jax.process_index() == 0:
+      save_draft_vocab(os.path.join(out.workdir, "drafter"), out.draft_ids_W,
+                       {"coverage": settings.draft_vocab_coverage})
+  console.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", settings.job, step, steps,
                "finished" if finished else "interrupted", good_step)
   return {**last, "step": step, "finished": finished}

@@ -14,26 +14,29 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from specjax.config_utils import workdir_path
 from specjax.decoding import metrics
-from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
+from specjax.decoding.decoder import Decoder, stop_ids
 from specjax.models.draft_vocab import set_draft_vocab
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files
 from specjax.errors import SpecjaxError
+from specjax.train.settings import AcceptanceSettings
 
 
 def heldout_questions(config, workdir: str) -> list[dict]:
-  """Spec-Bench-style questions: from `acceptance_prompts` files, or "heldout:LANGS" = the eval
+  """Spec-Bench-style questions: from `acceptance.prompts` files, or "heldout:LANGS" = the eval
   split's sentences of LANGS (comma-separated; never seen in training) as translation prompts."""
-  spec = config.acceptance_prompts
+  acceptance = AcceptanceSettings.from_config(config)
+  spec = acceptance.prompts
   if not spec.startswith("heldout:"):
     return read_prompt_files(spec.replace("{workdir}", workdir))
   from specjax.data.parallel import load_pairs, translation_message
   langs = [lang.strip() for lang in spec.split(":", 1)[1].split(",") if lang.strip()]
   if not langs:
-    raise SpecjaxError(f"config field `acceptance_prompts`={spec!r}: name languages after heldout:, e.g. heldout:de,fr")
+    raise SpecjaxError(f"config field `acceptance.prompts`={spec!r}: name languages after heldout:, e.g. "
+                       "heldout:de,fr")
   data_dir = workdir_path(config, "data_dir", workdir)
   out = []
   for lang in langs:
-    for i, (x, _) in enumerate(load_pairs(data_dir, lang, "eval", config.acceptance_prompts_per_language)):
+    for i, (x, _) in enumerate(load_pairs(data_dir, lang, "eval", acceptance.prompts_per_language)):
       out.append({"question_id": f"heldout_{lang}en_{i}", "category": f"{lang}en",
                   "turns": [translation_message(lang, "en", x)]})
   return out
@@ -56,19 +59,19 @@ class AcceptanceEval:
   """Built once (one compile per temperature mode); each call swaps in the current parameters."""
 
   def __init__(self, config, workdir, target, drafter_graphdef, params, tokenizer, mesh, draft_ids_W=None):
+    acceptance = AcceptanceSettings.from_config(config)  # config.acceptance.* (or the acceptance_* aliases)
     questions = heldout_questions(config, workdir)
-    if config.acceptance_prompts_per_language and not config.acceptance_prompts.startswith("heldout:"):
-      questions = first_per_category(questions, config.acceptance_prompts_per_language)
+    if acceptance.prompts_per_language and not acceptance.prompts.startswith("heldout:"):
+      questions = first_per_category(questions, acceptance.prompts_per_language)
     if not questions:
-      raise SpecjaxError(f"config field `acceptance_prompts`={config.acceptance_prompts!r}: no prompts")
+      raise SpecjaxError(f"config field `acceptance.prompts`={acceptance.prompts!r}: no prompts")
     self.prompts = [encode_prompt(tokenizer, apply_template(config.template, q["turns"][0], tokenizer=tokenizer)) for q in questions]
     self.categories = [q["category"] for q in questions]
-    self.temperatures = tuple(config.acceptance_temperatures)
+    self.temperatures = tuple(acceptance.temperatures)
     self.seed = config.seed
     self.mesh = mesh if jax.device_count() > 1 else None
     self.drafter_graphdef, self.draft_ids_W = drafter_graphdef, draft_ids_W
-    settings = DecodingSettings.from_config(config, prefix="acceptance_", method="sps")  # acceptance_gamma, ...
-    self.decoder = Decoder(target, self._drafter(params), settings, mesh=self.mesh)
+    self.decoder = Decoder(target, self._drafter(params), acceptance.decoding(), mesh=self.mesh)
     self.decoder.drafter_state = None  # set per call: the train step donates parameter buffers
     self.eos_id = stop_ids(target.config, tokenizer)
 

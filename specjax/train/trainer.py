@@ -18,6 +18,7 @@ import numpy as np
 from specjax import sharding as shd
 from specjax.errors import SpecjaxError
 from specjax.train.acceptance import AcceptanceEval
+from specjax.train.settings import AcceptanceSettings
 from specjax.train.step import make_eval_step
 
 
@@ -127,7 +128,7 @@ class Evaluator:
       provider = seqio.get_mixture_or_task(config.mixture)
       self.has_heldout = "eval" in provider.splits
     self.acceptance = None
-    if config.eval_every and config.acceptance_prompts and target is not None:
+    if config.eval_every and AcceptanceSettings.from_config(config).prompts and target is not None:
       self.acceptance = AcceptanceEval(config, workdir, target, graphdef, params, tokenizer, mesh, draft_ids_W)
 
   def __call__(self, step, params, writer) -> dict:
