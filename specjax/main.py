@@ -102,13 +102,30 @@ def _parse_flags(argv):
   that names no field (`--config.gamm=3`); that becomes one line naming the field and the
   closest fields the config has."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     cause = _specjax_error(e) or _bad_override(argv)
     _fail(str(cause) if cause is not None else f"{e} (--helpfull lists the flags)")
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     cause = _specjax_error(e) or _bad_override(argv)
     _fail(str(cause) if cause is not None else f"cannot apply the --config overrides ({str(e).splitlines()[0]})")
+  _check_aliases(argv)
+  return rest
+
+
+def _check_aliases(argv) -> None:
+  """A nested field and its old flat name (config.acceptance.gamma, acceptance_gamma) given
+  different values on one command line: refused (specjax.validate.check_aliases)."""
+  from specjax import validate
+  try:
+    config = _CONFIG.value
+    config.get("job")
+  except Exception:  # noqa: BLE001 (a config that did not load: main reports it)
+    return
+  try:
+    validate.check_aliases(config, argv)
+  except SpecjaxError as e:
+    _fail(str(e))
 
 
 def run_job(config, workdir: str):

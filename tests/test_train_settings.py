@@ -3,6 +3,7 @@ one default per setting; the nested `acceptance` group and its flat `acceptance_
 import dataclasses
 import importlib.util
 import os
+import subprocess
 import sys
 
 import ml_collections
@@ -97,6 +98,29 @@ def test_nested_and_flat_values_that_differ_are_refused():
     AcceptanceSettings.from_config(c)
   c.acceptance_gamma = 5
   assert AcceptanceSettings.from_config(c).gamma == 5
+
+
+def test_a_command_line_giving_both_names_different_values_is_refused():
+  c = pretrain_config.get_config("runlocal")
+  validate.check_aliases(c, ["prog", "--config.acceptance.gamma=4", "--config.acceptance_gamma=4"])
+  validate.check_aliases(c, ["prog", "--config.acceptance.temperatures=(0.0,)",
+                             "--config.acceptance_temperatures", "[0.0]"])
+  with pytest.raises(SpecjaxError, match=r"--config.acceptance.gamma=5 and --config.acceptance_gamma=4: "
+                                         r"`acceptance_gamma` is the old name of `acceptance.gamma`"):
+    validate.check_aliases(c, ["prog", "--config.acceptance.gamma=5", "--config.acceptance_gamma=4"])
+
+
+def test_the_command_line_aliases(tmp_path):
+  """End to end through specjax.main: refused before anything loads (exit 2); a flat name sets
+  the nested field (the validation error names it)."""
+  def main(*overrides):
+    args = [sys.executable, "-m", "specjax.main", "--config", "configs/pretrain.py:runlocal",
+            "--workdir", str(tmp_path), *overrides]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+  out = main("--config.acceptance.gamma=5", "--config.acceptance_gamma=4")
+  assert out.returncode == 2 and "`acceptance_gamma` is the old name of `acceptance.gamma`" in out.stderr
+  out = main("--config.acceptance_gamma=0")
+  assert out.returncode == 2 and "config field `acceptance.gamma`=0: must be an integer >= 1" in out.stderr
 
 
 def test_the_acceptance_decoder_settings_are_unchanged():
