@@ -21,6 +21,7 @@ $(VENV)/.test: $(VENV)/.base
 
 test: $(VENV)/.test
 	$(PY) -m ruff check specjax tests benchmarks configs launch
+	$(PY) -m ruff format --check specjax tests benchmarks configs launch
 	$(PY) -m pytest -q tests
 
 # The paper's recipe in miniature on the embedded corpus; a rerun resumes (rm -rf $(DEMO_DIR) to start over).

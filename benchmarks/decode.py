@@ -20,6 +20,7 @@ miniature), so acceptance is that of a drafter that knows the domain rather than
 measures the decoding engines, not how well a drafter generalises. Ratios are measured in the
 same process, one method after another on the same prompts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,23 @@ VOCAB = 8000
 
 
 def _llama(hidden, layers, mlp, heads, kv_heads):
-  return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_layers=layers,
-                     num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
-                     max_position_embeddings=1024)
+  return LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=hidden,
+    intermediate_size=mlp,
+    num_layers=layers,
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=hidden // heads,
+    max_position_embeddings=1024,
+  )
 
 
 SIZES = {
-    # Per-step overhead dominates: about 18M target parameters.
-    "small": (_llama(320, 8, 1280, 5, 5), _llama(128, 1, 384, 2, 2)),
-    # Reading weights dominates: about 110M target, 6M drafter.
-    "large": (_llama(768, 14, 2048, 12, 12), _llama(256, 2, 768, 4, 4)),
+  # Per-step overhead dominates: about 18M target parameters.
+  "small": (_llama(320, 8, 1280, 5, 5), _llama(128, 1, 384, 2, 2)),
+  # Reading weights dominates: about 110M target, 6M drafter.
+  "large": (_llama(768, 14, 2048, 12, 12), _llama(256, 2, 768, 4, 4)),
 }
 
 
@@ -103,6 +111,7 @@ def gemv_bandwidth(nbytes: int, hidden: int, iters=10, repeats=5) -> float:
   def run(x, w):
     def body(_, x):
       return x + 1e-30 * (x @ w)[:, :hidden]
+
     return jax.lax.fori_loop(0, iters, body, x)
 
   x = jnp.ones((1, hidden), jnp.float32)
@@ -118,6 +127,7 @@ def gemv_bandwidth(nbytes: int, hidden: int, iters=10, repeats=5) -> float:
 def forward_cost_ratio(model, width: int, repeats=20) -> float:
   """Time of a `width`-token cached forward over a 1-token one (the verify/step cost ratio)."""
   from specjax.models import KVCache
+
   fwd = jax.jit(lambda m, t, c: m(t, c)[0])
   cache = KVCache.zeros(model.config, 1, 256).replace(lengths_B=jnp.array([100], jnp.int32))
   times = {}
@@ -138,8 +148,11 @@ def draft_cost_ratio(target, drafter, repeats=20) -> float:
   one target step, both one-token cached forwards at the same position."""
   from specjax.decoding.engine import DraftModel
   from specjax.models import KVCache
-  forwards = {"target": (target, jax.jit(lambda m, t, c, p: m(t, c, p)[0])),
-              "drafter": (drafter, jax.jit(lambda m, t, c, p: DraftModel.of(m).forward(t, c, p)[0]))}
+
+  forwards = {
+    "target": (target, jax.jit(lambda m, t, c, p: m(t, c, p)[0])),
+    "drafter": (drafter, jax.jit(lambda m, t, c, p: DraftModel.of(m).forward(t, c, p)[0])),
+  }
   times = {}
   for name, (model, fwd) in forwards.items():
     cache = KVCache.zeros(model.config, 1, 256)
@@ -159,7 +172,7 @@ def distill_drafter(target, drafter, prompts, max_new, steps, log):
   data = Decoder(target, method="ar", max_new_tokens=max_new, batch_size=len(prompts)).generate(prompts, eos_id=-1)
   seqs = np.array([p + t for p, t in zip(prompts, data.new_tokens)], np.int32)
   loss_mask = np.zeros_like(seqs, np.float32)
-  loss_mask[:, len(prompts[0]):] = 1.0
+  loss_mask[:, len(prompts[0]) :] = 1.0
   graphdef, params, rest = nnx.split(drafter, nnx.Param, ...)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, max(1, steps // 20), steps)
   tx = optax.adamw(schedule, weight_decay=0.0)
@@ -171,6 +184,7 @@ def distill_drafter(target, drafter, prompts, max_new, steps, log):
       logits = nnx.merge(graphdef, params, rest)(batch[:, :-1])
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
       return jnp.sum(ce * mask[:, 1:]) / jnp.sum(mask[:, 1:])
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -185,19 +199,23 @@ def distill_drafter(target, drafter, prompts, max_new, steps, log):
 
 
 def timed_generate(decoder: Decoder, prompts, eos_id=-1, **kw):
-  decoder.generate(prompts[:decoder.batch_size], eos_id=eos_id, **kw)  # compile outside the timing
+  decoder.generate(prompts[: decoder.batch_size], eos_id=eos_id, **kw)  # compile outside the timing
   result = decoder.generate(prompts, eos_id=eos_id, **kw)
   return result, sum(len(t) for t in result.new_tokens) / result.wall_s
 
 
 def hf_generate(model, prompts, max_new, assistant=None, gamma=None, eos_ids=None, prompt_lookup=0):
   import torch
+
   outputs, tokens = [], 0
-  kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos_ids) if eos_ids else None,
-            pad_token_id=0)
+  kw = dict(max_new_tokens=max_new, do_sample=False, eos_token_id=list(eos_ids) if eos_ids else None, pad_token_id=0)
   if assistant is not None:
-    kw.update(assistant_model=assistant, num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant",
-              assistant_confidence_threshold=0.0)
+    kw.update(
+      assistant_model=assistant,
+      num_assistant_tokens=gamma,
+      num_assistant_tokens_schedule="constant",
+      assistant_confidence_threshold=0.0,
+    )
   if prompt_lookup:
     kw.update(prompt_lookup_num_tokens=prompt_lookup)
   with torch.inference_mode():
@@ -205,7 +223,7 @@ def hf_generate(model, prompts, max_new, assistant=None, gamma=None, eos_ids=Non
     start = time.perf_counter()
     for p in prompts:
       out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw)
-      new = out[0, len(p):].tolist()
+      new = out[0, len(p) :].tolist()
       outputs.append(new)
       tokens += len(new)
   return outputs, tokens / (time.perf_counter() - start)
@@ -214,6 +232,7 @@ def hf_generate(model, prompts, max_new, assistant=None, gamma=None, eos_ids=Non
 def bench_size(name: str, args: Args, bandwidth: float, log) -> dict:
   import torch
   from transformers import LlamaForCausalLM
+
   target_cfg, drafter_cfg = SIZES[name]
   log(f"[{name}] target {target_cfg.num_params / 1e6:.1f}M params, drafter {drafter_cfg.num_params / 1e6:.1f}M")
   target = init_model(target_cfg, 0)
@@ -246,23 +265,31 @@ def bench_size(name: str, args: Args, bandwidth: float, log) -> dict:
   wbytes = weight_bytes_per_token(target_cfg)
   gemv = gemv_bandwidth(wbytes, target_cfg.hidden_size)
   record = {
-      "size": name,
-      "target_params": target_cfg.num_params, "drafter_params": drafter_cfg.num_params,
-      "prompts": len(prompts), "max_new_tokens": args.max_new, "gamma": g,
-      "ours_ar_tps": ours_ar_tps, "ours_spec_tps": ours_spec_tps,
-      "hf_ar_tps": hf_ar_tps, "hf_assisted_tps": hf_assisted_tps,
-      "spec_over_hf_assisted": ours_spec_tps / hf_assisted_tps,
-      "tau": tau, "alpha": alpha, "cost_ratio_c": c,
-      "predicted_speedup": expected / (g * c + 1),
-      "measured_speedup": ours_spec_tps / ours_ar_tps,
-      "verify_cost_ratio": verify_cost,
-      "predicted_speedup_with_verify_cost": expected / (g * c + verify_cost),
-      "weight_bytes_per_token": wbytes,
-      "copy_bandwidth_gbs": bandwidth / 1e9, "gemv_bandwidth_gbs": gemv / 1e9,
-      "copy_bandwidth_fraction": ours_ar_tps * wbytes / bandwidth,
-      "gemv_ceiling_fraction": ours_ar_tps * wbytes / gemv,
-      "outputs_equal_hf_plain": float(np.mean([a == b for a, b in zip(hf_ar_out, ar_result.new_tokens)])),
-      "outputs_equal_hf_assisted": float(np.mean([a == b for a, b in zip(hf_as_out, spec_result.new_tokens)])),
+    "size": name,
+    "target_params": target_cfg.num_params,
+    "drafter_params": drafter_cfg.num_params,
+    "prompts": len(prompts),
+    "max_new_tokens": args.max_new,
+    "gamma": g,
+    "ours_ar_tps": ours_ar_tps,
+    "ours_spec_tps": ours_spec_tps,
+    "hf_ar_tps": hf_ar_tps,
+    "hf_assisted_tps": hf_assisted_tps,
+    "spec_over_hf_assisted": ours_spec_tps / hf_assisted_tps,
+    "tau": tau,
+    "alpha": alpha,
+    "cost_ratio_c": c,
+    "predicted_speedup": expected / (g * c + 1),
+    "measured_speedup": ours_spec_tps / ours_ar_tps,
+    "verify_cost_ratio": verify_cost,
+    "predicted_speedup_with_verify_cost": expected / (g * c + verify_cost),
+    "weight_bytes_per_token": wbytes,
+    "copy_bandwidth_gbs": bandwidth / 1e9,
+    "gemv_bandwidth_gbs": gemv / 1e9,
+    "copy_bandwidth_fraction": ours_ar_tps * wbytes / bandwidth,
+    "gemv_ceiling_fraction": ours_ar_tps * wbytes / gemv,
+    "outputs_equal_hf_plain": float(np.mean([a == b for a, b in zip(hf_ar_out, ar_result.new_tokens)])),
+    "outputs_equal_hf_assisted": float(np.mean([a == b for a, b in zip(hf_as_out, spec_result.new_tokens)])),
   }
   return record
 
@@ -285,73 +312,110 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
   from specjax.decoding.decoder import stop_ids
   from specjax.decoding.prompts import apply_template, encode_prompt
   from specjax.models.hf import load_model, load_tokenizer
+
   target, target_cfg = load_model(args.target, "float32")
   tokenizer = load_tokenizer(args.target)
   drafter, drafter_cfg = load_model(args.drafter, "float32")
   stops = stop_ids(target_cfg, tokenizer)
   pairs = load_pairs(args.data_dir or EMBEDDED_CORPUS, args.lang, "eval", args.prompts)
-  prompts = [encode_prompt(tokenizer, apply_template("auto", translation_message(args.lang, "en", x), (), None,
-                                                     tokenizer)) for x, _ in pairs]
-  log(f"[{args.target}] {target_cfg.num_params / 1e6:.1f}M params; drafter {args.drafter} "
-      f"{drafter_cfg.num_params / 1e6:.1f}M; {len(prompts)} {args.lang}->en prompts, {args.max_new} new tokens, "
-      f"γ={args.gamma}, stop ids {stops}")
+  prompts = [
+    encode_prompt(tokenizer, apply_template("auto", translation_message(args.lang, "en", x), (), None, tokenizer))
+    for x, _ in pairs
+  ]
+  log(
+    f"[{args.target}] {target_cfg.num_params / 1e6:.1f}M params; drafter {args.drafter} "
+    f"{drafter_cfg.num_params / 1e6:.1f}M; {len(prompts)} {args.lang}->en prompts, {args.max_new} new tokens, "
+    f"γ={args.gamma}, stop ids {stops}"
+  )
   g = args.gamma
   common = dict(max_new_tokens=args.max_new, prompt_bucket=32)
   ours, results, by_batch = {}, {}, {}
   for batch in args.batch_sizes:
-    decoders = {"ar": Decoder(target, method="ar", batch_size=batch, **common),
-                "pld": Decoder(target, method="pld", gamma=g, batch_size=batch, **common),
-                "sps": Decoder(target, drafter, method="sps", gamma=g, batch_size=batch, **common)}
+    decoders = {
+      "ar": Decoder(target, method="ar", batch_size=batch, **common),
+      "pld": Decoder(target, method="pld", gamma=g, batch_size=batch, **common),
+      "sps": Decoder(target, drafter, method="sps", gamma=g, batch_size=batch, **common),
+    }
     tps = {}
     for name, decoder in decoders.items():
       result, tps[name] = timed_generate(decoder, prompts, eos_id=stops)
       if batch == args.batch_sizes[0]:
         results[name], ours[name] = result, tps[name]
       assert result.new_tokens == results["ar"].new_tokens, f"{name} at batch {batch} differs from plain decoding"
-    by_batch[str(batch)] = {"ar_tps": tps["ar"], "pld_speedup": tps["pld"] / tps["ar"],
-                            "spec_speedup": tps["sps"] / tps["ar"]}
-    log(f"  batch {batch}: plain {tps['ar']:.1f} tok/s, prompt lookup {tps['pld'] / tps['ar']:.2f}x, "
-        f"drafter {tps['sps'] / tps['ar']:.2f}x")
-  hf_target = LlamaForCausalLM.from_pretrained(_hf_dir(args.target, target, target_cfg, tokenizer),
-                                               dtype=torch.float32).eval()
+    by_batch[str(batch)] = {
+      "ar_tps": tps["ar"],
+      "pld_speedup": tps["pld"] / tps["ar"],
+      "spec_speedup": tps["sps"] / tps["ar"],
+    }
+    log(
+      f"  batch {batch}: plain {tps['ar']:.1f} tok/s, prompt lookup {tps['pld'] / tps['ar']:.2f}x, "
+      f"drafter {tps['sps'] / tps['ar']:.2f}x"
+    )
+  hf_target = LlamaForCausalLM.from_pretrained(
+    _hf_dir(args.target, target, target_cfg, tokenizer), dtype=torch.float32
+  ).eval()
   hf_drafter = LlamaForCausalLM.from_pretrained(args.drafter, dtype=torch.float32).eval()
-  hf = {"ar": hf_generate(hf_target, prompts, args.max_new, eos_ids=stops),
-        "pld": hf_generate(hf_target, prompts, args.max_new, eos_ids=stops, prompt_lookup=g),
-        "sps": hf_generate(hf_target, prompts, args.max_new, hf_drafter, g, eos_ids=stops)}
+  hf = {
+    "ar": hf_generate(hf_target, prompts, args.max_new, eos_ids=stops),
+    "pld": hf_generate(hf_target, prompts, args.max_new, eos_ids=stops, prompt_lookup=g),
+    "sps": hf_generate(hf_target, prompts, args.max_new, hf_drafter, g, eos_ids=stops),
+  }
   s, pld = results["sps"], results["pld"]
   tau = 1.0 + float(s.accepted.sum() / s.steps.sum())
   alpha = float(s.accepted.sum() / max(1, s.proposed.sum()))
   c = draft_cost_ratio(target, drafter)
   v = forward_cost_ratio(target, g + 1)
   expected = (1 - alpha ** (g + 1)) / (1 - alpha) if alpha < 1 else g + 1.0
-  wbytes = weight_bytes_per_token(target_cfg) + (target_cfg.vocab_size * target_cfg.hidden_size * 4
-                                                 if target_cfg.tie_word_embeddings else 0)
+  wbytes = weight_bytes_per_token(target_cfg) + (
+    target_cfg.vocab_size * target_cfg.hidden_size * 4 if target_cfg.tie_word_embeddings else 0
+  )
   gemv = gemv_bandwidth(wbytes, target_cfg.hidden_size)
-  equal = lambda name: float(np.mean([_upto_stop(a, stops) == _upto_stop(b, stops)
-                                      for a, b in zip(hf[name][0], results[name].new_tokens)]))
+  equal = lambda name: float(
+    np.mean([_upto_stop(a, stops) == _upto_stop(b, stops) for a, b in zip(hf[name][0], results[name].new_tokens)])
+  )
   return {
-      "target": args.target, "drafter": args.drafter, "lang": args.lang,
-      "target_params": target_cfg.num_params, "drafter_params": drafter_cfg.num_params,
-      "draft_vocab_size": None if getattr(drafter, "draft_vocab", None) is None else int(drafter.draft_vocab[...].shape[0]),
-      "prompts": len(prompts), "max_new_tokens": args.max_new, "gamma": g,
-      "ours_ar_tps": ours["ar"], "ours_pld_tps": ours["pld"], "ours_spec_tps": ours["sps"],
-      "hf_ar_tps": hf["ar"][1], "hf_pld_tps": hf["pld"][1], "hf_assisted_tps": hf["sps"][1],
-      "spec_over_hf_assisted": ours["sps"] / hf["sps"][1], "pld_over_hf_pld": ours["pld"] / hf["pld"][1],
-      "measured_speedup": ours["sps"] / ours["ar"], "pld_speedup": ours["pld"] / ours["ar"],
-      "tau": tau, "alpha": alpha, "pld_tau": 1.0 + float(pld.accepted.sum() / pld.steps.sum()),
-      "draft_cost_ratio": c, "verify_cost_ratio": v,
-      "predicted_speedup_with_verify_cost": expected / (g * c + v),
-      "per_batch_size": by_batch,
-      "weight_bytes_per_token": wbytes, "copy_bandwidth_gbs": bandwidth / 1e9, "gemv_bandwidth_gbs": gemv / 1e9,
-      "gemv_ceiling_fraction": ours["ar"] * wbytes / gemv,
-      "outputs_equal_hf_plain": equal("ar"), "outputs_equal_hf_pld": equal("pld"),
-      "outputs_equal_hf_assisted": equal("sps"),
+    "target": args.target,
+    "drafter": args.drafter,
+    "lang": args.lang,
+    "target_params": target_cfg.num_params,
+    "drafter_params": drafter_cfg.num_params,
+    "draft_vocab_size": None
+    if getattr(drafter, "draft_vocab", None) is None
+    else int(drafter.draft_vocab[...].shape[0]),
+    "prompts": len(prompts),
+    "max_new_tokens": args.max_new,
+    "gamma": g,
+    "ours_ar_tps": ours["ar"],
+    "ours_pld_tps": ours["pld"],
+    "ours_spec_tps": ours["sps"],
+    "hf_ar_tps": hf["ar"][1],
+    "hf_pld_tps": hf["pld"][1],
+    "hf_assisted_tps": hf["sps"][1],
+    "spec_over_hf_assisted": ours["sps"] / hf["sps"][1],
+    "pld_over_hf_pld": ours["pld"] / hf["pld"][1],
+    "measured_speedup": ours["sps"] / ours["ar"],
+    "pld_speedup": ours["pld"] / ours["ar"],
+    "tau": tau,
+    "alpha": alpha,
+    "pld_tau": 1.0 + float(pld.accepted.sum() / pld.steps.sum()),
+    "draft_cost_ratio": c,
+    "verify_cost_ratio": v,
+    "predicted_speedup_with_verify_cost": expected / (g * c + v),
+    "per_batch_size": by_batch,
+    "weight_bytes_per_token": wbytes,
+    "copy_bandwidth_gbs": bandwidth / 1e9,
+    "gemv_bandwidth_gbs": gemv / 1e9,
+    "gemv_ceiling_fraction": ours["ar"] * wbytes / gemv,
+    "outputs_equal_hf_plain": equal("ar"),
+    "outputs_equal_hf_pld": equal("pld"),
+    "outputs_equal_hf_assisted": equal("sps"),
   }
 
 
 def _hf_dir(source: str, model, config, tokenizer) -> str:
   """A Hugging Face directory for transformers to load: the target itself, or its conversion."""
   from specjax.models.hf import save_hf_checkpoint
+
   if os.path.isdir(source):
     return source
   out = os.path.join(tempfile.mkdtemp(prefix="specjax_bench_"), "target")
@@ -376,28 +440,63 @@ def main(argv=None):
   parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
   args = Args(**vars(parser.parse_args(argv)))
   if args.target and not args.drafter:
-    parser.error("--target needs --drafter, a drafter trained for it (make demo writes runs/demo/drafters/LANG/drafter)")
+    parser.error(
+      "--target needs --drafter, a drafter trained for it (make demo writes runs/demo/drafters/LANG/drafter)"
+    )
   import torch
+
   torch.set_num_threads(args.threads)
   log = lambda msg: print(msg, flush=True)
-  log(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  "
-      f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  log(
+    f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
   bandwidth = copy_bandwidth()
   if args.target:
     record = bench_checkpoint(args, bandwidth, log)
-    cols = ["ours_ar_tps", "ours_pld_tps", "ours_spec_tps", "hf_ar_tps", "hf_pld_tps", "hf_assisted_tps",
-            "measured_speedup", "pld_speedup", "spec_over_hf_assisted", "tau", "pld_tau", "draft_cost_ratio",
-            "verify_cost_ratio", "predicted_speedup_with_verify_cost", "gemv_ceiling_fraction",
-            "outputs_equal_hf_plain", "outputs_equal_hf_pld", "outputs_equal_hf_assisted"]
+    cols = [
+      "ours_ar_tps",
+      "ours_pld_tps",
+      "ours_spec_tps",
+      "hf_ar_tps",
+      "hf_pld_tps",
+      "hf_assisted_tps",
+      "measured_speedup",
+      "pld_speedup",
+      "spec_over_hf_assisted",
+      "tau",
+      "pld_tau",
+      "draft_cost_ratio",
+      "verify_cost_ratio",
+      "predicted_speedup_with_verify_cost",
+      "gemv_ceiling_fraction",
+      "outputs_equal_hf_plain",
+      "outputs_equal_hf_pld",
+      "outputs_equal_hf_assisted",
+    ]
     log("\n".join(f"{c:36s} {record[c]:.3f}" for c in cols))
     with open(args.out, "w") as f:
       json.dump([record], f, indent=2)
     log(f"wrote {args.out}")
     return
   records = [bench_size(name, args, bandwidth, log) for name in args.sizes]
-  cols = ["size", "ours_ar_tps", "ours_spec_tps", "hf_ar_tps", "hf_assisted_tps", "spec_over_hf_assisted", "tau",
-          "alpha", "cost_ratio_c", "verify_cost_ratio", "predicted_speedup", "predicted_speedup_with_verify_cost",
-          "measured_speedup", "copy_bandwidth_fraction", "gemv_ceiling_fraction", "outputs_equal_hf_assisted"]
+  cols = [
+    "size",
+    "ours_ar_tps",
+    "ours_spec_tps",
+    "hf_ar_tps",
+    "hf_assisted_tps",
+    "spec_over_hf_assisted",
+    "tau",
+    "alpha",
+    "cost_ratio_c",
+    "verify_cost_ratio",
+    "predicted_speedup",
+    "predicted_speedup_with_verify_cost",
+    "measured_speedup",
+    "copy_bandwidth_fraction",
+    "gemv_ceiling_fraction",
+    "outputs_equal_hf_assisted",
+  ]
   log("\n" + " | ".join(cols))
   for r in records:
     log(" | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols))

@@ -17,6 +17,7 @@ Spec-Bench prompts: all 80 per language at T=0 (--specbench_prompts_per_language
 first N); at T=1 the first 16 on the cpu preset, all on gpu (--specbench_sampled_prompts_per_language N).
 Each temperature's records are kept in WORKDIR/specbench/records_T{0,1}_first{N,all}.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,7 @@ sys.path.insert(0, REPO)
 
 # cpu/gpu: the real target (SmolLM2-135M-Instruct); scratch_cpu/scratch_gpu: the ~100M target trained
 # from scratch that README's earlier mini-paper tables used.
-PRESETS = {"cpu": "real_cpu", "gpu": "real_gpu", "scratch_cpu": "mini_cpu", "scratch_gpu": "mini_gpu",
-           "smoke": "tiny"}
+PRESETS = {"cpu": "real_cpu", "gpu": "real_gpu", "scratch_cpu": "mini_cpu", "scratch_gpu": "mini_gpu", "smoke": "tiny"}
 # T=1 runs every method once per seed: on 2 CPU cores the 80 prompts per language are a T=0-only
 # budget, so T=1 takes the first N of each language there (0 = all).
 SAMPLED_PROMPTS_PER_LANGUAGE = {"cpu": 16, "gpu": 0, "scratch_cpu": 16, "scratch_gpu": 0, "smoke": 2}
@@ -44,8 +44,12 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--data_dir", default=os.path.join(REPO, "..", "shared", "data"))
   parser.add_argument("--specbench_prompts_per_language", type=int, default=0, help="T=0; 0 = all 80")
-  parser.add_argument("--specbench_sampled_prompts_per_language", type=int, default=None,
-                      help="T=1; default: the preset's (cpu 16, gpu all)")
+  parser.add_argument(
+    "--specbench_sampled_prompts_per_language",
+    type=int,
+    default=None,
+    help="T=1; default: the preset's (cpu 16, gpu all)",
+  )
   args = parser.parse_args(argv)
 
   from configs import demo as demo_config
@@ -74,19 +78,29 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(target_dir)
     target, _ = load_model(target_dir, "float32")
     langs = tuple(config.langs)
-    drafters = {name: load_model(os.path.join(workdir, "drafters", name, "drafter"), "float32")[0]
-                for name in ("general",) + langs}
+    drafters = {
+      name: load_model(os.path.join(workdir, "drafters", name, "drafter"), "float32")[0]
+      for name in ("general",) + langs
+    }
     from specjax.decoding.prompts import read_prompt_files
+
     questions = [q for q in read_prompt_files(bench_glob) if q["category"][:2] in langs]
     from specjax.train.acceptance import first_per_category
+
     greedy_cap = args.specbench_prompts_per_language or (2 if args.preset == "smoke" else 0)
     sampled_cap = args.specbench_sampled_prompts_per_language
     if sampled_cap is None:
       sampled_cap = SAMPLED_PROMPTS_PER_LANGUAGE[args.preset]
     greedy_questions = first_per_category(questions, greedy_cap)
     sampled_questions = first_per_category(greedy_questions, sampled_cap)
-    common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
-                  batch_size=1, eos_id=stop_ids(target.config, tokenizer), prompt_bucket=config.prompt_bucket)
+    common = dict(
+      gamma=config.gamma,
+      max_new_tokens=config.max_new_tokens,
+      template=config.template,
+      batch_size=1,
+      eos_id=stop_ids(target.config, tokenizer),
+      prompt_bucket=config.prompt_bucket,
+    )
 
     def evaluated(name, fn):  # kept per temperature and prompt count: a rerun does not redo them
       cache = os.path.join(workdir, "specbench", f"{name}.json")
@@ -97,27 +111,61 @@ def main(argv=None) -> int:
           json.dump(records, f, ensure_ascii=False)
       with open(cache, encoding="utf-8") as f:
         return json.load(f)
-    bench = evaluated(f"records_T0_first{greedy_cap or 'all'}", lambda: specbench.evaluate(
-        target, tokenizer, drafters, greedy_questions, temperatures=(0.0,), seeds=(0,),
-        runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")], **common))
-    bench += evaluated(f"records_T1_first{sampled_cap or 'all'}", lambda: specbench.evaluate(
-        target, tokenizer, drafters, sampled_questions, temperatures=(1.0,), seeds=tuple(config.sampling_seeds),
-        runs=[("ar", None), ("sps", "general"), ("sps", "auto")], **common))
-    report.write_report(bench, os.path.join(workdir, "specbench"),
-                        f"mini paper ({args.preset}): multilingual Spec-Bench prompts",
-                        notes=[f"Prompts: {bench_glob}: {len(greedy_questions)} questions at T=0, "
-                               f"{len(sampled_questions)} at T=1 (the first of each language; "
-                               f"{len(config.sampling_seeds)} seeds)."])
+
+    bench = evaluated(
+      f"records_T0_first{greedy_cap or 'all'}",
+      lambda: specbench.evaluate(
+        target,
+        tokenizer,
+        drafters,
+        greedy_questions,
+        temperatures=(0.0,),
+        seeds=(0,),
+        runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")],
+        **common,
+      ),
+    )
+    bench += evaluated(
+      f"records_T1_first{sampled_cap or 'all'}",
+      lambda: specbench.evaluate(
+        target,
+        tokenizer,
+        drafters,
+        sampled_questions,
+        temperatures=(1.0,),
+        seeds=tuple(config.sampling_seeds),
+        runs=[("ar", None), ("sps", "general"), ("sps", "auto")],
+        **common,
+      ),
+    )
+    report.write_report(
+      bench,
+      os.path.join(workdir, "specbench"),
+      f"mini paper ({args.preset}): multilingual Spec-Bench prompts",
+      notes=[
+        f"Prompts: {bench_glob}: {len(greedy_questions)} questions at T=0, "
+        f"{len(sampled_questions)} at T=1 (the first of each language; "
+        f"{len(config.sampling_seeds)} seeds)."
+      ],
+    )
   except SpecjaxError as e:
     print(f"mini_paper: error: {e}", file=sys.stderr)
     return 2
   summary = {
-      "preset": args.preset, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-      "hardware": {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                   "platform": __import__("jax").devices()[0].platform,
-                   "device_kind": __import__("jax").devices()[0].device_kind},
-      "seconds": time.perf_counter() - started, "heldout_records": out["records"], "specbench_records": bench,
-      "target_quality": out["quality"]}
+    "preset": args.preset,
+    "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+    "hardware": {
+      "machine": platform.machine(),
+      "processor": platform.processor(),
+      "cpus": os.cpu_count(),
+      "platform": __import__("jax").devices()[0].platform,
+      "device_kind": __import__("jax").devices()[0].device_kind,
+    },
+    "seconds": time.perf_counter() - started,
+    "heldout_records": out["records"],
+    "specbench_records": bench,
+    "target_quality": out["quality"],
+  }
   with open(os.path.join(workdir, "mini_paper.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1, ensure_ascii=False)
   for temperature in (0.0, 1.0):

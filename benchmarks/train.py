@@ -10,6 +10,7 @@ on random tokens so the input pipeline is not measured. Model FLOPs per token = 
 device's nominal bf16/fp32 peak when known (`--peak_tflops`), else a measured large matmul on
 this device (an attainable peak; the JSON says which).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ sys.path.insert(0, REPO)
 def measured_matmul_tflops(dtype, n: int = 2048, repeats: int = 5) -> float:
   import jax
   import jax.numpy as jnp
+
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
@@ -33,7 +35,7 @@ def measured_matmul_tflops(dtype, n: int = 2048, repeats: int = 5) -> float:
   for _ in range(repeats):
     out = f(a)
   out.block_until_ready()
-  return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+  return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def main(argv=None) -> int:
@@ -61,18 +63,31 @@ def main(argv=None) -> int:
 
   cfg = PRESETS[args.preset].replace(dtype=args.dtype, param_dtype="float32")
   graphdef, params = nnx.split(init_model(cfg), nnx.Param)
-  opt = ml_collections.ConfigDict(dict(learning_rate=2e-5, warmup_fraction=0.03, final_lr_fraction=0.0,
-                                       weight_decay=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-                                       grad_clip_norm=1.0))
+  opt = ml_collections.ConfigDict(
+    dict(
+      learning_rate=2e-5,
+      warmup_fraction=0.03,
+      final_lr_fraction=0.0,
+      weight_decay=0.0,
+      adam_b1=0.9,
+      adam_b2=0.999,
+      adam_eps=1e-8,
+      grad_clip_norm=1.0,
+    )
+  )
   tx, schedule = make_optimizer(opt, 1000)
   mesh = shd.make_mesh((1, -1, 1))
   step = make_train_step(graphdef, None, tx, schedule, StepSpec())
   B, L = args.batch, args.seq_len
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, cfg.vocab_size, (1, B, L)).astype(np.int32)
-  batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, -1),
-           "decoder_loss_weights": np.ones_like(tokens), "decoder_positions": np.broadcast_to(np.arange(L), tokens.shape)
-           .astype(np.int32), "decoder_segment_ids": np.ones_like(tokens)}
+  batch = {
+    "decoder_input_tokens": tokens,
+    "decoder_target_tokens": np.roll(tokens, -1, -1),
+    "decoder_loss_weights": np.ones_like(tokens),
+    "decoder_positions": np.broadcast_to(np.arange(L), tokens.shape).astype(np.int32),
+    "decoder_segment_ids": np.ones_like(tokens),
+  }
   state = init_state(params, tx, 0)
   fn, state_sh = jit_train_step(step, state, None, {k: v.shape for k, v in batch.items()}, mesh)
   state = jax.device_put(state, state_sh)
@@ -89,16 +104,34 @@ def main(argv=None) -> int:
   matmul_params = cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
   flops_per_token = 6 * matmul_params + 12 * cfg.num_layers * cfg.hidden_size * L
   achieved = flops_per_token * B * L / seconds / 1e12
-  peak, peak_kind = (args.peak_tflops, "nominal") if args.peak_tflops else (
-      measured_matmul_tflops(jnp.dtype(args.dtype)), "measured 2048x2048 matmul")
-  out = {"preset": args.preset, "parameters": cfg.num_params, "batch": B, "seq_len": L, "dtype": args.dtype,
-         "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-         "machine": f"{platform.machine()} {os.cpu_count()} threads", "compile_s": compile_s,
-         "step_s": seconds, "tokens_per_second": B * L / seconds, "model_tflops_per_second": achieved,
-         "peak_tflops": peak, "peak_kind": peak_kind, "mfu": achieved / peak, "loss": float(m["loss"])}
-  print(f"{args.preset} ({cfg.num_params / 1e6:.1f}M), batch {B} x {L}, {args.dtype}, {jax.devices()[0].device_kind}: "
-        f"{out['tokens_per_second']:.0f} tokens/s, {achieved * 1e3:.1f} GFLOP/s, MFU {out['mfu']:.2f} of "
-        f"{peak * 1e3:.1f} GFLOP/s ({peak_kind}); compile {compile_s:.1f} s")
+  peak, peak_kind = (
+    (args.peak_tflops, "nominal")
+    if args.peak_tflops
+    else (measured_matmul_tflops(jnp.dtype(args.dtype)), "measured 2048x2048 matmul")
+  )
+  out = {
+    "preset": args.preset,
+    "parameters": cfg.num_params,
+    "batch": B,
+    "seq_len": L,
+    "dtype": args.dtype,
+    "devices": jax.device_count(),
+    "device_kind": jax.devices()[0].device_kind,
+    "machine": f"{platform.machine()} {os.cpu_count()} threads",
+    "compile_s": compile_s,
+    "step_s": seconds,
+    "tokens_per_second": B * L / seconds,
+    "model_tflops_per_second": achieved,
+    "peak_tflops": peak,
+    "peak_kind": peak_kind,
+    "mfu": achieved / peak,
+    "loss": float(m["loss"]),
+  }
+  print(
+    f"{args.preset} ({cfg.num_params / 1e6:.1f}M), batch {B} x {L}, {args.dtype}, {jax.devices()[0].device_kind}: "
+    f"{out['tokens_per_second']:.0f} tokens/s, {achieved * 1e3:.1f} GFLOP/s, MFU {out['mfu']:.2f} of "
+    f"{peak * 1e3:.1f} GFLOP/s ({peak_kind}); compile {compile_s:.1f} s"
+  )
   if args.out:
     with open(args.out, "w") as f:
       json.dump(out, f, indent=2)

@@ -18,6 +18,7 @@ batch_size, max_new_tokens, seed, max_shards_this_run. Any field can also be set
 --config.FIELD=VALUE (e.g. --config.temperatures='(0.0, 1.0)'). Paths in target, tokenizer and
 data_dir may contain {workdir}.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -26,9 +27,19 @@ from specjax.config_utils import given, parse_arg, unset
 
 def get_config(arg=None):
   # Numbers not given take the variant's default (runlocal's are small); num_sources=0 means all.
-  arg = parse_arg(arg, source="configs/distill_data.py", runlocal=False, src="de", tgt="en", num_sources=unset(int),
-                  num_shards=unset(int), batch_size=unset(int), max_new_tokens=unset(int), seed=0,
-                  max_shards_this_run=0)
+  arg = parse_arg(
+    arg,
+    source="configs/distill_data.py",
+    runlocal=False,
+    src="de",
+    tgt="en",
+    num_sources=unset(int),
+    num_shards=unset(int),
+    batch_size=unset(int),
+    max_new_tokens=unset(int),
+    seed=0,
+    max_shards_this_run=0,
+  )
   c = ml_collections.ConfigDict()
   c.job = "distill_data"
 

@@ -31,6 +31,7 @@ Config string arguments (comma-separated): runlocal, methods and drafter (lists 
 temperature (one; default both 0 and 1), gamma, max_prompts (per language). Any field can also
 be set with --config.FIELD=VALUE. Paths may contain {workdir}.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -39,8 +40,16 @@ from specjax.config_utils import given, parse_arg, unset
 
 def get_config(arg=None):
   # Numbers not given take the variant's default (runlocal's are small).
-  arg = parse_arg(arg, source="configs/eval_specbench.py", runlocal=False, methods="ar+pld+sps", drafter="",
-                  temperature=unset(float), gamma=unset(int), max_prompts=0)
+  arg = parse_arg(
+    arg,
+    source="configs/eval_specbench.py",
+    runlocal=False,
+    methods="ar+pld+sps",
+    drafter="",
+    temperature=unset(float),
+    gamma=unset(int),
+    max_prompts=0,
+  )
   c = ml_collections.ConfigDict()
   c.job = "eval_specbench"
 
@@ -88,8 +97,10 @@ def get_config(arg=None):
   if arg.runlocal:
     c.local_assets = True
     c.target = "{workdir}/local_assets/target"
-    c.drafters = ("general={workdir}/local_assets/drafter_general,de={workdir}/local_assets/drafter_de,"
-                  "fr={workdir}/local_assets/drafter_fr")
+    c.drafters = (
+      "general={workdir}/local_assets/drafter_general,de={workdir}/local_assets/drafter_de,"
+      "fr={workdir}/local_assets/drafter_fr"
+    )
     c.prompts = "{workdir}/local_assets/question.jsonl"
     c.drafter = arg.drafter or "auto+general"
     c.cross_language = True
@@ -106,5 +117,6 @@ def get_config(arg=None):
 def sweep():
   """The γ ablation: fixed draft lengths, then the paper's dynamic schedule (plain decoding in
   each run: the speedup's denominator is measured beside its numerator)."""
-  return ([{"config_arg": "methods=ar+sps", "gamma": gamma, "dynamic_gamma": False} for gamma in (1, 3, 5, 7)] +
-          [{"config_arg": "methods=ar+sps", "gamma": 10, "dynamic_gamma": True}])
+  return [{"config_arg": "methods=ar+sps", "gamma": gamma, "dynamic_gamma": False} for gamma in (1, 3, 5, 7)] + [
+    {"config_arg": "methods=ar+sps", "gamma": 10, "dynamic_gamma": True}
+  ]

@@ -21,16 +21,26 @@ scratch (true: skip pretraining, start from a random drafter), lr. Any field can
 --config.FIELD=VALUE (fields: specjax/train/settings.py). Ablations: `sweep()` below, expanded
 by `python launch/sweep.py configs/finetune.py --workdir BASE`.
 """
+
 from specjax.config_utils import given, parse_arg, unset
 from specjax.data.parallel import LANGS
 from specjax.train.defaults import shrink_for_cpu, trainer_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, source="configs/finetune.py", runlocal=False, lang="de", steps=unset(int), tokens=0,
-                  scratch=False, lr=unset(float))
+  arg = parse_arg(
+    arg,
+    source="configs/finetune.py",
+    runlocal=False,
+    lang="de",
+    steps=unset(int),
+    tokens=0,
+    scratch=False,
+    lr=unset(float),
+  )
   if arg.lang not in LANGS:
     from specjax.errors import SpecjaxError
+
     raise SpecjaxError(f"configs/finetune.py: lang={arg.lang!r}: expected one of {', '.join(LANGS)}")
   c = trainer_config("finetune")
   c.mixture = f"finetune_{arg.lang}_en"

@@ -22,6 +22,7 @@ Config string arguments (comma-separated): runlocal, method, gamma, temperature,
 batch_size, max_new_tokens. Any field can also be set with --config.FIELD=VALUE.
 Paths in target, drafter, tokenizer and prompts may contain {workdir}.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -30,8 +31,17 @@ from specjax.config_utils import given, parse_arg, unset
 
 def get_config(arg=None):
   # Numbers not given take the variant's default (runlocal's are small).
-  arg = parse_arg(arg, source="configs/generate.py", runlocal=False, method="sps", gamma=unset(int), temperature=0.0,
-                  seed=0, batch_size=unset(int), max_new_tokens=unset(int))
+  arg = parse_arg(
+    arg,
+    source="configs/generate.py",
+    runlocal=False,
+    method="sps",
+    gamma=unset(int),
+    temperature=0.0,
+    seed=0,
+    batch_size=unset(int),
+    max_new_tokens=unset(int),
+  )
   c = ml_collections.ConfigDict()
   c.job = "generate"
 

@@ -20,13 +20,22 @@ steps, batch_size, sequence_length, lr. Any field can be set with --config.FIELD
 fields are documented in specjax/train/settings.py. Ablations: `sweep()` below, expanded by
 `python launch/sweep.py configs/pretrain.py --workdir BASE`.
 """
+
 from specjax.config_utils import given, parse_arg, unset
 from specjax.train.defaults import shrink_for_cpu, trainer_config
 
 
 def get_config(arg=None):
-  arg = parse_arg(arg, source="configs/pretrain.py", runlocal=False, size="", steps=unset(int), batch_size=unset(int),
-                  sequence_length=unset(int), lr=unset(float))
+  arg = parse_arg(
+    arg,
+    source="configs/pretrain.py",
+    runlocal=False,
+    size="",
+    steps=unset(int),
+    batch_size=unset(int),
+    sequence_length=unset(int),
+    lr=unset(float),
+  )
   c = trainer_config("pretrain")
   c.mixture = "pretrain_multilingual"
   c.drafter = f"preset:{arg.size or 'vicuna-68m'}"

@@ -42,6 +42,7 @@ inside the repository, which `launch/tpu.sh copy` ships. The local command is
 `<this python> -m specjax.main`, or --runner CMD / $SPECJAX_SWEEP_RUNNER (split like a shell
 line; the tests use it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,10 @@ def render(value, where: str) -> str:
     return _literal(value, where)
   if value is None:
     raise SweepError(f"{where}: None cannot be set with --config.KEY=VALUE; leave the key out")
-  raise SweepError(f"{where}: unsupported value {value!r} of type {type(value).__name__} "
-                   "(use str, int, float, bool, tuple, list or dict)")
+  raise SweepError(
+    f"{where}: unsupported value {value!r} of type {type(value).__name__} "
+    "(use str, int, float, bool, tuple, list or dict)"
+  )
 
 
 def _literal(value, where: str) -> str:
@@ -106,8 +109,9 @@ def load_sweep(config_file: str) -> list[dict]:
   except Exception as e:  # any failure to import is the config file's
     raise SweepError(f"{config_file}: cannot load the config file ({type(e).__name__}: {e})") from e
   if not callable(getattr(module, "sweep", None)):
-    raise SweepError(f"{config_file}: no sweep() function; define sweep() returning a list of dicts "
-                     "(see launch/sweep.py)")
+    raise SweepError(
+      f"{config_file}: no sweep() function; define sweep() returning a list of dicts (see launch/sweep.py)"
+    )
   entries = module.sweep()
   if not isinstance(entries, (list, tuple)):
     raise SweepError(f"{config_file}: sweep() returned {type(entries).__name__}, expected a list of dicts")
@@ -144,9 +148,16 @@ def expand(config_file: str, entries: list[dict]) -> list[dict]:
     parts = [p for p in arg.split(",") if p.strip()] + [f"{k}={v}" for k, v in fields]
     name = "_".join(_sanitise(p) for p in parts) or "default"
     canonical = repr((arg, flags))
-    runs.append({"index": i, "name": name, "digest": hashlib.sha1(canonical.encode()).hexdigest()[:8],
-                 "canonical": canonical, "config": f"{config_file}:{arg}" if arg else config_file,
-                 "flags": flags})
+    runs.append(
+      {
+        "index": i,
+        "name": name,
+        "digest": hashlib.sha1(canonical.encode()).hexdigest()[:8],
+        "canonical": canonical,
+        "config": f"{config_file}:{arg}" if arg else config_file,
+        "flags": flags,
+      }
+    )
   # Deterministic and unique: the digest depends only on the entry, not on its position.
   by_name: dict[str, list[dict]] = {}
   for run in runs:
@@ -155,8 +166,7 @@ def expand(config_file: str, entries: list[dict]) -> list[dict]:
     seen: dict[str, int] = {}
     for run in same:
       if run["canonical"] in seen:
-        raise SweepError(f"{config_file}: sweep() entries {seen[run['canonical']]} and {run['index']} "
-                         "are the same run")
+        raise SweepError(f"{config_file}: sweep() entries {seen[run['canonical']]} and {run['index']} are the same run")
       seen[run["canonical"]] = run["index"]
   for run in runs:
     if len(run["name"]) > MAX_NAME or len(by_name[run["name"]]) > 1:
@@ -175,6 +185,7 @@ def _done_path(workdir: str) -> str:
 def _exists(path: str) -> bool:
   if "://" in path:  # gs://: through etils (orbax's dependency), as orbax reads such paths
     from etils import epath
+
     return epath.Path(path).exists()
   return os.path.exists(path)
 
@@ -182,6 +193,7 @@ def _exists(path: str) -> bool:
 def _touch(path: str) -> None:
   if "://" in path:
     from etils import epath
+
     epath.Path(path).write_text("")
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -206,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   extra: list[str] = []
   if "--" in argv:  # flags for every run
-    extra = argv[argv.index("--") + 1:]
-    argv = argv[:argv.index("--")]
+    extra = argv[argv.index("--") + 1 :]
+    argv = argv[: argv.index("--")]
   parser = argparse.ArgumentParser(
-      prog="launch/sweep.py", description="Expand a config's sweep() into runs (protocol: launch/sweep.py docstring).",
-      usage="%(prog)s CONFIG_FILE --workdir BASE [--local | --tpu NAME] [--dry-run] [--only I,J] [-- FLAGS...]")
+    prog="launch/sweep.py",
+    description="Expand a config's sweep() into runs (protocol: launch/sweep.py docstring).",
+    usage="%(prog)s CONFIG_FILE --workdir BASE [--local | --tpu NAME] [--dry-run] [--only I,J] [-- FLAGS...]",
+  )
   parser.add_argument("config_file", help="a config file with sweep(), e.g. configs/finetune.py")
   parser.add_argument("--workdir", required=True, help="base directory (or gs:// path); run NAME writes BASE/NAME")
   mode = parser.add_mutually_exclusive_group()
@@ -218,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
   mode.add_argument("--tpu", metavar="NAME", help="run on TPU VM / pod slice NAME, one after the other")
   parser.add_argument("--dry-run", action="store_true", help="print the commands (the default without --local/--tpu)")
   parser.add_argument("--only", metavar="I,J", help="run only these entries (0-based indices)")
-  parser.add_argument("--runner", default=os.environ.get("SPECJAX_SWEEP_RUNNER"),
-                      help="command for --local instead of `python -m specjax.main` (also $SPECJAX_SWEEP_RUNNER)")
+  parser.add_argument(
+    "--runner",
+    default=os.environ.get("SPECJAX_SWEEP_RUNNER"),
+    help="command for --local instead of `python -m specjax.main` (also $SPECJAX_SWEEP_RUNNER)",
+  )
   args = parser.parse_args(argv)  # exits 2 with usage on a bad command line
 
   try:
@@ -230,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
       # The workers run from ~/specjax, so the config path must be the repository-relative one.
       rel = os.path.relpath(os.path.abspath(config_file), REPO)
       if rel.startswith(".."):
-        raise SweepError(f"{config_file}: --tpu needs a config file inside the repository ({REPO}), "
-                         "which launch/tpu.sh copy ships to the workers")
+        raise SweepError(
+          f"{config_file}: --tpu needs a config file inside the repository ({REPO}), "
+          "which launch/tpu.sh copy ships to the workers"
+        )
       for run in selected:
-        run["config"] = rel + run["config"][len(config_file):]
+        run["config"] = rel + run["config"][len(config_file) :]
   except SweepError as e:
     print(f"sweep.py: error: {e}", file=sys.stderr)
     return 2
@@ -243,8 +262,19 @@ def main(argv: list[str] | None = None) -> int:
   for run in selected:
     workdir = _join(args.workdir, run["name"])
     if args.tpu:
-      command = [TPU_SH, "run", args.tpu, "--wait", "--skip-done", "--workdir", workdir, "--",
-                 run["config"], *run["flags"], *extra]
+      command = [
+        TPU_SH,
+        "run",
+        args.tpu,
+        "--wait",
+        "--skip-done",
+        "--workdir",
+        workdir,
+        "--",
+        run["config"],
+        *run["flags"],
+        *extra,
+      ]
     else:
       command = [*runner, "--config", run["config"], "--workdir", workdir, *run["flags"], *extra]
     # For --tpu the workdir is on the workers (tpu.sh checks DONE there); a dry run does not
@@ -274,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
       return 2
     rc = rc if rc >= 0 else 128 - rc  # killed by signal N: 128 + N, as a shell reports it
     if rc != 0:
-      print(f"sweep.py: {label} failed with exit status {rc}; stopping (finished runs have DONE, "
-            "so the same command resumes)", file=sys.stderr)
+      print(
+        f"sweep.py: {label} failed with exit status {rc}; stopping (finished runs have DONE, "
+        "so the same command resumes)",
+        file=sys.stderr,
+      )
       return rc
     if not args.tpu:
       _touch(_done_path(workdir))

@@ -3,6 +3,7 @@
 Importing specjax (or specjax.models / specjax.decoding) never imports TensorFlow;
 only specjax.data does, because seqio needs it.
 """
+
 from specjax.errors import SpecjaxError
 
 __version__ = "0.1.0"

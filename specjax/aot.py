@@ -23,6 +23,7 @@ decode program's shardings) and compares XLA's "bytes accessed" per device with 
 round must read: the target's weights once, the drafter's γ times, each with its whole KV
 cache (`bytes_ratio`), and turns the bytes into tokens/s at each TPU generation's HBM bandwidth.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,22 @@ from specjax import sharding as shd
 from specjax.errors import SpecjaxError
 from specjax.models.config import PRESETS, LlamaConfig, get_preset
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 # Chips -> libtpu's chip grid. 3D tori: v4 and v5p (a name counts TensorCores, two per chip);
 # 2D: v5e and v6e (a name counts chips). The same layouts as MaxText's AOT compile table.
-_GRID_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-            512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}
+_GRID_3D = {
+  4: "2x2x1",
+  8: "2x2x2",
+  16: "2x2x4",
+  32: "2x4x4",
+  64: "4x4x4",
+  128: "4x4x8",
+  256: "4x8x8",
+  512: "8x8x8",
+  1024: "8x8x16",
+  2048: "8x16x16",
+}
 _GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
@@ -65,17 +76,18 @@ class _Generation:
 
 # Per-chip HBM as Cloud TPU documents it (v4 and v5p: one megacore device per chip).
 _GENERATIONS = {
-    "v4": _Generation("v4", _GRID_3D, 2, 32),
-    "v5p": _Generation("v5", _GRID_3D, 2, 95),
-    "v5e": _Generation("v5e", _GRID_2D, 1, 16),
-    "v5litepod": _Generation("v5e", _GRID_2D, 1, 16),
-    "v6e": _Generation("v6e", _GRID_2D, 1, 32),
+  "v4": _Generation("v4", _GRID_3D, 2, 32),
+  "v5p": _Generation("v5", _GRID_3D, 2, 95),
+  "v5e": _Generation("v5e", _GRID_2D, 1, 16),
+  "v5litepod": _Generation("v5e", _GRID_2D, 1, 16),
+  "v6e": _Generation("v6e", _GRID_2D, 1, 32),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """Where the programs are compiled for: a TPU slice (compile-only devices) or local CPUs."""
+
   name: str  # as given: v4-8, v5litepod-8, cpu:8
   platform: str  # "tpu" or "cpu"
   num_devices: int
@@ -94,11 +106,15 @@ def parse_topology(name: str) -> Topology:
       raise SpecjaxError(f"--topology={name!r}: cpu:N needs N >= 1")
     return Topology(name, "cpu", int(m.group(1)))
   m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
-  known = ", ".join(f"{g}-{n * _GENERATIONS[g].cores_per_chip}" for g in ("v4", "v5e", "v5p", "v6e")
-                    for n in list(_GENERATIONS[g].grid)[:3])
+  known = ", ".join(
+    f"{g}-{n * _GENERATIONS[g].cores_per_chip}"
+    for g in ("v4", "v5e", "v5p", "v6e")
+    for n in list(_GENERATIONS[g].grid)[:3]
+  )
   if not m:
-    raise SpecjaxError(f"--topology={name!r}: expected cpu:N or a Cloud TPU type such as {known}, ... "
-                       "(v5litepod-N is v5e-N)")
+    raise SpecjaxError(
+      f"--topology={name!r}: expected cpu:N or a Cloud TPU type such as {known}, ... (v5litepod-N is v5e-N)"
+    )
   gen = _GENERATIONS[m.group(1)]
   count = int(m.group(2))
   chips = count // gen.cores_per_chip
@@ -111,9 +127,16 @@ def parse_topology(name: str) -> Topology:
     wrap = (chips >= 64,) * 3  # full 4x4x4 cubes and up are tori
   else:
     wrap = {128: (False, True, False), 256: (True, True, False)}.get(chips, (False, False, False))
-  return Topology(name, "tpu", chips, capacity_bytes=int(gen.hbm_gib * GIB), topology_name=f"{gen.prefix}:{grid}",
-                  chip_config_name="megacore" if gen.cores_per_chip == 2 else "default",
-                  chips_per_host_bounds=(1, 1, 1) if chips == 1 else (2, 2, 1), wrap=wrap)
+  return Topology(
+    name,
+    "tpu",
+    chips,
+    capacity_bytes=int(gen.hbm_gib * GIB),
+    topology_name=f"{gen.prefix}:{grid}",
+    chip_config_name="megacore" if gen.cores_per_chip == 2 else "default",
+    chips_per_host_bounds=(1, 1, 1) if chips == 1 else (2, 2, 1),
+    wrap=wrap,
+  )
 
 
 class TpuCompilerMissing(SpecjaxError):
@@ -144,32 +167,45 @@ def topology_devices(topo: Topology) -> list:
       pass
     devices = jax.devices("cpu")
     if len(devices) < topo.num_devices:
-      raise SpecjaxError(f"--topology={topo.name}: this process has {len(devices)} CPU devices (JAX was started "
-                         f"before the count could be set; set jax_num_cpu_devices={topo.num_devices} or "
-                         f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.num_devices})")
-    return devices[:topo.num_devices]
+      raise SpecjaxError(
+        f"--topology={topo.name}: this process has {len(devices)} CPU devices (JAX was started "
+        f"before the count could be set; set jax_num_cpu_devices={topo.num_devices} or "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.num_devices})"
+      )
+    return devices[: topo.num_devices]
   from jax.experimental import topologies
+
   try:
     with _quiet_stderr():
       desc = topologies.get_topology_desc(
-          topology_name=topo.topology_name, platform="tpu", chip_config_name=topo.chip_config_name,
-          chips_per_host_bounds=topo.chips_per_host_bounds, num_slices=1, wrap=topo.wrap)
+        topology_name=topo.topology_name,
+        platform="tpu",
+        chip_config_name=topo.chip_config_name,
+        chips_per_host_bounds=topo.chips_per_host_bounds,
+        num_slices=1,
+        wrap=topo.wrap,
+      )
   except Exception as e:  # noqa: BLE001  (libtpu's errors have no common type)
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "not installed" in message or ("libtpu" in message.lower() and "not found" in message.lower()):
       raise TpuCompilerMissing(
-          f"the TPU compiler (libtpu: pip install 'jax[tpu]=={jax.__version__}') is not installed, so the "
-          f"{topo.name} check cannot run here; it needs no TPU, only libtpu on an x86 Linux host "
-          "(--topology cpu:N checks the same programs on CPU)") from None
+        f"the TPU compiler (libtpu: pip install 'jax[tpu]=={jax.__version__}') is not installed, so the "
+        f"{topo.name} check cannot run here; it needs no TPU, only libtpu on an x86 Linux host "
+        "(--topology cpu:N checks the same programs on CPU)"
+      ) from None
     if "lockfile" in message:
-      raise SpecjaxError(f"--topology={topo.name}: another process on this host holds libtpu (a TPU job or another "
-                         "check); run the check when it ends, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile "
-                         "alongside it") from None
+      raise SpecjaxError(
+        f"--topology={topo.name}: another process on this host holds libtpu (a TPU job or another "
+        "check); run the check when it ends, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile "
+        "alongside it"
+      ) from None
     raise SpecjaxError(f"--topology={topo.name}: libtpu could not describe {topo.topology_name} ({message})") from None
   devices = list(desc.devices)
   if len(devices) != topo.num_devices:
-    raise SpecjaxError(f"--topology={topo.name}: libtpu gave {len(devices)} devices for {topo.topology_name}, "
-                       f"expected {topo.num_devices}")
+    raise SpecjaxError(
+      f"--topology={topo.name}: libtpu gave {len(devices)} devices for {topo.topology_name}, "
+      f"expected {topo.num_devices}"
+    )
   return devices
 
 
@@ -183,13 +219,16 @@ def resolve_model(flag: str, value: str) -> LlamaConfig:
     return get_preset(name)
   if os.path.isfile(os.path.join(value, "config.json")):
     return LlamaConfig.from_hf_json(os.path.join(value, "config.json"))
-  raise SpecjaxError(f"{flag}={value!r}: not a model preset ({', '.join(sorted(PRESETS))}) nor a Hugging Face "
-                     "checkpoint directory with a config.json")
+  raise SpecjaxError(
+    f"{flag}={value!r}: not a model preset ({', '.join(sorted(PRESETS))}) nor a Hugging Face "
+    "checkpoint directory with a config.json"
+  )
 
 
 def _abstract_params(config: LlamaConfig):
   """(graphdef, params as ShapeDtypeStructs): the model's structure, no memory."""
   from specjax.models.llama import abstract_model
+
   graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise SpecjaxError("the model holds state besides parameters; the check does not support it")
@@ -206,6 +245,7 @@ def _with_shardings(tree, shardings):
 @dataclasses.dataclass
 class ProgramReport:
   """One compiled program's needs on one device."""
+
   program: str
   argument_bytes: int | None = None
   output_bytes: int | None = None
@@ -264,6 +304,7 @@ def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig)
   from specjax.train import step as train_step
   from specjax.train.defaults import trainer_config
   from specjax.train.optimizer import make_optimizer
+
   graphdef, params = _abstract_params(drafter_cfg.replace(dtype=args.dtype, param_dtype="float32"))
   tx, schedule = make_optimizer(trainer_config("pretrain"), total_steps=1000)
   state = jax.eval_shape(lambda p: train_step.init_state(p, tx, seed=0), params)  # the trainer's state, abstract
@@ -285,6 +326,7 @@ def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig)
 class _DecodeSetup:
   """What the decode program is compiled over: the generate job's `Decoder` (over abstract,
   placed model states), its LoopSpec, inputs and cache shardings."""
+
   name: str
   decoder: Any
   spec: Any
@@ -307,27 +349,40 @@ def _decode_setup(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg:
   from specjax.decoding.decoder import Decoder, DecodingSettings
   from specjax.decoding.sampling import SamplingMode
   from specjax.models.llama import abstract_model
+
   mode = SamplingMode(greedy=True) if args.sampling == "greedy" else SamplingMode(False, True, True)
   target_cfg = target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
   drafter_cfg = drafter_cfg.replace(dtype=args.dtype, param_dtype=args.dtype) if method == "sps" else None
   # max_new_tokens as large as the cache: the buffer is then the cache (--max_len), as in aot's report.
-  settings = DecodingSettings(method=method, gamma=args.gamma, batch_size=args.batch, max_cache_len=args.max_len,
-                              max_new_tokens=args.max_len)
-  decoder = Decoder(abstract_model(target_cfg), abstract_model(drafter_cfg) if drafter_cfg else None, settings,
-                    mesh=mesh)
+  settings = DecodingSettings(
+    method=method, gamma=args.gamma, batch_size=args.batch, max_cache_len=args.max_len, max_new_tokens=args.max_len
+  )
+  decoder = Decoder(
+    abstract_model(target_cfg), abstract_model(drafter_cfg) if drafter_cfg else None, settings, mesh=mesh
+  )
   for role in ("target", "drafter"):
     state = getattr(decoder, f"{role}_state")
     if state is None:
       continue
-    placed = (shd.state_shardings(state, mesh) if role == "target" or args.drafter_sharding == "sharded"
-              else jax.tree.map(lambda _: NamedSharding(mesh, P()), state))
+    placed = (
+      shd.state_shardings(state, mesh)
+      if role == "target" or args.drafter_sharding == "sharded"
+      else jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    )
     setattr(decoder, f"{role}_state", _with_shardings(state, placed))
   spec = decoder.loop_spec(args.prompt_len, mode)
   name = f"decode {method}" + (f" (gamma {decoder.gamma})" if method != "ar" else "")
   cache_sharding = decoder.cache_shardings(spec)
-  return _DecodeSetup(name, decoder, spec, mode, target_cfg, drafter_cfg,
-                      cache_sharding + (None,) * (2 - len(cache_sharding)),
-                      decoder.abstract_inputs(args.prompt_len, mode))
+  return _DecodeSetup(
+    name,
+    decoder,
+    spec,
+    mode,
+    target_cfg,
+    drafter_cfg,
+    cache_sharding + (None,) * (2 - len(cache_sharding)),
+    decoder.abstract_inputs(args.prompt_len, mode),
+  )
 
 
 def decode_program(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
@@ -403,15 +458,19 @@ def cache_bytes_read(cache_abstract, cache_sharding) -> int:
   """Per-device bytes of a KV cache's keys and values (attention reads the whole buffer: the
   loop's caches are static-shape and masked, so this is the cache at the maximum length)."""
   leaves = list(cache_abstract.k_RSE) + list(cache_abstract.v_RES)
-  shardings = list(cache_sharding.k_RSE) + list(cache_sharding.v_RES) if cache_sharding is not None else [None] * len(leaves)
+  shardings = (
+    list(cache_sharding.k_RSE) + list(cache_sharding.v_RES) if cache_sharding is not None else [None] * len(leaves)
+  )
   return sum(_device_bytes(jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)) for a, sh in zip(leaves, shardings))
 
 
 def _state_shardings(state, cache_sharding, mesh, batch: int):
   """The loop carry's placement: caches as the decode program constrains them, every per-row
   array split by batch like the inputs, scalars replicated."""
+
   def by_batch(a):
     return shd.batch_sharding(a.shape, mesh) if a.ndim and a.shape[0] == batch else NamedSharding(mesh, P())
+
   placed = jax.tree.map(by_batch, state)
   placed = placed.replace(target_cache=cache_sharding[0])
   if state.drafter_cache is not None:
@@ -419,7 +478,9 @@ def _state_shardings(state, cache_sharding, mesh, batch: int):
   return placed
 
 
-_COPY_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+(copy|copy-start|transpose)\(")
+_COPY_RE = re.compile(
+  r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+(copy|copy-start|transpose)\("
+)
 
 
 def hlo_copies(hlo_text: str, min_bytes: int = 0) -> list[dict]:
@@ -449,6 +510,7 @@ def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: Llam
   against the bytes its weights and KV caches need, and the tokens/s that implies per chip."""
   from specjax.decoding import engine
   from specjax.decoding import sampling as smp
+
   d = _decode_setup(args, mesh, method, target_cfg, drafter_cfg)
   spec, G = d.spec, d.spec.gamma
 
@@ -471,8 +533,11 @@ def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: Llam
 
   out = {"program": f"round {d.name.removeprefix('decode ')}", "note": ""}
   start = time.perf_counter()
-  compiled = jax.jit(one_round, out_shardings=placed, donate_argnums=2).lower(
-      d.target_params, d.drafter_params, state, d.inputs).compile()
+  compiled = (
+    jax.jit(one_round, out_shardings=placed, donate_argnums=2)
+    .lower(d.target_params, d.drafter_params, state, d.inputs)
+    .compile()
+  )
   out["compile_s"] = round(time.perf_counter() - start, 2)
   accessed_xla, why = _bytes_accessed(compiled)
   accessed = accessed_xla
@@ -484,23 +549,28 @@ def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: Llam
   # the two-token chunk, so one draft step compiled alone is added γ-2 more times.
   step_bytes = None
   if accessed_xla is not None and method == "sps":
+
     def draft_step(ds, cache, prev_B, pos_B, x):
       drafter = engine.DraftModel.of(nnx.merge(d.drafter_graph, ds))
       logits_B1K, cache = drafter.forward(prev_B[:, None], cache, pos_B[:, None])
       keys_B = smp.row_keys(x.seed, x.row_ids_B, pos_B, smp.TAG_DRAFT)
       index_B, q_BK = smp.choose_tokens(logits_B1K[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
       return drafter.tokens(index_B), drafter.full_probs(q_BK), cache
+
     row = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=shd.batch_sharding((args.batch,), mesh))
-    step = jax.jit(draft_step, donate_argnums=1).lower(d.drafter_params, state.drafter_cache, row, row,
-                                                       d.inputs).compile()
+    step = (
+      jax.jit(draft_step, donate_argnums=1).lower(d.drafter_params, state.drafter_cache, row, row, d.inputs).compile()
+    )
     step_bytes, why = _bytes_accessed(step)
     accessed = None if step_bytes is None else accessed_xla + (G - 2) * step_bytes
 
   # What the round must read at least, per device: the target once over γ+1 tokens (one for
   # plain decoding), the drafter γ times (a two-token chunk, then γ-1 steps), each with its cache.
   verify_tokens = 1 if method == "ar" else G + 1
-  need = {"target_weights": weight_bytes_read(d.target_params, d.target_cfg, rows=args.batch * verify_tokens),
-          "target_cache": cache_bytes_read(state.target_cache, d.cache_sharding[0])}
+  need = {
+    "target_weights": weight_bytes_read(d.target_params, d.target_cfg, rows=args.batch * verify_tokens),
+    "target_cache": cache_bytes_read(state.target_cache, d.cache_sharding[0]),
+  }
   if method == "sps":
     draft_vocab = getattr(args, "draft_vocab_size", None)
     one = lambda rows: weight_bytes_read(d.drafter_params, d.drafter_cfg, rows=rows, head_tokens=draft_vocab)
@@ -512,18 +582,29 @@ def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: Llam
   elif args.tau:
     tau, tau_source = float(args.tau), "--tau"
   else:
-    tau, tau_source = float(G + 1), f"upper bound gamma+1 = {G + 1} (every draft accepted; pass --tau for a measured one)"
+    tau, tau_source = (
+      float(G + 1),
+      f"upper bound gamma+1 = {G + 1} (every draft accepted; pass --tau for a measured one)",
+    )
   tokens = tau * args.batch
-  out.update({
-      "bytes_accessed": accessed, "bytes_accessed_xla": accessed_xla, "draft_step_bytes": step_bytes,
-      "bytes_needed": needed, "bytes_needed_parts": need,
+  out.update(
+    {
+      "bytes_accessed": accessed,
+      "bytes_accessed_xla": accessed_xla,
+      "draft_step_bytes": step_bytes,
+      "bytes_needed": needed,
+      "bytes_needed_parts": need,
       "bytes_ratio": None if accessed is None else accessed / needed,
-      "tokens_per_round": tau, "tokens_per_round_source": tau_source, "batch": args.batch,
-      "tokens_per_s": {chip: None if accessed is None else tokens * gbps * 1e9 / accessed
-                       for chip, gbps in HBM_GBPS.items()},
+      "tokens_per_round": tau,
+      "tokens_per_round_source": tau_source,
+      "batch": args.batch,
+      "tokens_per_s": {
+        chip: None if accessed is None else tokens * gbps * 1e9 / accessed for chip, gbps in HBM_GBPS.items()
+      },
       "tokens_per_s_at_needed": {chip: tokens * gbps * 1e9 / needed for chip, gbps in HBM_GBPS.items()},
       "hbm_gbps": dict(HBM_GBPS),
-  })
+    }
+  )
   if accessed is None:
     out["note"] = why
   return out
@@ -538,43 +619,75 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m specjax.aot", description=__doc__.split("\n\n")[0],
-              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(
+    prog="python -m specjax.aot",
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--target", default="vicuna-7b", help="preset name or Hugging Face checkpoint directory")
   p.add_argument("--drafter", default="vicuna-68m", help="preset name or Hugging Face checkpoint directory")
-  p.add_argument("--topology", required=True, help="cpu:N, or a TPU type: v4-8, v4-16, v5e-8 (v5litepod-8), "
-                                                   "v5p-8, v6e-8, ...")
-  p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; one -1 takes the rest (use --mesh=-1,1,1 "
-                                                  "when the first is -1)")
-  p.add_argument("--dtype", default="bfloat16", help="weights and compute of decoding; the drafter's compute "
-                                                     "dtype in training (its weights stay float32)")
-  p.add_argument("--what", default="train,decode", help="programs: train, decode, roofline (see --roofline), "
-                                                         "comma-separated")
+  p.add_argument(
+    "--topology", required=True, help="cpu:N, or a TPU type: v4-8, v4-16, v5e-8 (v5litepod-8), v5p-8, v6e-8, ..."
+  )
+  p.add_argument(
+    "--mesh",
+    default="1,-1,1",
+    help="data,fsdp,tensor sizes; one -1 takes the rest (use --mesh=-1,1,1 when the first is -1)",
+  )
+  p.add_argument(
+    "--dtype",
+    default="bfloat16",
+    help="weights and compute of decoding; the drafter's compute dtype in training (its weights stay float32)",
+  )
+  p.add_argument(
+    "--what", default="train,decode", help="programs: train, decode, roofline (see --roofline), comma-separated"
+  )
   p.add_argument("--json", default=None, help="also write the report to this file")
   g = p.add_argument_group("decoding (the generate job)")
   g.add_argument("--methods", default="sps,ar", help="decoding loops to compile: sps, ar, pld")
   g.add_argument("--batch", type=int, default=1, help="prompts per call (the generate job's batch_size)")
-  g.add_argument("--max_len", type=int, default=0,
-                 help="cache positions (prompt + new tokens); default: the target's max_position_embeddings")
-  g.add_argument("--prompt_len", type=int, default=0,
-                 help="prompt bucket; default: the longest the cache admits (the most prefill memory)")
+  g.add_argument(
+    "--max_len",
+    type=int,
+    default=0,
+    help="cache positions (prompt + new tokens); default: the target's max_position_embeddings",
+  )
+  g.add_argument(
+    "--prompt_len",
+    type=int,
+    default=0,
+    help="prompt bucket; default: the longest the cache admits (the most prefill memory)",
+  )
   g.add_argument("--gamma", type=int, default=5, help="drafts per round")
-  g.add_argument("--sampling", default="sample", choices=("sample", "greedy"),
-                 help="sample: temperature with top-k and top-p (the larger program); greedy: argmax")
+  g.add_argument(
+    "--sampling",
+    default="sample",
+    choices=("sample", "greedy"),
+    help="sample: temperature with top-k and top-p (the larger program); greedy: argmax",
+  )
   g.add_argument("--drafter_sharding", default="replicated", choices=("replicated", "sharded"))
-  g.add_argument("--roofline", action="store_true",
-                 help="also compile one round of each method's loop alone and compare XLA's bytes accessed per "
-                      "device with what its weights and KV caches need (bytes_ratio), with the tokens/s that "
-                      "implies at v4, v5e, v5p and v6e HBM bandwidth (--what roofline: only this)")
-  g.add_argument("--tau", type=float, default=0.0,
-                 help="expected tokens per speculative round for --roofline's tokens/s (default: gamma+1, the "
-                      "upper bound)")
+  g.add_argument(
+    "--roofline",
+    action="store_true",
+    help="also compile one round of each method's loop alone and compare XLA's bytes accessed per "
+    "device with what its weights and KV caches need (bytes_ratio), with the tokens/s that "
+    "implies at v4, v5e, v5p and v6e HBM bandwidth (--what roofline: only this)",
+  )
+  g.add_argument(
+    "--tau",
+    type=float,
+    default=0.0,
+    help="expected tokens per speculative round for --roofline's tokens/s (default: gamma+1, the upper bound)",
+  )
   g = p.add_argument_group("training (the trainer's step)")
   g.add_argument("--train_batch", type=int, default=128, help="global rows per step")
   g.add_argument("--seq_len", type=int, default=2048, help="packed row length")
   g.add_argument("--grad_accumulation", type=int, default=1, help="micro-batches per step")
-  g.add_argument("--train_loss", default="cross_entropy", help="cross_entropy, or forward_kl / total_variation "
-                                                               "(the target runs in the step too)")
+  g.add_argument(
+    "--train_loss",
+    default="cross_entropy",
+    help="cross_entropy, or forward_kl / total_variation (the target runs in the step too)",
+  )
   return p
 
 
@@ -592,6 +705,7 @@ def _check_args(args) -> None:
   from specjax.decoding.engine import METHODS
   from specjax.models.config import DTYPES
   from specjax.train.losses import LOSSES
+
   args.what = [w.strip() for w in args.what.split(",") if w.strip()]
   if getattr(args, "roofline", False) and "roofline" not in args.what:
     args.what.append("roofline")
@@ -608,8 +722,9 @@ def _check_args(args) -> None:
     if getattr(args, flag) < 1:
       raise SpecjaxError(f"--{flag}={getattr(args, flag)}: must be >= 1")
   if args.train_batch % args.grad_accumulation:
-    raise SpecjaxError(f"--train_batch={args.train_batch}: not divisible by --grad_accumulation="
-                       f"{args.grad_accumulation}")
+    raise SpecjaxError(
+      f"--train_batch={args.train_batch}: not divisible by --grad_accumulation={args.grad_accumulation}"
+    )
   if args.tau and not 1 <= args.tau <= args.gamma + 1:
     raise SpecjaxError(f"--tau={args.tau}: expected tokens per round in [1, gamma+1 = {args.gamma + 1}]")
   for flag in ("max_len", "prompt_len"):
@@ -625,16 +740,20 @@ def check(args) -> dict[str, Any]:
   notes = []
   if drafter_cfg.vocab_size != target_cfg.vocab_size:
     if args.drafter.removeprefix("preset:") not in PRESETS:
-      raise SpecjaxError(f"--drafter={args.drafter!r}: its vocabulary ({drafter_cfg.vocab_size} tokens) differs "
-                         f"from the target's ({target_cfg.vocab_size}); a drafter must share the target's tokenizer")
+      raise SpecjaxError(
+        f"--drafter={args.drafter!r}: its vocabulary ({drafter_cfg.vocab_size} tokens) differs "
+        f"from the target's ({target_cfg.vocab_size}); a drafter must share the target's tokenizer"
+      )
     drafter_cfg = drafter_cfg.replace(vocab_size=target_cfg.vocab_size)  # as the trainer builds a preset drafter
     notes.append(f"drafter preset built with the target's vocabulary ({target_cfg.vocab_size} tokens)")
   args.max_len = args.max_len or target_cfg.max_position_embeddings  # a shorter drafter caps drafting only
   longest = args.max_len - args.gamma - 2
   args.prompt_len = args.prompt_len or longest
   if {"decode", "roofline"} & set(args.what) and not 1 <= args.prompt_len <= longest:
-    raise SpecjaxError(f"--prompt_len={args.prompt_len}: must be in [1, {longest}] (--max_len={args.max_len} "
-                       f"positions, {args.gamma + 2} kept for drafting)")
+    raise SpecjaxError(
+      f"--prompt_len={args.prompt_len}: must be in [1, {longest}] (--max_len={args.max_len} "
+      f"positions, {args.gamma + 2} kept for drafting)"
+    )
 
   topo = parse_topology(args.topology)
   shape = _parse_mesh(args.mesh)
@@ -656,17 +775,38 @@ def check(args) -> dict[str, Any]:
     for method in args.methods:
       rooflines[method] = roofline(args, mesh, method, target_cfg, drafter_cfg)
   report = {
-      "topology": {"name": topo.name, "platform": topo.platform, "devices": len(devices),
-                   "device_kind": getattr(devices[0], "device_kind", None), "topology_name": topo.topology_name,
-                   "capacity_bytes_per_device": topo.capacity_bytes},
-      "mesh": dict(zip(shd.MESH_AXES, (int(n) for n in mesh.devices.shape))),
-      "target": {"model": args.target, "params": target_cfg.num_params},
-      "drafter": {"model": args.drafter, "params": drafter_cfg.num_params},
-      "settings": {k: getattr(args, k) for k in ("what", "methods", "dtype", "batch", "max_len", "prompt_len", "gamma", "sampling",
-                                                  "drafter_sharding", "train_batch", "seq_len", "grad_accumulation",
-                                                  "train_loss", "tau")},
-      "notes": notes,
-      "programs": [dataclasses.asdict(p) | {"verdict": p.verdict} for p in programs],
+    "topology": {
+      "name": topo.name,
+      "platform": topo.platform,
+      "devices": len(devices),
+      "device_kind": getattr(devices[0], "device_kind", None),
+      "topology_name": topo.topology_name,
+      "capacity_bytes_per_device": topo.capacity_bytes,
+    },
+    "mesh": dict(zip(shd.MESH_AXES, (int(n) for n in mesh.devices.shape))),
+    "target": {"model": args.target, "params": target_cfg.num_params},
+    "drafter": {"model": args.drafter, "params": drafter_cfg.num_params},
+    "settings": {
+      k: getattr(args, k)
+      for k in (
+        "what",
+        "methods",
+        "dtype",
+        "batch",
+        "max_len",
+        "prompt_len",
+        "gamma",
+        "sampling",
+        "drafter_sharding",
+        "train_batch",
+        "seq_len",
+        "grad_accumulation",
+        "train_loss",
+        "tau",
+      )
+    },
+    "notes": notes,
+    "programs": [dataclasses.asdict(p) | {"verdict": p.verdict} for p in programs],
   }
   if rooflines:
     report["roofline"] = rooflines
@@ -676,7 +816,7 @@ def check(args) -> dict[str, Any]:
 def _size(n: int | None) -> str:
   if n is None:
     return "-"
-  for unit, scale in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+  for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
     if abs(n) >= scale:
       return f"{n / scale:.2f} {unit}"
   return f"{n} B"
@@ -694,35 +834,65 @@ def format_report(report: dict[str, Any]) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
   capacity = _size(t["capacity_bytes_per_device"]) if t["capacity_bytes_per_device"] else "unknown"
   lines = [
-      (f"target {report['target']['model']} ({_count(report['target']['params'])} parameters), "
-       f"drafter {report['drafter']['model']} ({_count(report['drafter']['params'])}), {s['dtype']}"),
-      f"topology {t['name']}: {t['devices']} x {t['device_kind']}, {capacity} per device; mesh {mesh}",
+    (
+      f"target {report['target']['model']} ({_count(report['target']['params'])} parameters), "
+      f"drafter {report['drafter']['model']} ({_count(report['drafter']['params'])}), {s['dtype']}"
+    ),
+    f"topology {t['name']}: {t['devices']} x {t['device_kind']}, {capacity} per device; mesh {mesh}",
   ]
   if "train" in s["what"]:
-    lines.append(f"train: batch {s['train_batch']} x {s['seq_len']} tokens, accumulation {s['grad_accumulation']}, "
-                 f"loss {s['train_loss']}, drafter weights float32")
+    lines.append(
+      f"train: batch {s['train_batch']} x {s['seq_len']} tokens, accumulation {s['grad_accumulation']}, "
+      f"loss {s['train_loss']}, drafter weights float32"
+    )
   if {"decode", "roofline"} & set(s["what"]):
-    lines.append(f"decode: batch {s['batch']}, prompt {s['prompt_len']}, cache {s['max_len']}, {s['sampling']}, "
-                 f"drafter {s['drafter_sharding']}")
+    lines.append(
+      f"decode: batch {s['batch']}, prompt {s['prompt_len']}, cache {s['max_len']}, {s['sampling']}, "
+      f"drafter {s['drafter_sharding']}"
+    )
   lines += [f"note: {n}" for n in report["notes"]]
   if not report["programs"]:
     return "\n".join(lines + ["", format_roofline(report["roofline"])] if report.get("roofline") else lines)
   lines.append("")
-  head = ("program", "arguments", "outputs", "temp", "code", "aliased", "total", "headroom", "verdict", "compile",
-          "GFLOP")
+  head = (
+    "program",
+    "arguments",
+    "outputs",
+    "temp",
+    "code",
+    "aliased",
+    "total",
+    "headroom",
+    "verdict",
+    "compile",
+    "GFLOP",
+  )
   rows = [head]
   for p in report["programs"]:
-    rows.append((p["program"], _size(p["argument_bytes"]), _size(p["output_bytes"]), _size(p["temp_bytes"]),
-                 _size(p["generated_code_bytes"]), _size(p["alias_bytes"]), _size(p["total_bytes"]),
-                 _size(p["headroom_bytes"]), p["verdict"], f"{p['compile_s']:.1f} s",
-                 "-" if p["flops"] is None else f"{p['flops'] / 1e9:,.1f}"))
+    rows.append(
+      (
+        p["program"],
+        _size(p["argument_bytes"]),
+        _size(p["output_bytes"]),
+        _size(p["temp_bytes"]),
+        _size(p["generated_code_bytes"]),
+        _size(p["alias_bytes"]),
+        _size(p["total_bytes"]),
+        _size(p["headroom_bytes"]),
+        p["verdict"],
+        f"{p['compile_s']:.1f} s",
+        "-" if p["flops"] is None else f"{p['flops'] / 1e9:,.1f}",
+      )
+    )
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   for r in rows:
     lines.append("  ".join(c.ljust(w) if i == 0 or i == 8 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
   lines += [f"{p['program']}: {p['note']}" for p in report["programs"] if p["note"]]
   if report["programs"]:
-    lines.append("per device: XLA's buffer assignment; total = arguments + outputs + temp - aliased (donated); "
-                 "GFLOP: XLA's estimate, which may count a loop's body once")
+    lines.append(
+      "per device: XLA's buffer assignment; total = arguments + outputs + temp - aliased (donated); "
+      "GFLOP: XLA's estimate, which may count a loop's body once"
+    )
   if report.get("roofline"):
     lines += ["", format_roofline(report["roofline"])]
   return "\n".join(lines)
@@ -735,9 +905,16 @@ def format_roofline(rooflines: dict[str, Any]) -> str:
   rows = [head]
   for r in rooflines.values():
     ratio = "-" if r["bytes_ratio"] is None else f"{r['bytes_ratio']:.3f}"
-    rows.append((r["program"], _size(None if r["bytes_accessed"] is None else int(r["bytes_accessed"])),
-                 _size(r["bytes_needed"]), ratio, f"{r['tokens_per_round']:g}")
-                + tuple("-" if r["tokens_per_s"][c] is None else f"{r['tokens_per_s'][c]:,.1f}" for c in chips))
+    rows.append(
+      (
+        r["program"],
+        _size(None if r["bytes_accessed"] is None else int(r["bytes_accessed"])),
+        _size(r["bytes_needed"]),
+        ratio,
+        f"{r['tokens_per_round']:g}",
+      )
+      + tuple("-" if r["tokens_per_s"][c] is None else f"{r['tokens_per_s'][c]:,.1f}" for c in chips)
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
   for r in rooflines.values():
@@ -748,10 +925,12 @@ def format_roofline(rooflines: dict[str, Any]) -> str:
       lines.append(f"{r['program']}: copies in the compiled round: {_size(r['hlo_copy_bytes'])} in all; largest: {top}")
     if r["note"]:
       lines.append(f"{r['program']}: {r['note']}")
-  lines.append("roofline: one round compiled alone (state donated), per device; accessed = XLA's 'bytes accessed' "
-               "(a draft step compiled alone added for the drafting loop's body, which XLA counts once); needed = "
-               "weights (output layer in full, the looked-up embedding rows) and whole KV caches, read once per "
-               "forward; tok/s = tokens/round x batch x HBM GB/s / accessed")
+  lines.append(
+    "roofline: one round compiled alone (state donated), per device; accessed = XLA's 'bytes accessed' "
+    "(a draft step compiled alone added for the drafting loop's body, which XLA counts once); needed = "
+    "weights (output layer in full, the looked-up embedding rows) and whole KV caches, read once per "
+    "forward; tok/s = tokens/round x batch x HBM GB/s / accessed"
+  )
   return "\n".join(lines)
 
 

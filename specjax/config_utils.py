@@ -4,6 +4,7 @@
 get_config; this turns it into a ConfigDict typed by the defaults the config file declares, and
 names the config file in every error, so a typo fails before anything loads.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ TensorFlow) keeps the libraries to warnings and errors; `info(msg)` prints specj
 `[specjax] msg` on stderr. Verbose (--verbose or SPECJAX_VERBOSE=1) changes nothing of the
 libraries' logging, and `info` logs through absl as before.
 """
+
 from __future__ import annotations
 
 import contextlib

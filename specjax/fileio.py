@@ -7,6 +7,7 @@ callers catch one exception. `ram://` is TensorFlow's in-memory filesystem (test
 gs://): object stores have no atomic rename (`replace` copies, then deletes there) and append
 rewrites the object, so append-only logs should stay small.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -28,6 +29,7 @@ def is_remote(path) -> bool:
 
 def _gfile():
   import tensorflow as tf  # only for URLs: local paths never pay for (or need) TensorFlow
+
   return tf.io.gfile
 
 
@@ -35,6 +37,7 @@ def _gfile():
 def _tf_errors(path):
   """tf.errors.* as the builtin exceptions the local functions raise."""
   import tensorflow as tf
+
   try:
     yield
   except tf.errors.NotFoundError as e:
@@ -50,10 +53,12 @@ def _tf_errors(path):
 def _GFile():
   global _gfile_class
   if _gfile_class is None:
+
     class GFile(_gfile().GFile):
       def writelines(self, lines):
         for line in lines:
           self.write(line)
+
     _gfile_class = GFile
   return _gfile_class
 
@@ -152,6 +157,7 @@ def glob(pattern) -> list[str]:
   if not is_remote(pattern):
     return _glob.glob(pattern)
   import tensorflow as tf
+
   try:
     return list(_gfile().glob(pattern))
   except tf.errors.NotFoundError:

@@ -14,6 +14,7 @@ pins (the question ids). A rerun of the same command opens the journal, which
 Values in a unit may hold dataclasses and numpy arrays (a DecodeResult): `to_json` writes them
 exactly and `from_json` rebuilds them. Paths may be local or URLs (specjax.fileio).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,10 @@ NAME = "answers.progress.jsonl"
 def to_json(x):
   """Dataclasses of numpy arrays and numbers, lists and dicts of them, as JSON-able data, exactly."""
   if dataclasses.is_dataclass(x) and not isinstance(x, type):
-    return {"__dataclass__": f"{type(x).__module__}:{type(x).__qualname__}",
-            **{f.name: to_json(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}}
+    return {
+      "__dataclass__": f"{type(x).__module__}:{type(x).__qualname__}",
+      **{f.name: to_json(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init},
+    }
   if isinstance(x, (np.ndarray, np.generic)) or type(x).__module__.startswith("jax"):
     a = np.asarray(x)
     return {"__array__": a.tolist(), "dtype": str(a.dtype), "shape": list(a.shape)}
@@ -90,9 +93,19 @@ class Journal:
   outputs(units) -> {path: records}: the job's output files as the finished units make them,
   rewritten when the journal opens. what: what the job writes, for messages ("answers")."""
 
-  def __init__(self, workdir: str, header: dict, *, job: str, kind: str, required: tuple[str, ...] = (),
-               explain: dict[str, str] | None = None, outputs: Callable[[list[dict]], dict] | None = None,
-               writer: bool = True, what: str = "answers"):
+  def __init__(
+    self,
+    workdir: str,
+    header: dict,
+    *,
+    job: str,
+    kind: str,
+    required: tuple[str, ...] = (),
+    explain: dict[str, str] | None = None,
+    outputs: Callable[[list[dict]], dict] | None = None,
+    writer: bool = True,
+    what: str = "answers",
+  ):
     self.workdir, self.writer, self.job, self.what = workdir, writer, job, what
     self.kind, self.required = kind, required
     self.path = fileio.join(workdir, NAME)
@@ -110,20 +123,25 @@ class Journal:
           fileio.makedirs(os.path.dirname(path) or ".", exist_ok=True)
           rewrite(path, records)
       except OSError as e:
-        raise SpecjaxError(f"{workdir}: cannot write the {what} there ({_reason(e)}); give a workdir you can "
-                           "write") from None
+        raise SpecjaxError(
+          f"{workdir}: cannot write the {what} there ({_reason(e)}); give a workdir you can write"
+        ) from None
 
   def check_processes_agree(self, units: str = "units") -> None:
     """Every process must resume the same finished `units`, or the collectives would hang."""
     import jax
+
     if jax.process_count() <= 1:
       return
     from jax.experimental import multihost_utils
+
     try:
       multihost_utils.assert_equal(np.int64(len(self.units)), f"finished {units}")
     except AssertionError:
-      raise SpecjaxError(f"{self.path}: the processes see different finished {units}; the workdir must be one "
-                         "directory that every process reads (e.g. gs://...)") from None
+      raise SpecjaxError(
+        f"{self.path}: the processes see different finished {units}; the workdir must be one "
+        "directory that every process reads (e.g. gs://...)"
+      ) from None
 
   def _read(self) -> list[dict]:
     if not fileio.exists(self.path):
@@ -132,8 +150,9 @@ class Journal:
       with fileio.open(self.path, "r", encoding="utf-8") as f:
         raw = f.read().split("\n")
     except (OSError, UnicodeDecodeError) as e:
-      raise SpecjaxError(f"{self.path}: cannot read the journal of an earlier run ({e}); remove it to start "
-                         "over") from None
+      raise SpecjaxError(
+        f"{self.path}: cannot read the journal of an earlier run ({e}); remove it to start over"
+      ) from None
     lines = []
     for k, text in enumerate(raw, 1):
       if not text.strip():
@@ -151,8 +170,7 @@ class Journal:
         if k == len(raw):  # no newline after it: the write was cut
           console.warning("%s: %s: dropping a half-written last line (an interrupted write)", self.job, self.path)
           break
-        raise SpecjaxError(f"{self.path}:{k}: not a line this job wrote ({e}); remove the file to start "
-                           "over") from None
+        raise SpecjaxError(f"{self.path}:{k}: not a line this job wrote ({e}); remove the file to start over") from None
       lines.append(line)
     return lines
 
@@ -160,14 +178,18 @@ class Journal:
     old, new = before.get("config", {}), now.get("config", {})
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
-      raise SpecjaxError(f"{self.path}: an earlier run in this workdir used other values of "
-                         + ", ".join(f"{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in changed)
-                         + "; use a new workdir, the earlier values to resume it, or remove the file to start over")
+      raise SpecjaxError(
+        f"{self.path}: an earlier run in this workdir used other values of "
+        + ", ".join(f"{k} ({old.get(k)!r}, now {new.get(k)!r})" for k in changed)
+        + "; use a new workdir, the earlier values to resume it, or remove the file to start over"
+      )
     for key in now:
       if key != "config" and before.get(key) != now[key]:
-        raise SpecjaxError(f"{self.path}: an earlier run in this workdir "
-                           f"{explain.get(key, f'had another {key}')}; use a new workdir, or remove the file to "
-                           "start over")
+        raise SpecjaxError(
+          f"{self.path}: an earlier run in this workdir "
+          f"{explain.get(key, f'had another {key}')}; use a new workdir, or remove the file to "
+          "start over"
+        )
 
   def _line(self, unit: dict) -> dict:
     return {"kind": self.kind, **to_json(unit)}
@@ -185,6 +207,8 @@ class Journal:
       path = self.path
       append(self.path, [self._line(unit)])
     except OSError as e:
-      raise SpecjaxError(f"{path}: writing the {self.what} failed ({_reason(e)}); the finished work is in "
-                         f"{self.path}: free space or fix the workdir and rerun the same command to "
-                         "resume") from None
+      raise SpecjaxError(
+        f"{path}: writing the {self.what} failed ({_reason(e)}); the finished work is in "
+        f"{self.path}: free space or fix the workdir and rerun the same command to "
+        "resume"
+      ) from None

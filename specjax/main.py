@@ -4,6 +4,7 @@ Dispatches on `config.job`. A SpecjaxError (a mistake in a file, field or value 
 ends the run with its message and exit code 2; a traceback would only bury the message. The
 libraries log warnings and errors only, unless --verbose or SPECJAX_VERBOSE=1 (specjax.console).
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,21 +17,23 @@ from ml_collections import config_flags
 from specjax import console
 from specjax.errors import SpecjaxError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/generate.py:runlocal.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/generate.py:runlocal.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's outputs.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Let the libraries (absl, jax, orbax, seqio, TensorFlow) log at INFO; "
-                             "also SPECJAX_VERBOSE=1.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "Let the libraries (absl, jax, orbax, seqio, TensorFlow) log at INFO; also SPECJAX_VERBOSE=1."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # job name -> "module:function" taking (config, workdir).
 JOBS = {
-    "generate": "specjax.jobs.generate:run",
-    "distill_data": "specjax.jobs.distill_data:run",
-    "pretrain": "specjax.jobs.train:run",
-    "finetune": "specjax.jobs.train:run",
-    "eval_specbench": "specjax.jobs.eval_specbench:run",
-    "demo": "specjax.jobs.demo:run",
+  "generate": "specjax.jobs.generate:run",
+  "distill_data": "specjax.jobs.distill_data:run",
+  "pretrain": "specjax.jobs.train:run",
+  "finetune": "specjax.jobs.train:run",
+  "eval_specbench": "specjax.jobs.eval_specbench:run",
+  "demo": "specjax.jobs.demo:run",
 }
 
 
@@ -70,6 +73,7 @@ def _config_arg(argv) -> str | None:
 def _load_config(spec: str):
   """configs/X.py[:ARG] -> get_config(ARG), as config_flags loads it (for reporting overrides)."""
   import importlib.util
+
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("specjax_config_under_check", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -81,6 +85,7 @@ def _bad_override(argv) -> SpecjaxError | None:
   """The SpecjaxError for a `--config.FIELD` in argv that names no field of the config (with a
   did-you-mean), or None when every override names one (or the config itself did not load)."""
   from specjax import validate
+
   spec = _config_arg(argv)
   if not spec:
     return None
@@ -117,6 +122,7 @@ def _check_aliases(argv) -> None:
   """A nested field and its old flat name (config.acceptance.gamma, acceptance_gamma) given
   different values on one command line: refused (specjax.validate.check_aliases)."""
   from specjax import validate
+
   try:
     config = _CONFIG.value
     config.get("job")
@@ -135,6 +141,7 @@ def run_job(config, workdir: str):
   if job not in JOBS:
     raise SpecjaxError(f"config field `job`={job!r}: unknown job; available: {', '.join(JOBS)}")
   from specjax import validate  # fields, paths and the workdir, before any job imports JAX
+
   validate.check_job(config, workdir)
   module, function = JOBS[job].split(":")
   return getattr(importlib.import_module(module), function)(config, workdir)
@@ -152,6 +159,7 @@ def main(argv):
     _fail(f"{config_flags.get_config_filename(flags.FLAGS['config'])}: cannot load the config file ({reason})")
   try:
     from specjax.sharding import maybe_initialize_distributed
+
     maybe_initialize_distributed()
     run_job(config, _WORKDIR.value)
   except SpecjaxError as e:
@@ -161,8 +169,9 @@ def main(argv):
       raise
     # The storage refused a write the jobs do not wrap (a full disk before the first checkpoint,
     # say): what is done so far is kept (every job resumes), so say which file and why.
-    _fail(f"{e.filename or 'a file'}: {e.strerror}; free space or fix the permissions and rerun "
-          "the same command to resume")
+    _fail(
+      f"{e.filename or 'a file'}: {e.strerror}; free space or fix the permissions and rerun the same command to resume"
+    )
 
 
 if __name__ == "__main__":

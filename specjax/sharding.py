@@ -5,6 +5,7 @@ Parameters, activations and KV caches name their dimensions with logical axes
 `LOGICAL_RULES` maps them onto mesh axes. A mesh axis that does not divide a dimension is
 dropped for that array (replicated) instead of failing, so tiny test models shard too.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,33 +21,33 @@ from specjax.errors import SpecjaxError
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    # Batch x kv_heads merged (KV cache rows): batch-major, so splitting it over the batch axes
-    # then tensor matches the activations' sharding whenever each batch shard holds one row
-    # or tensor is 1; otherwise XLA reshards (correct, slower).
-    "cache_rows": ("data", "fsdp", "tensor"),
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "length": (),
-    "cache_length": (),
-    "head_dim": (),
-    "norm": (),
-    "layers": (),
+  "batch": ("data", "fsdp"),
+  # Batch x kv_heads merged (KV cache rows): batch-major, so splitting it over the batch axes
+  # then tensor matches the activations' sharding whenever each batch shard holds one row
+  # or tensor is 1; otherwise XLA reshards (correct, slower).
+  "cache_rows": ("data", "fsdp", "tensor"),
+  "embed": ("fsdp",),
+  "heads": ("tensor",),
+  "kv_heads": ("tensor",),
+  "mlp": ("tensor",),
+  "vocab": ("tensor",),
+  "length": (),
+  "cache_length": (),
+  "head_dim": (),
+  "norm": (),
+  "layers": (),
 }
 
 # Parameter path (a regex over "a/b/c") -> logical axes of its dimensions. Kernels are [in, out].
 PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    (r"embed_tokens/embedding$", ("vocab", "embed")),
-    (r"self_attn/q_proj/kernel$", ("embed", "heads")),
-    (r"self_attn/(k|v)_proj/kernel$", ("embed", "kv_heads")),
-    (r"self_attn/o_proj/kernel$", ("heads", "embed")),
-    (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
-    (r"mlp/down_proj/kernel$", ("mlp", "embed")),
-    (r"lm_head/kernel$", ("embed", "vocab")),
-    (r"(layernorm|norm)/weight$", ("norm",)),
+  (r"embed_tokens/embedding$", ("vocab", "embed")),
+  (r"self_attn/q_proj/kernel$", ("embed", "heads")),
+  (r"self_attn/(k|v)_proj/kernel$", ("embed", "kv_heads")),
+  (r"self_attn/o_proj/kernel$", ("heads", "embed")),
+  (r"mlp/(gate|up)_proj/kernel$", ("embed", "mlp")),
+  (r"mlp/down_proj/kernel$", ("mlp", "embed")),
+  (r"lm_head/kernel$", ("embed", "vocab")),
+  (r"(layernorm|norm)/weight$", ("norm",)),
 )
 
 # Each layer's keys [R, S, E] and values [R, E, S], R = batch x kv_heads (row b*K + k).
@@ -68,10 +69,8 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices=None) -> Mesh:
       raise SpecjaxError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise SpecjaxError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                       f"{len(devices)} are available")
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+    raise SpecjaxError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, {len(devices)} are available")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh: Mesh) -> P:
@@ -110,16 +109,19 @@ def path_str(path: Sequence[Any]) -> str:
 
 def state_shardings(state, mesh: Mesh):
   """NamedShardings for every leaf of an nnx.State (or a pytree keyed like one)."""
+
   def one(key_path, leaf):
     keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path]
     keys = [k for k in keys if k != "value"]
     return logical_sharding(leaf.shape, param_logical_axes(path_str(keys), leaf.ndim), mesh)
+
   return jax.tree_util.tree_map_with_path(one, state)
 
 
 def shard_model(model, mesh: Mesh):
   """Places a model's weights on `mesh` by the rules table (in place) and returns it."""
   from flax import nnx
+
   state = nnx.state(model)
   nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
   return model
@@ -129,6 +131,7 @@ def replicate_model(model, mesh: Mesh):
   """Places a full copy of a model's weights on every device of `mesh` (in place) and returns it:
   for a small drafter, drafting without collectives beats sharding its few weights."""
   from flax import nnx
+
   nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
   return model
 
@@ -136,8 +139,11 @@ def replicate_model(model, mesh: Mesh):
 def cache_sharding(cache, mesh: Mesh):
   """Shardings for a KVCache: each layer's keys and values by batch and kv_heads; lengths by batch."""
   per_layer = lambda arrays, axes: tuple(logical_sharding(a.shape, axes, mesh) for a in arrays)
-  return type(cache)(per_layer(cache.k_RSE, K_CACHE_AXES), per_layer(cache.v_RES, V_CACHE_AXES),
-                     logical_sharding(cache.lengths_B.shape, ("batch",), mesh))
+  return type(cache)(
+    per_layer(cache.k_RSE, K_CACHE_AXES),
+    per_layer(cache.v_RES, V_CACHE_AXES),
+    logical_sharding(cache.lengths_B.shape, ("batch",), mesh),
+  )
 
 
 def batch_sharding(shape, mesh: Mesh) -> NamedSharding:
@@ -159,8 +165,10 @@ def maybe_initialize_distributed() -> bool:
   if not coordinator and not auto:
     return False
   timeouts = {}
-  for var, arg in (("SPECJAX_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds"),
-                   ("SPECJAX_INIT_TIMEOUT", "initialization_timeout")):
+  for var, arg in (
+    ("SPECJAX_HEARTBEAT_TIMEOUT", "heartbeat_timeout_seconds"),
+    ("SPECJAX_INIT_TIMEOUT", "initialization_timeout"),
+  ):
     if os.environ.get(var):
       try:
         timeouts[arg] = int(os.environ[var])
@@ -173,12 +181,14 @@ def maybe_initialize_distributed() -> bool:
       num_processes = int(os.environ["SPECJAX_NUM_PROCESSES"])
       process_id = int(os.environ["SPECJAX_PROCESS_ID"])
     except (KeyError, ValueError) as e:
-      raise SpecjaxError("SPECJAX_COORDINATOR is set, so SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID "
-                         f"must be set to integers too ({e})") from None
+      raise SpecjaxError(
+        f"SPECJAX_COORDINATOR is set, so SPECJAX_NUM_PROCESSES and SPECJAX_PROCESS_ID must be set to integers too ({e})"
+      ) from None
     if not 0 <= process_id < num_processes:
       raise SpecjaxError(f"SPECJAX_PROCESS_ID={process_id}: must be in [0, SPECJAX_NUM_PROCESSES={num_processes})")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id, **timeouts)
+    jax.distributed.initialize(
+      coordinator_address=coordinator, num_processes=num_processes, process_id=process_id, **timeouts
+    )
   else:
     jax.distributed.initialize(**timeouts)
   return True

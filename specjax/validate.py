@@ -11,6 +11,7 @@ old flat name (`acceptance_gamma`, an alias kept for one release) different valu
 
 Nothing here imports JAX: a bad config fails before the slow imports.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -45,6 +46,7 @@ def at_least(lo, integer: bool = True, optional: bool = False) -> Callable[[Any]
     if not (_is_int(v) if integer else _is_number(v)) or v < lo:
       return f"must be {want}"
     return None
+
   return rule
 
 
@@ -55,6 +57,7 @@ def between(lo, hi, *, lo_open=False, hi_open=False) -> Callable[[Any], str | No
     if not _is_number(v) or (v <= lo if lo_open else v < lo) or (v >= hi if hi_open else v > hi):
       return f"must be {want}"
     return None
+
   return rule
 
 
@@ -69,6 +72,7 @@ def boolean(v):
 def one_of(*choices) -> Callable[[Any], str | None]:
   def rule(v):
     return None if v in choices else f"expected one of {', '.join(map(str, choices))}"
+
   return rule
 
 
@@ -86,6 +90,7 @@ def each(inner: Callable[[Any], str | None], *, nonempty: bool = True) -> Callab
     if len(set(items)) != len(items):
       return "repeats a value"
     return None
+
   return rule
 
 
@@ -100,6 +105,7 @@ def mesh_shape(v):
 
 def _templates(v):
   from specjax.decoding.prompts import TEMPLATES  # no JAX behind it
+
   return None if v in TEMPLATES else f"templates are {', '.join(TEMPLATES)}"
 
 
@@ -107,85 +113,85 @@ def _templates(v):
 POSITIVE_INT = at_least(1)
 COUNT = at_least(0)  # 0 = all / off, as each config documents
 FIELDS: dict[str, Callable[[Any], str | None]] = {
-    # decoding
-    "gamma": POSITIVE_INT,  # drafts per round (the dynamic schedule's ceiling)
-    "gamma_start": POSITIVE_INT,  # the dynamic schedule's start (above gamma it starts at gamma)
-    "max_new_tokens": POSITIVE_INT,
-    "batch_size": POSITIVE_INT,
-    "prompt_bucket": POSITIVE_INT,
-    "max_cache_len": at_least(1, optional=True),
-    "temperature": at_least(0, integer=False),
-    "temperatures": each(at_least(0, integer=False)),
-    "top_k": COUNT,
-    "top_p": between(0, 1, lo_open=True),
-    "max_prompts": COUNT,
-    "max_prompts_per_language": COUNT,
-    "seed": COUNT,
-    "seeds": each(COUNT),
-    "greedy_seeds": each(COUNT),
-    "method": one_of("ar", "sps", "pld"),
-    "dtype": one_of(*DTYPES),
-    "target_dtype": one_of(*DTYPES),
-    "template": _templates,
-    "drafter_sharding": one_of("replicated", "sharded"),
-    "mesh_shape": mesh_shape,
-    # self-distillation
-    "num_sources": COUNT,
-    "num_shards": POSITIVE_INT,
-    "max_shards_this_run": COUNT,
-    # training
-    "sequence_length": POSITIVE_INT,
-    "grad_accumulation": POSITIVE_INT,
-    "log_every": POSITIVE_INT,
-    "checkpoint_every": POSITIVE_INT,
-    "checkpoints_to_keep": POSITIVE_INT,
-    "num_train_steps": COUNT,  # >= 1 unless train_tokens is set (the trainer checks the pair)
-    "train_tokens": COUNT,
-    "max_steps_this_run": COUNT,
-    "allow_resume_with_changes": boolean,  # a resume with other data settings (refused by default)
-    "data_limit": COUNT,
-    "data_shards": COUNT,
-    "shuffle_buffer_size": POSITIVE_INT,
-    "eval_every": COUNT,
-    "eval_batches": COUNT,
-    "learning_rate": positive,
-    "warmup_fraction": between(0, 1),
-    "final_lr_fraction": between(0, 1),
-    "weight_decay": at_least(0, integer=False),
-    "adam_b1": between(0, 1, hi_open=True),
-    "adam_b2": between(0, 1, hi_open=True),
-    "adam_eps": positive,
-    "grad_clip_norm": at_least(0, integer=False),
-    "draft_vocab_coverage": between(0, 1),  # 0 = the full vocabulary (demo)
-    "loss": one_of("cross_entropy", "forward_kl", "total_variation"),
-    "pretrain_source": one_of("local", "tfds"),
-    "translate_source": one_of("local", "tfds"),
-    # the trainer's acceptance evaluation: config.acceptance.* (a config with only the flat
-    # acceptance_* names, the aliases kept for one release, is checked under those)
-    "acceptance.prompts_per_language": COUNT,
-    "acceptance.temperatures": each(at_least(0, integer=False), nonempty=False),
-    "acceptance.gamma": POSITIVE_INT,
-    "acceptance.max_new_tokens": POSITIVE_INT,
-    "acceptance.batch_size": POSITIVE_INT,
-    "acceptance.prompt_bucket": POSITIVE_INT,
-    # the demo's stages
-    "distill_batch_size": POSITIVE_INT,
-    "distill_sources": COUNT,
-    "distill_max_new_tokens": COUNT,  # 0 = max_new_tokens
-    "distill_temperatures": each(at_least(0, integer=False)),
-    "eval_prompts_per_language": POSITIVE_INT,
-    "sampled_prompts_per_language": COUNT,
-    "sampling_seeds": each(COUNT),
-    "target_steps": POSITIVE_INT,
-    "pretrain_steps": POSITIVE_INT,
-    "finetune_steps": POSITIVE_INT,
-    "drafter_lr": positive,
-    "target_lr": positive,
-    "finetune_lr": positive,
-    "ablation_steps": each(POSITIVE_INT),
-    "ablation_gammas": each(POSITIVE_INT),
-    "ablation_prompts": POSITIVE_INT,
-    "ablation_acceptance_gamma": POSITIVE_INT,
+  # decoding
+  "gamma": POSITIVE_INT,  # drafts per round (the dynamic schedule's ceiling)
+  "gamma_start": POSITIVE_INT,  # the dynamic schedule's start (above gamma it starts at gamma)
+  "max_new_tokens": POSITIVE_INT,
+  "batch_size": POSITIVE_INT,
+  "prompt_bucket": POSITIVE_INT,
+  "max_cache_len": at_least(1, optional=True),
+  "temperature": at_least(0, integer=False),
+  "temperatures": each(at_least(0, integer=False)),
+  "top_k": COUNT,
+  "top_p": between(0, 1, lo_open=True),
+  "max_prompts": COUNT,
+  "max_prompts_per_language": COUNT,
+  "seed": COUNT,
+  "seeds": each(COUNT),
+  "greedy_seeds": each(COUNT),
+  "method": one_of("ar", "sps", "pld"),
+  "dtype": one_of(*DTYPES),
+  "target_dtype": one_of(*DTYPES),
+  "template": _templates,
+  "drafter_sharding": one_of("replicated", "sharded"),
+  "mesh_shape": mesh_shape,
+  # self-distillation
+  "num_sources": COUNT,
+  "num_shards": POSITIVE_INT,
+  "max_shards_this_run": COUNT,
+  # training
+  "sequence_length": POSITIVE_INT,
+  "grad_accumulation": POSITIVE_INT,
+  "log_every": POSITIVE_INT,
+  "checkpoint_every": POSITIVE_INT,
+  "checkpoints_to_keep": POSITIVE_INT,
+  "num_train_steps": COUNT,  # >= 1 unless train_tokens is set (the trainer checks the pair)
+  "train_tokens": COUNT,
+  "max_steps_this_run": COUNT,
+  "allow_resume_with_changes": boolean,  # a resume with other data settings (refused by default)
+  "data_limit": COUNT,
+  "data_shards": COUNT,
+  "shuffle_buffer_size": POSITIVE_INT,
+  "eval_every": COUNT,
+  "eval_batches": COUNT,
+  "learning_rate": positive,
+  "warmup_fraction": between(0, 1),
+  "final_lr_fraction": between(0, 1),
+  "weight_decay": at_least(0, integer=False),
+  "adam_b1": between(0, 1, hi_open=True),
+  "adam_b2": between(0, 1, hi_open=True),
+  "adam_eps": positive,
+  "grad_clip_norm": at_least(0, integer=False),
+  "draft_vocab_coverage": between(0, 1),  # 0 = the full vocabulary (demo)
+  "loss": one_of("cross_entropy", "forward_kl", "total_variation"),
+  "pretrain_source": one_of("local", "tfds"),
+  "translate_source": one_of("local", "tfds"),
+  # the trainer's acceptance evaluation: config.acceptance.* (a config with only the flat
+  # acceptance_* names, the aliases kept for one release, is checked under those)
+  "acceptance.prompts_per_language": COUNT,
+  "acceptance.temperatures": each(at_least(0, integer=False), nonempty=False),
+  "acceptance.gamma": POSITIVE_INT,
+  "acceptance.max_new_tokens": POSITIVE_INT,
+  "acceptance.batch_size": POSITIVE_INT,
+  "acceptance.prompt_bucket": POSITIVE_INT,
+  # the demo's stages
+  "distill_batch_size": POSITIVE_INT,
+  "distill_sources": COUNT,
+  "distill_max_new_tokens": COUNT,  # 0 = max_new_tokens
+  "distill_temperatures": each(at_least(0, integer=False)),
+  "eval_prompts_per_language": POSITIVE_INT,
+  "sampled_prompts_per_language": COUNT,
+  "sampling_seeds": each(COUNT),
+  "target_steps": POSITIVE_INT,
+  "pretrain_steps": POSITIVE_INT,
+  "finetune_steps": POSITIVE_INT,
+  "drafter_lr": positive,
+  "target_lr": positive,
+  "finetune_lr": positive,
+  "ablation_steps": each(POSITIVE_INT),
+  "ablation_gammas": each(POSITIVE_INT),
+  "ablation_prompts": POSITIVE_INT,
+  "ablation_acceptance_gamma": POSITIVE_INT,
 }
 
 # Fields per job that name local directories which must exist (None or "" = unset; URLs skipped).
@@ -193,10 +199,10 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
 # ../shared/data, is absent; any other data_dir must exist.
 DISTILL_DEFAULT_DATA_DIR = "../shared/data"
 PATHS: dict[str, tuple[str, ...]] = {
-    "distill_data": ("data_dir",),
-    "pretrain": ("data_dir", "selfdistill_dir"),
-    "finetune": ("data_dir", "selfdistill_dir"),
-    "demo": ("data_dir",),
+  "distill_data": ("data_dir",),
+  "pretrain": ("data_dir", "selfdistill_dir"),
+  "finetune": ("data_dir", "selfdistill_dir"),
+  "demo": ("data_dir",),
 }
 
 
@@ -236,11 +242,16 @@ def _remote(path: str) -> bool:
 
 def check_paths(config, workdir: str) -> None:
   from specjax.config_utils import workdir_path
+
   for field in PATHS.get(config.get("job"), ()):
     if field not in config or not config[field]:
       continue
-    if field == "data_dir" and config.get("job") in ("pretrain", "finetune") and \
-        config.get("pretrain_source") == "tfds" and config.get("translate_source") == "tfds":
+    if (
+      field == "data_dir"
+      and config.get("job") in ("pretrain", "finetune")
+      and config.get("pretrain_source") == "tfds"
+      and config.get("translate_source") == "tfds"
+    ):
       continue  # nothing is read from data_dir
     if field == "data_dir" and config.get("job") == "demo" and config.get("data") not in (None, "local"):
       continue
@@ -281,8 +292,9 @@ def check_workdir(workdir: str | None) -> None:
     with open(probe, "w") as f:
       f.write("probe\n")
   except OSError as e:
-    raise SpecjaxError(f"--workdir {workdir}: cannot write there ({e.strerror}); give a directory you can "
-                       "write") from None
+    raise SpecjaxError(
+      f"--workdir {workdir}: cannot write there ({e.strerror}); give a directory you can write"
+    ) from None
   finally:
     if os.path.exists(probe):
       os.remove(probe)
@@ -315,8 +327,9 @@ def check_overrides(config, argv, source: str = "the config") -> None:
     for key in path.split("."):
       keys = list(node.keys()) if hasattr(node, "keys") else None
       if keys is None:
-        raise SpecjaxError(f"{arg}: config field `{'.'.join(walked)}` is a {type(node).__name__}, "
-                           f"it has no field `{key}`")
+        raise SpecjaxError(
+          f"{arg}: config field `{'.'.join(walked)}` is a {type(node).__name__}, it has no field `{key}`"
+        )
       if key not in keys:
         where = f"`{'.'.join(walked)}`" if walked else source
         raise SpecjaxError(f"{arg}: {where} has no field `{key}`{_suggest(key, keys)}")
@@ -329,7 +342,7 @@ def _given_overrides(argv) -> dict[str, str]:
   for i, arg in enumerate(argv):
     if not arg.startswith("--config."):
       continue
-    path, eq, value = arg[len("--config."):].partition("=")
+    path, eq, value = arg[len("--config.") :].partition("=")
     if not eq:
       if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
         continue  # a boolean flag, or absl's error to report
@@ -340,6 +353,7 @@ def _given_overrides(argv) -> dict[str, str]:
 
 def _as_value(text: str):
   import ast
+
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -360,5 +374,7 @@ def check_aliases(config, argv) -> None:
       continue
     a, b = _as_value(value), _as_value(given[flat])
     if (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
-      raise SpecjaxError(f"--config.{path}={value} and --config.{flat}={given[flat]}: `{flat}` is the old name "
-                         f"of `{path}` (kept for one release) and they differ; give one of them")
+      raise SpecjaxError(
+        f"--config.{path}={value} and --config.{flat}={given[flat]}: `{flat}` is the old name "
+        f"of `{path}` (kept for one release) and they differ; give one of them"
+      )

@@ -1,4 +1,5 @@
 """Shared helpers for the model tests: tiny configs, random weights, reference PyTorch models."""
+
 from __future__ import annotations
 
 import jax
@@ -18,8 +19,16 @@ TEST_INIT_STD = 0.1
 
 def tiny_config(**overrides) -> LlamaConfig:
   """Grouped-query (4 heads over 2 kv heads), 2 layers, hidden 64, vocab 256."""
-  base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-              num_kv_heads=2, head_dim=16, max_position_embeddings=512)
+  base = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+  )
   base.update(overrides)
   return LlamaConfig(**base)
 
@@ -58,8 +67,7 @@ def max_abs_diff(a, b) -> float:
 def flat_params(model) -> dict[str, np.ndarray]:
   """'layers/0/mlp/up_proj/kernel' -> numpy array (float32 or bfloat16 as stored)."""
   state = nnx.state(model, nnx.Param)
-  return {"/".join(str(p) for p in path): np.asarray(jax.device_get(v[...]))
-          for path, v in nnx.to_flat_state(state)}
+  return {"/".join(str(p) for p in path): np.asarray(jax.device_get(v[...])) for path, v in nnx.to_flat_state(state)}
 
 
 def torch_llama(seed: int = 0, initializer_range: float = TEST_INIT_STD, **hf_kwargs):
@@ -68,9 +76,17 @@ def torch_llama(seed: int = 0, initializer_range: float = TEST_INIT_STD, **hf_kw
   import torch
   import transformers
 
-  kwargs = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                rms_norm_eps=1e-6, initializer_range=initializer_range)
+  kwargs = dict(
+    vocab_size=128,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    initializer_range=initializer_range,
+  )
   kwargs.update(hf_kwargs)
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
@@ -84,5 +100,6 @@ def torch_llama(seed: int = 0, initializer_range: float = TEST_INIT_STD, **hf_kw
 
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
   import torch
+
   with torch.no_grad():
     return model(torch.from_numpy(np.asarray(tokens, np.int64))).logits.float().numpy()

@@ -1,5 +1,6 @@
 """Ablations from fake sweep directories: runs named as launch/sweep.py names them, metrics written
 so every expected point (and the log fit's slope, exactly 0.5) is known."""
+
 import json
 import math
 import os
@@ -33,9 +34,12 @@ def _trainer_run(base, name, tokens, tau0, tau1=None, drafter=None, done=True):
   last = {"step": 20, "kind": "eval", "eval/loss": 2.5, "accept/T0/tau": tau0, "accept/T0/deen/tau": tau0 + 0.1}
   if tau1 is not None:
     last["accept/T1/tau"] = tau1
-  lines = [{"step": 10, "kind": "train", "loss": 3.0, "loss_tokens": tokens / 2},
-           {"step": 10, "kind": "eval", "eval/loss": 3.0, "accept/T0/tau": 99.0, "accept/T1/tau": 99.0},
-           {"step": 20, "kind": "train", "loss": 2.6, "loss_tokens": tokens / 2}, last]
+  lines = [
+    {"step": 10, "kind": "train", "loss": 3.0, "loss_tokens": tokens / 2},
+    {"step": 10, "kind": "eval", "eval/loss": 3.0, "accept/T0/tau": 99.0, "accept/T1/tau": 99.0},
+    {"step": 20, "kind": "train", "loss": 2.6, "loss_tokens": tokens / 2},
+    last,
+  ]
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
   if drafter:
@@ -123,17 +127,32 @@ GAMMA_RESULTS = {1: (1.4, 1.8), 3: (2.0, 2.6), 10: (2.4, 3.2)}
 
 
 def _record(language, method, temperature, seed, speedup=1.0, tau=None):
-  return {"language": language, "category": f"{language}en", "method": method,
-          "drafter": "general" if method == "sps" else None, "temperature": temperature, "seed": seed,
-          "prompts": 4, "new_tokens": 100, "wall_s": 1.0, "tokens_per_second": 100.0 * speedup, "tau": tau,
-          "acceptance_rate": None, "per_position": None, "per_position_conditional": None}
+  return {
+    "language": language,
+    "category": f"{language}en",
+    "method": method,
+    "drafter": "general" if method == "sps" else None,
+    "temperature": temperature,
+    "seed": seed,
+    "prompts": 4,
+    "new_tokens": 100,
+    "wall_s": 1.0,
+    "tokens_per_second": 100.0 * speedup,
+    "tau": tau,
+    "acceptance_rate": None,
+    "per_position": None,
+    "per_position_conditional": None,
+  }
 
 
 def test_gamma_points_are_mean_speedup_and_tau(tmp_path):
   config = _config(tmp_path, GAMMA)
   base = str(tmp_path / "sweep")
-  names = {1: "methods-ar-sps_gamma-1_dynamic-gamma-false", 3: "methods-ar-sps_gamma-3_dynamic-gamma-false",
-           10: "methods-ar-sps_gamma-10_dynamic-gamma-true"}
+  names = {
+    1: "methods-ar-sps_gamma-1_dynamic-gamma-false",
+    3: "methods-ar-sps_gamma-3_dynamic-gamma-false",
+    10: "methods-ar-sps_gamma-10_dynamic-gamma-true",
+  }
   for g, (speedup, tau) in GAMMA_RESULTS.items():
     records = []
     for temperature, dt in ((0.0, 0.0), (1.0, 0.3)):
@@ -164,31 +183,43 @@ def test_gamma_points_are_mean_speedup_and_tau(tmp_path):
 
 
 def test_pretrain_vs_scratch_and_drafter_size(tmp_path):
-  config = _config(tmp_path, """
+  config = _config(
+    tmp_path,
+    """
   def sweep():
     return [{"config_arg": "lang=de"}, {"config_arg": "lang=de,scratch=true"}, {"config_arg": "lang=fr"}]
-  """)
+  """,
+  )
   base = str(tmp_path / "ft")
   _trainer_run(base, "lang-de", 5000, 3.0, 2.5)
   _trainer_run(base, "lang-de_scratch-true", 5000, 2.0, 1.5)
   _trainer_run(base, "lang-fr", 5000, 2.9)  # no twin: not a bar
   points = ablations.pretrain_vs_scratch(ablations.collect(config, base))
   assert sorted((p["label"], p["x"], p["y"], p["arm"]) for p in points) == [
-      ("τ, T=0", 0.0, 3.0, "pretrain + finetune"), ("τ, T=0", 1.0, 2.0, "finetune only"),
-      ("τ, T=1", 0.0, 2.5, "pretrain + finetune"), ("τ, T=1", 1.0, 1.5, "finetune only")]
+    ("τ, T=0", 0.0, 3.0, "pretrain + finetune"),
+    ("τ, T=0", 1.0, 2.0, "finetune only"),
+    ("τ, T=1", 0.0, 2.5, "pretrain + finetune"),
+    ("τ, T=1", 1.0, 1.5, "finetune only"),
+  ]
   assert os.path.exists(ablations.write_ablations(config, base, str(tmp_path / "o1"), "pretrain_vs_scratch"))
 
-  config = _config(tmp_path, """
+  config = _config(
+    tmp_path,
+    """
   def sweep():
     return [{"config_arg": f"size={s}"} for s in ("drafter-small", "vicuna-68m", "drafter-large")]
-  """, name="pretrain_like.py")
+  """,
+    name="pretrain_like.py",
+  )
   base = str(tmp_path / "pt")
   for tau, size in ((1.5, "drafter-small"), (2.0, "vicuna-68m"), (2.4, "drafter-large")):
     _trainer_run(base, f"size-{size}", 1000, tau, drafter=size)
   points = ablations.drafter_size(ablations.collect(config, base))
   assert [(p["x"], p["y"]) for p in points] == [
-      (PRESETS["drafter-small"].num_params, 1.5), (PRESETS["vicuna-68m"].num_params, 2.0),
-      (PRESETS["drafter-large"].num_params, 2.4)]
+    (PRESETS["drafter-small"].num_params, 1.5),
+    (PRESETS["vicuna-68m"].num_params, 2.0),
+    (PRESETS["drafter-large"].num_params, 2.4),
+  ]
 
 
 def test_cli_and_config_without_sweep(finetune_sweep, tmp_path, capsys):

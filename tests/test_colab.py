@@ -1,6 +1,7 @@
 """colabs/quickstart.ipynb runs end to end on a CPU in its tiny mode (SPECJAX_QUICKSTART_TINY=1:
 tiny random-weight models, two drafter training steps, a few tokens), in a Jupyter kernel of this
 interpreter, from colabs/."""
+
 import json
 import os
 import sys
@@ -35,8 +36,9 @@ def test_stored_notebook_is_clean():
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)
   code = [cell for cell in nb.cells if cell.cell_type == "code"]
-  assert code and all(not cell.outputs and cell.execution_count is None for cell in code), \
-      "store the notebook without outputs"
+  assert code and all(not cell.outputs and cell.execution_count is None for cell in code), (
+    "store the notebook without outputs"
+  )
 
 
 def test_quickstart_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
@@ -44,9 +46,15 @@ def test_quickstart_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
   # elsewhere (a user's, the system's) could otherwise start a Python without jax.
   spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
   spec_dir.mkdir(parents=True)
-  (spec_dir / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "specjax test", "language": "python"}))
+  (spec_dir / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "specjax test",
+        "language": "python",
+      }
+    )
+  )
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("SPECJAX_QUICKSTART_TINY", "1")
   monkeypatch.setenv("SPECJAX_QUICKSTART_WORKDIR", str(tmp_path / "run"))
@@ -55,8 +63,9 @@ def test_quickstart_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nb.cells.insert(0, nbformat.v4.new_code_cell(PROBE))
-  client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=600, startup_timeout=120,
-                                   resources={"metadata": {"path": COLABS}})
+  client = nbclient.NotebookClient(
+    nb, kernel_name=KERNEL, timeout=600, startup_timeout=120, resources={"metadata": {"path": COLABS}}
+  )
   start = time.perf_counter()
   try:
     client.execute()
@@ -74,8 +83,7 @@ def test_quickstart_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
   assert "identical to plain decoding token for token" in texts
   # The acceptance table: the paper-layout markdown (methods x languages, "speedup (τ)") and the per-run one.
   markdown = "\n".join(o["data"]["text/markdown"] for _, o in _outputs(nb) if "text/markdown" in o.get("data", {}))
-  for row in ("Plain decoding", "Prompt lookup (PLD)", "SpS, general drafter", "| De |", "| Ja |",
-              "acceptance rate"):
+  for row in ("Plain decoding", "Prompt lookup (PLD)", "SpS, general drafter", "| De |", "| Ja |", "acceptance rate"):
     assert row in markdown, (row, markdown)
   images = [o for _, o in _outputs(nb) if "image/png" in o.get("data", {})]
   assert len(images) == 2, [sorted(o.get("data", {})) for _, o in _outputs(nb)]

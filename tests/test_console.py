@@ -1,5 +1,6 @@
 """A quiet console: the libraries' INFO lines (absl, jax, orbax, seqio) and TensorFlow's CUDA probing
 stay out of a run's output, specjax's own lines stay in; --verbose / SPECJAX_VERBOSE=1 lets them back."""
+
 import os
 import re
 import subprocess
@@ -13,15 +14,28 @@ ABSL_LINE = re.compile(r"^([IWE])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ (\S+?):\d+\] ", 
 def _env(**extra):
   """The environment of a fresh shell: no JAX_PLATFORMS (jax probes its backends and logs about
   them) and no TF_CPP_MIN_LOG_LEVEL (conftest sets both for the tests' own process)."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "SPECJAX_VERBOSE")}
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "SPECJAX_VERBOSE")}
   return {**env, **extra}
 
 
 def _generate(tmp_path, name, *flags, **env):
-  result = subprocess.run([sys.executable, "-m", "specjax.main", "--config", "configs/generate.py:runlocal",
-                           "--workdir", str(tmp_path / name), *flags], cwd=REPO, env=_env(**env),
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "specjax.main",
+      "--config",
+      "configs/generate.py:runlocal",
+      "--workdir",
+      str(tmp_path / name),
+      *flags,
+    ],
+    cwd=REPO,
+    env=_env(**env),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr
   return result.stdout + result.stderr
 
@@ -42,25 +56,36 @@ def test_generate_is_quiet_and_verbose_brings_info_back(tmp_path):
 
 
 def test_specjax_verbose_environment_variable():
-  code = ("import os\nfrom specjax import console\nconsole.setup()\n"
-          "print(console.verbose(), 'TF_CPP_MIN_LOG_LEVEL' in os.environ)\n")
+  code = (
+    "import os\nfrom specjax import console\nconsole.setup()\n"
+    "print(console.verbose(), 'TF_CPP_MIN_LOG_LEVEL' in os.environ)\n"
+  )
   for value, expected in (("1", "True False"), ("0", "False True")):
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(SPECJAX_VERBOSE=value),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=REPO,
+      env=_env(SPECJAX_VERBOSE=value),
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
     assert result.stdout.split() == expected.split(), result.stderr
 
 
 def test_tensorflow_import_is_quiet_and_sees_no_gpu():
   """The data pipeline's TensorFlow: its load-time lines ("Could not find cuda drivers", cuInit)
   are discarded, and it is kept off the GPUs that jax uses."""
-  code = ("from specjax import console\n"
-          "console.setup()\n"
-          "from specjax.data import tasks\n"
-          "import tensorflow as tf\n"
-          "print('visible GPUs:', tf.config.get_visible_devices('GPU'))\n"
-          "print('ready:', int(tf.constant(1)))\n")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+  code = (
+    "from specjax import console\n"
+    "console.setup()\n"
+    "from specjax.data import tasks\n"
+    "import tensorflow as tf\n"
+    "print('visible GPUs:', tf.config.get_visible_devices('GPU'))\n"
+    "print('ready:', int(tf.constant(1)))\n"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stderr
   assert "visible GPUs: []" in result.stdout and "ready: 1" in result.stdout
   output = result.stdout + result.stderr

@@ -1,4 +1,5 @@
 """specjax.data.parallel: the README's split table, overlap removal, and errors that name the file."""
+
 import json
 import os
 

@@ -1,4 +1,5 @@
 """seqio tasks for drafter training: token ids, chat template, packing, mixture rates, sharding, resume."""
+
 import json
 import math
 
@@ -41,26 +42,51 @@ def setup(shared_data, tmp_path_factory):
       ids = tok(en, add_special_tokens=False)["input_ids"]
       cut = i % 4 == 3  # cut off by max_new_tokens: no EOS
       other_stop = (src, i) == ("zh", 5)  # ended at another stop id (not the vocabulary's EOS)
-      rows.append({"record_id": i, "source_id": i, "source": x, "prompt": prompt,
-                   "chat_prompt": apply_template(TEMPLATE, prompt), "response": en,
-                   "response_token_ids": ids if cut or other_stop else ids + [tok.eos_token_id],
-                   "temperature": 0.0, "src_lang": src, "tgt_lang": "en"})
+      rows.append(
+        {
+          "record_id": i,
+          "source_id": i,
+          "source": x,
+          "prompt": prompt,
+          "chat_prompt": apply_template(TEMPLATE, prompt),
+          "response": en,
+          "response_token_ids": ids if cut or other_stop else ids + [tok.eos_token_id],
+          "temperature": 0.0,
+          "src_lang": src,
+          "tgt_lang": "en",
+        }
+      )
       if src == "zh" and i % 2:  # distill_data's marker on some; others (and all of de) in the older format
         rows[-1]["truncated"] = cut
     (workdir / f"selfdistill-{src}en-00000-of-00001.jsonl").write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     records[src] = rows
-  args = dict(data_dir=shared_data, vocab_dir=str(root / "tok"), template=TEMPLATE,
-              selfdistill_dir=str(root / "distill"), limit=LIMIT, shuffle_buffer_size=64)
+  args = dict(
+    data_dir=shared_data,
+    vocab_dir=str(root / "tok"),
+    template=TEMPLATE,
+    selfdistill_dir=str(root / "distill"),
+    limit=LIMIT,
+    shuffle_buffer_size=64,
+  )
   tasks.register_tasks(**args)
   cut_off = {tuple(r["response_token_ids"]) for rows in records.values() for r in rows if r["record_id"] % 4 == 3}
-  return {"tok": tok, "vocab": tasks.vocabulary(), "records": records, "args": args, "root": root,
-          "data": shared_data, "cut_off": cut_off}
+  return {
+    "tok": tok,
+    "vocab": tasks.vocabulary(),
+    "records": records,
+    "args": args,
+    "root": root,
+    "data": shared_data,
+    "cut_off": cut_off,
+  }
 
 
 def _examples(name, n, **kw):
-  ds = seqio.get_mixture_or_task(name).get_dataset(kw.pop("lengths", LENGTHS), split=kw.pop("split", "train"),
-                                                   shuffle=kw.pop("shuffle", False), **kw)
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+    kw.pop("lengths", LENGTHS), split=kw.pop("split", "train"), shuffle=kw.pop("shuffle", False), **kw
+  )
   return list(ds.take(n).as_numpy_iterator())
 
 
@@ -124,13 +150,16 @@ def test_selfdistill_task_uses_the_targets_token_ids(setup):
   vocab = setup["vocab"]
   for ex, record in zip(_examples("selfdistill_zh_en", 5), setup["records"]["zh"]):
     assert vocab.decode(ex["inputs"]) == record["chat_prompt"]
-    assert list(ex["targets"][:len(record["response_token_ids"])]) == record["response_token_ids"]
-  mixtures = {name: [t.name for t in seqio.get_mixture_or_task(name).tasks]
-              for name in ("finetune_de_en", "finetune_fr_en", "finetune_multilingual")}
+    assert list(ex["targets"][: len(record["response_token_ids"])]) == record["response_token_ids"]
+  mixtures = {
+    name: [t.name for t in seqio.get_mixture_or_task(name).tasks]
+    for name in ("finetune_de_en", "finetune_fr_en", "finetune_multilingual")
+  }
   assert mixtures["finetune_de_en"] == ["selfdistill_de_en"]
   assert mixtures["finetune_fr_en"] == ["translate_fr_en"]  # no self-distillation records for fr
   assert sorted(mixtures["finetune_multilingual"]) == sorted(
-      ["selfdistill_de_en", "translate_fr_en", "translate_ja_en", "translate_ru_en", "selfdistill_zh_en"])
+    ["selfdistill_de_en", "translate_fr_en", "translate_ja_en", "translate_ru_en", "selfdistill_zh_en"]
+  )
 
 
 def test_selfdistill_responses_cut_off_get_no_eos(setup):
@@ -154,7 +183,9 @@ def test_prompts_longer_than_their_budget_are_dropped_not_cut(setup):
   budget = int(np.median([len(ex["inputs"]) for ex in full]))
   short = _examples("translate_de_en", 100, lengths={"inputs": budget, "targets": 128})
   assert 0 < len(short) < len(full)
-  assert [ex["inputs"].tolist() for ex in short] == [ex["inputs"].tolist() for ex in full if len(ex["inputs"]) <= budget]
+  assert [ex["inputs"].tolist() for ex in short] == [
+    ex["inputs"].tolist() for ex in full if len(ex["inputs"]) <= budget
+  ]
   assert all(setup["vocab"].decode(ex["inputs"]).endswith("ASSISTANT:") for ex in short)
 
 
@@ -209,8 +240,10 @@ def test_mixture_rates_are_equal(setup):
   """5 tasks at equal rates: each count ~ Binomial(n, 1/5), sd = sqrt(n p (1-p)) = 21.9 for n = 3000;
   a 4.5 sd bound fails by chance with probability < 1e-4 over all five counts, for any seed."""
   n = 3000
-  names = {f"Translate {name} to English:": lang for lang, name in
-           zip(LANGS, ("German", "French", "Japanese", "Russian", "Chinese"))}
+  names = {
+    f"Translate {name} to English:": lang
+    for lang, name in zip(LANGS, ("German", "French", "Japanese", "Russian", "Chinese"))
+  }
   vocab = setup["vocab"]
   exs = _examples("finetune_multilingual", n, shuffle=True, seed=7, num_epochs=None)
   counts = dict.fromkeys(LANGS, 0)
@@ -226,16 +259,21 @@ def test_mixture_rates_are_equal(setup):
 
 def test_host_shards_are_disjoint_and_cover_the_task(setup):
   def keys(shard_info=None):
-    return [(tuple(ex["inputs"]), tuple(ex["targets"]))
-            for ex in _examples("translate_ru_en", 10_000, shard_info=shard_info,
-                                    lengths={"inputs": 4096, "targets": 4096})]
+    return [
+      (tuple(ex["inputs"]), tuple(ex["targets"]))
+      for ex in _examples("translate_ru_en", 10_000, shard_info=shard_info, lengths={"inputs": 4096, "targets": 4096})
+    ]
 
   full = keys()
   shards = [keys(seqio.ShardInfo(index=i, num_shards=3)) for i in range(3)]
   assert len(full) == LIMIT and all(shards)
   assert sorted(k for s in shards for k in s) == sorted(full)  # disjoint (no repeats) and covering
-  batch = [next(tasks.get_dataset("finetune_ru_en", 512, seed=0, batch_size=2,
-                                  shard_info=seqio.ShardInfo(index=i, num_shards=2))) for i in range(2)]
+  batch = [
+    next(
+      tasks.get_dataset("finetune_ru_en", 512, seed=0, batch_size=2, shard_info=seqio.ShardInfo(index=i, num_shards=2))
+    )
+    for i in range(2)
+  ]
   assert not np.array_equal(batch[0]["decoder_target_tokens"], batch[1]["decoder_target_tokens"])
 
 
@@ -292,6 +330,7 @@ def test_data_package_loads_tensorflow_only_for_seqio_parts():
 def test_tfds_source_pins_the_newest_prepared_version(tmp_path):
   """seqio refuses an unversioned TFDS name; the newest prepared version is what tfds.load picks."""
   from specjax.data import tasks
+
   for version in ("1.0.0", "1.10.0", "1.2.0"):
     (tmp_path / "wmt16_translate" / "de-en" / version).mkdir(parents=True)
   (tmp_path / "wmt16_translate" / "de-en" / "downloads").mkdir()

@@ -1,4 +1,5 @@
 """The demo pipeline (the paper's recipe in miniature) end to end, in its tiny configuration."""
+
 import json
 import os
 import sys
@@ -12,11 +13,15 @@ from configs import demo as demo_config  # noqa: E402
 
 def test_tiny_demo_runs_every_stage_and_reports(tmp_path, capsys):
   from specjax.jobs import demo
+
   config = demo_config.get_config("scale=tiny")
   out = demo.run(config, str(tmp_path))
   langs = tuple(config.langs)
-  for stage in ["tokenizer", "target_train", "drafters/general"] + [f"selfdistill/{l}" for l in langs] + [
-      f"drafters/{l}" for l in langs]:
+  for stage in (
+    ["tokenizer", "target_train", "drafters/general"]
+    + [f"selfdistill/{l}" for l in langs]
+    + [f"drafters/{l}" for l in langs]
+  ):
     assert os.path.exists(tmp_path / stage / "DONE"), stage
   # self-distillation data holds the target's outputs at both temperatures
   with open(tmp_path / "selfdistill" / langs[0] / "manifest.json") as f:
@@ -25,9 +30,15 @@ def test_tiny_demo_runs_every_stage_and_reports(tmp_path, capsys):
   records = out["records"]
   keys = {(r["language"], r["method"], r["drafter"], r["temperature"]) for r in records}
   for lang in langs:
-    for key in [("ar", None, 0.0), ("pld", None, 0.0), ("sps", "general", 0.0), ("sps", "auto", 0.0),
-                ("ar", None, 1.0), ("sps", "general", 1.0), ("sps", "auto", 1.0)] + [
-                    ("sps", d, 0.0) for d in langs]:
+    for key in [
+      ("ar", None, 0.0),
+      ("pld", None, 0.0),
+      ("sps", "general", 0.0),
+      ("sps", "auto", 0.0),
+      ("ar", None, 1.0),
+      ("sps", "general", 1.0),
+      ("sps", "auto", 1.0),
+    ] + [("sps", d, 0.0) for d in langs]:
       assert (lang,) + key in keys, (lang, key)
   seeds = {r["seed"] for r in records if r["temperature"] == 1.0}
   assert seeds == set(config.sampling_seeds)
@@ -50,6 +61,7 @@ def test_tiny_demo_runs_every_stage_and_reports(tmp_path, capsys):
 def test_demo_config_errors(tmp_path):
   from specjax.jobs import demo
   from specjax.errors import SpecjaxError
+
   with pytest.raises(SpecjaxError, match="scale='huge'"):
     demo_config.get_config("scale=huge")
   c = demo_config.get_config("scale=tiny,langs=de+xx")
@@ -60,8 +72,10 @@ def test_demo_config_errors(tmp_path):
     demo.run(c, str(tmp_path))
 
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def test_tiny_demo_on_a_checkpoint_with_a_chat_template(tmp_path):
@@ -72,16 +86,31 @@ def test_tiny_demo_on_a_checkpoint_with_a_chat_template(tmp_path):
   from specjax.jobs.local_assets import corpus_texts
   from specjax.models.draft_vocab import load_draft_vocab
   from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
+
   tokenizer = train_tokenizer(corpus_texts(), 1024)
   tokenizer.chat_template = CHATML
   make_random_checkpoint(str(tmp_path / "ckpt"), "tiny", tokenizer=tokenizer)
   config = demo_config.get_config("scale=tiny")
   config.unlock()
-  config.update(target=str(tmp_path / "ckpt"), template="auto", drafter_layers=(1,), draft_vocab_coverage=0.99,
-                sampled_prompts_per_language=2)
+  config.update(
+    target=str(tmp_path / "ckpt"),
+    template="auto",
+    drafter_layers=(1,),
+    draft_vocab_coverage=0.99,
+    sampled_prompts_per_language=2,
+  )
   out = demo.run(config, str(tmp_path / "run"))
-  record = json.loads(open(tmp_path / "run" / "selfdistill" / "de" / "data" / os.listdir(
-      tmp_path / "run" / "selfdistill" / "de" / "data")[0], encoding="utf-8").readline())
+  record = json.loads(
+    open(
+      tmp_path
+      / "run"
+      / "selfdistill"
+      / "de"
+      / "data"
+      / os.listdir(tmp_path / "run" / "selfdistill" / "de" / "data")[0],
+      encoding="utf-8",
+    ).readline()
+  )
   assert record["chat_prompt"].startswith("<|im_start|>user\n")  # the checkpoint's own template
   vocab = load_draft_vocab(str(tmp_path / "run" / "drafters" / "de" / "drafter"))
   assert vocab is not None and len(vocab) < 1024

@@ -1,4 +1,5 @@
 """Drafters made of their target's embeddings and layers (specjax.models.derive)."""
+
 import numpy as np
 import pytest
 
@@ -25,10 +26,12 @@ def test_all_layers_reproduce_the_target_and_one_layer_keeps_its_embeddings(targ
   assert main([target_dir, str(tmp_path / "one"), "--layers", "1"]) == 0
   one, one_config = load_hf_checkpoint(str(tmp_path / "one"))
   assert one_config.num_layers == 1
-  np.testing.assert_array_equal(np.asarray(one.embed_tokens.embedding[...]),
-                                np.asarray(target.embed_tokens.embedding[...]))
-  np.testing.assert_array_equal(np.asarray(one.layers[0].mlp.up_proj.kernel[...]),
-                                np.asarray(target.layers[1].mlp.up_proj.kernel[...]))
+  np.testing.assert_array_equal(
+    np.asarray(one.embed_tokens.embedding[...]), np.asarray(target.embed_tokens.embedding[...])
+  )
+  np.testing.assert_array_equal(
+    np.asarray(one.layers[0].mlp.up_proj.kernel[...]), np.asarray(target.layers[1].mlp.up_proj.kernel[...])
+  )
 
 
 def test_bad_layers_exit_2(target_dir, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The distill_data job: records and manifest, reproducible bytes, restart after a kill equal to an
 uninterrupted run, partial shards discarded, read_records, and user mistakes (exit code 2)."""
+
 import json
 import os
 import subprocess
@@ -136,9 +137,12 @@ def test_read_records_round_trip_and_errors(full_run, tmp_path):
   assert list(selfdistill.read_records(workdir)) == from_files
   assert list(selfdistill.read_records(os.path.join(workdir, "data", reference_name(3)))) == from_files[18:]
   lines = [json.dumps(r, ensure_ascii=False) for r in from_files[:3]]
-  for bad, message in (('{"record_id": 5', "malformed JSON"), ("[1]", "expected a JSON object"),
-                       (json.dumps({**from_files[0], "response_token_ids": "12"}), "response_token_ids"),
-                       (json.dumps({k: v for k, v in from_files[0].items() if k != "response"}), "response")):
+  for bad, message in (
+    ('{"record_id": 5', "malformed JSON"),
+    ("[1]", "expected a JSON object"),
+    (json.dumps({**from_files[0], "response_token_ids": "12"}), "response_token_ids"),
+    (json.dumps({k: v for k, v in from_files[0].items() if k != "response"}), "response"),
+  ):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines[:2] + [bad]) + "\n", encoding="utf-8")
     with pytest.raises(SpecjaxError, match=rf"bad\.jsonl:3: .*{message}"):
@@ -162,8 +166,14 @@ def test_sources_for_both_directions(data_dir, assets, tmp_path, monkeypatch):
 
 def _cli(workdir, *args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "specjax.main", "--workdir", str(workdir), *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "specjax.main", "--workdir", str(workdir), *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli_reports_bad_fields(tmp_path):
@@ -182,12 +192,14 @@ def test_generated_records_read_back_through_their_seqio_task(full_run, data_dir
   import seqio
   from specjax.data import tasks
   from specjax.models.tokenizer_utils import train_tokenizer
+
   workdir, _ = full_run
   records = list(selfdistill.read_records(workdir))
   tasks.register_tasks(data_dir=data_dir, vocab_dir=assets, selfdistill_dir=workdir, shuffle_buffer_size=16)
   vocab = tasks.vocabulary()
-  ds = seqio.get_mixture_or_task("selfdistill_de_en").get_dataset({"inputs": 512, "targets": 64}, split="train",
-                                                                  shuffle=False)
+  ds = seqio.get_mixture_or_task("selfdistill_de_en").get_dataset(
+    {"inputs": 512, "targets": 64}, split="train", shuffle=False
+  )
   examples = list(ds.as_numpy_iterator())
   assert len(examples) == len(records)
   truncated = [r["truncated"] for r in records]

@@ -1,6 +1,7 @@
 """Reduced-vocabulary drafters: the subset is chosen from responses, decoding with it stays
 lossless (greedy equality in float32, sampling follows the target), it survives export and
 load (with SGLang's token map), and training scores only the subset."""
+
 import json
 
 import jax.numpy as jnp
@@ -11,8 +12,14 @@ from flax import nnx
 from specjax.decoding import Decoder
 from specjax.errors import SpecjaxError
 from specjax.models import get_preset, init_model, load_hf_checkpoint, save_hf_checkpoint
-from specjax.models.draft_vocab import (DRAFT_VOCAB_FILE, TOKEN_MAP_FILE, choose_token_ids, coverage_of,
-                                        draft_token_ids, set_draft_vocab)
+from specjax.models.draft_vocab import (
+  DRAFT_VOCAB_FILE,
+  TOKEN_MAP_FILE,
+  choose_token_ids,
+  coverage_of,
+  draft_token_ids,
+  set_draft_vocab,
+)
 from specjax.train import losses
 from specjax.train.step import StepSpec, _micro_sums
 from tests.test_speculative_sampling import SAMPLES, VOCAB, _peaked_model, chi2_pvalue, exact_joint, sample_pairs
@@ -47,10 +54,12 @@ def test_greedy_with_a_reduced_vocabulary_equals_plain_decoding(target):
   keep = np.array(emitted[: max(1, len(emitted) // 2)], np.int32)
   set_draft_vocab(drafter, keep)
   result = Decoder(target, drafter, method="sps", gamma=4, max_new_tokens=24, batch_size=4).generate(
-      prompts, eos_id=NO_EOS)
+    prompts, eos_id=NO_EOS
+  )
   assert result.new_tokens == plain.new_tokens
-  full = Decoder(target, init_model(get_preset("tiny"), 0), method="sps", gamma=4, max_new_tokens=24,
-                 batch_size=4).generate(prompts, eos_id=NO_EOS)
+  full = Decoder(
+    target, init_model(get_preset("tiny"), 0), method="sps", gamma=4, max_new_tokens=24, batch_size=4
+  ).generate(prompts, eos_id=NO_EOS)
   assert full.accepted.sum() == full.proposed.sum()  # the same model accepts everything...
   assert result.accepted.sum() < result.proposed.sum()  # ...but not tokens outside its subset
   # Every accepted draft was a subset token: accepted drafts are what both models chose.
@@ -70,6 +79,7 @@ def test_sampling_with_a_reduced_vocabulary_follows_the_target():
 
 def test_export_and_load_keep_the_subset(tmp_path):
   import torch
+
   drafter = init_model(get_preset("tiny-drafter"), 3)
   ids = np.array([2, 7, 40, 41, 200], np.int32)
   set_draft_vocab(drafter, ids)
@@ -80,6 +90,7 @@ def test_export_and_load_keep_the_subset(tmp_path):
   assert draft_token_ids(loaded).tolist() == ids.tolist()
   assert config.vocab_size == 256  # the export stays a full-vocabulary model
   from transformers import LlamaForCausalLM
+
   assert LlamaForCausalLM.from_pretrained(str(tmp_path / "d")).lm_head.weight.shape[0] == 256
   with pytest.raises(SpecjaxError, match="sorted distinct"):
     set_draft_vocab(drafter, np.array([5, 3]))
@@ -91,14 +102,21 @@ def test_training_scores_only_the_subset():
   ids_W = jnp.array([1, 4, 9, 16, 25], jnp.int32)
   tokens = jnp.array([[1, 4, 9, 16, 25, 30]])
   targets = jnp.array([[4, 9, 16, 99, 25, 1]])  # 99 lies outside the subset
-  micro = {"decoder_input_tokens": tokens, "decoder_target_tokens": targets,
-           "decoder_loss_weights": jnp.ones_like(tokens), "decoder_positions": jnp.arange(6)[None],
-           "decoder_segment_ids": jnp.ones_like(tokens)}
+  micro = {
+    "decoder_input_tokens": tokens,
+    "decoder_target_tokens": targets,
+    "decoder_loss_weights": jnp.ones_like(tokens),
+    "decoder_positions": jnp.arange(6)[None],
+    "decoder_segment_ids": jnp.ones_like(tokens),
+  }
   loss_sum, aux = _micro_sums(params, None, micro, graphdef, None, StepSpec(), ids_W)
   logits_W = model(tokens)[..., ids_W]
   index = {int(t): k for k, t in enumerate(ids_W)}
-  expected = [losses.cross_entropy(logits_W[:, t:t + 1], jnp.array([[index[int(targets[0, t])]]]))[0, 0]
-              for t in range(6) if int(targets[0, t]) in index]
+  expected = [
+    losses.cross_entropy(logits_W[:, t : t + 1], jnp.array([[index[int(targets[0, t])]]]))[0, 0]
+    for t in range(6)
+    if int(targets[0, t]) in index
+  ]
   assert float(aux["weight"]) == 5.0
   np.testing.assert_allclose(float(loss_sum), float(sum(expected)), rtol=1e-5)
 

@@ -1,5 +1,6 @@
 """Several EOS ids (Llama-3 lists three): read from config.json and generation_config.json, written
 back, and generation (plain, drafter, prompt lookup) stops at whichever comes first."""
+
 import json
 import os
 
@@ -22,7 +23,7 @@ def _prompts():
   out = []
   for i in range(12):
     p = rng.randint(3, 256, size=rng.randint(2, 20)).tolist()
-    out.append(p + p[:len(p) // 2] if i % 2 else p)
+    out.append(p + p[: len(p) // 2] if i % 2 else p)
   return out
 
 
@@ -46,7 +47,7 @@ def _pick_stop_ids(reference, count=3):
 def _truncate(tokens, stops):
   for i, t in enumerate(tokens):
     if t in stops:
-      return tokens[:i + 1]
+      return tokens[: i + 1]
   return tokens
 
 
@@ -89,8 +90,9 @@ def test_generation_config_wins_and_malformed_is_a_clear_error(tmp_path):
 def test_generation_stops_at_every_listed_eos_id(tmp_path):
   model = random_model(tiny_config(), seed=2)
   prompts = _prompts()
-  reference = Decoder(model, method="ar", max_new_tokens=MAX_NEW, batch_size=4).generate(
-      prompts, eos_id=NO_EOS).new_tokens
+  reference = (
+    Decoder(model, method="ar", max_new_tokens=MAX_NEW, batch_size=4).generate(prompts, eos_id=NO_EOS).new_tokens
+  )
   stops = _pick_stop_ids(reference)
   config = tiny_config(eos_token_id=stops[0], eos_token_ids=tuple(stops))
   path = str(tmp_path / "ckpt")

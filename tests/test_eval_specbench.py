@@ -1,6 +1,7 @@
 """The eval_specbench job: runlocal end to end through the CLI (a record for every run, Spec-Bench
 answer files, report.md), greedy losslessness across every method and drafter, speedups
 derivable, BLEU/chrF, and user mistakes named."""
+
 import json
 import os
 import subprocess
@@ -15,9 +16,23 @@ from specjax.jobs import eval_specbench as eval_specbench_job
 from specjax.jobs import local_assets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORD_FIELDS = {"language", "category", "method", "drafter", "temperature", "seed", "prompts", "new_tokens",
-                 "wall_s", "tokens_per_second", "tau", "tau_drafted", "acceptance_rate", "per_position",
-                 "per_position_conditional"}
+RECORD_FIELDS = {
+  "language",
+  "category",
+  "method",
+  "drafter",
+  "temperature",
+  "seed",
+  "prompts",
+  "new_tokens",
+  "wall_s",
+  "tokens_per_second",
+  "tau",
+  "tau_drafted",
+  "acceptance_rate",
+  "per_position",
+  "per_position_conditional",
+}
 
 
 def _config(arg="runlocal"):
@@ -34,9 +49,15 @@ def runlocal(tmp_path_factory):
   """configs/eval_specbench.py:runlocal through the CLI: (workdir, metrics, {file name: answers})."""
   workdir = tmp_path_factory.mktemp("eval_specbench")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.run([sys.executable, "-m", "specjax.main", "--config", "configs/eval_specbench.py:runlocal",
-                         "--workdir", str(workdir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "specjax.main", "--config", "configs/eval_specbench.py:runlocal", "--workdir", str(workdir)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   with open(workdir / "metrics.json", encoding="utf-8") as f:
     m = json.load(f)
@@ -53,9 +74,10 @@ def _expected_runs():
   categories = {q["category"] for q in local_assets.questions()}
   expected = set()
   for t in config.temperatures:
-    for seed in (config.greedy_seeds if t == 0 else config.seeds):
-      for run in ([("ar", None), ("pld", None), ("sps", "auto"), ("sps", "general")] +
-                  ([("sps", "de"), ("sps", "fr")] if t == 0 else [])):
+    for seed in config.greedy_seeds if t == 0 else config.seeds:
+      for run in [("ar", None), ("pld", None), ("sps", "auto"), ("sps", "general")] + (
+        [("sps", "de"), ("sps", "fr")] if t == 0 else []
+      ):
         expected |= {(c, *run, float(t), seed) for c in categories}
   return expected
 
@@ -71,7 +93,8 @@ def test_runlocal_records_cover_every_run(runlocal):
     assert r["prompts"] == sum(q["category"] == r["category"] for q in questions)  # every question counted
     assert r["tokens_per_second"] > 0 and r["new_tokens"] > 0 and r["tau"] >= 1.0
     assert r["language"] == {"deen": "de", "fren": "fr", "ruen": "ru", "jaen": "ja", "zhen": "zh"}.get(
-        r["category"], r["category"])
+      r["category"], r["category"]
+    )
     if r["method"] == "ar":
       assert r["tau"] == 1.0 and r["acceptance_rate"] is None and r["per_position"] == []
     if r["method"] == "sps":
@@ -86,17 +109,28 @@ def test_runlocal_answers_in_spec_bench_format(runlocal):
   workdir, m, answers = runlocal
   questions = read_questions(str(workdir / "local_assets" / "question.jsonl"))
   runs = {(r["method"], r["drafter"], r["temperature"], r["seed"]) for r in m["records"]}
-  expected_files = {f"specjax-{method}{'-' + drafter if drafter else ''}-T{t:g}-seed{seed}.jsonl"
-                    for method, drafter, t, seed in runs}
+  expected_files = {
+    f"specjax-{method}{'-' + drafter if drafter else ''}-T{t:g}-seed{seed}.jsonl" for method, drafter, t, seed in runs
+  }
   assert set(answers) == expected_files
   ids = set()
   for name, lines in answers.items():
     assert [a["question_id"] for a in lines] == [q["question_id"] for q in questions]  # one line per question
     for a, q in zip(lines, questions):
       assert name == f"{a['model_id']}-T{a['temperature']:g}-seed{a['seed']}.jsonl"
-      assert {"question_id", "answer_id", "model_id", "choices", "tstamp", "category", "method", "drafter",
-              "temperature", "seed"} <= set(a)
-      choice, = a["choices"]
+      assert {
+        "question_id",
+        "answer_id",
+        "model_id",
+        "choices",
+        "tstamp",
+        "category",
+        "method",
+        "drafter",
+        "temperature",
+        "seed",
+      } <= set(a)
+      (choice,) = a["choices"]
       assert choice["index"] == 0
       for field in ("turns", "decoding_steps", "new_tokens", "wall_time", "token_ids"):
         assert len(choice[field]) == len(q["turns"]), field
@@ -114,10 +148,19 @@ def test_runlocal_answers_in_spec_bench_format(runlocal):
 def test_greedy_outputs_identical_across_methods_and_drafters(runlocal):
   """Losslessness: at T=0 every method and every drafter emits plain decoding's tokens."""
   _, _, answers = runlocal
-  greedy = {name: {a["question_id"]: a["choices"][0]["token_ids"] for a in lines}
-            for name, lines in answers.items() if "-T0-" in name}
-  assert {n.split("-T0")[0] for n in greedy} == {"specjax-ar", "specjax-pld", "specjax-sps-auto",
-                                                 "specjax-sps-general", "specjax-sps-de", "specjax-sps-fr"}
+  greedy = {
+    name: {a["question_id"]: a["choices"][0]["token_ids"] for a in lines}
+    for name, lines in answers.items()
+    if "-T0-" in name
+  }
+  assert {n.split("-T0")[0] for n in greedy} == {
+    "specjax-ar",
+    "specjax-pld",
+    "specjax-sps-auto",
+    "specjax-sps-general",
+    "specjax-sps-de",
+    "specjax-sps-fr",
+  }
   plain = greedy["specjax-ar-T0-seed0.jsonl"]
   for name, tokens in greedy.items():
     assert tokens == plain, name
@@ -126,11 +169,11 @@ def test_greedy_outputs_identical_across_methods_and_drafters(runlocal):
 def test_speedups_derivable(runlocal):
   _, m, _ = runlocal
   records = m["records"]
-  plain = {(r["language"], r["temperature"], r["seed"]): r["tokens_per_second"] for r in records
-           if r["method"] == "ar"}
+  plain = {(r["language"], r["temperature"], r["seed"]): r["tokens_per_second"] for r in records if r["method"] == "ar"}
   for r in records:
     assert (r["language"], r["temperature"], r["seed"]) in plain
   from specjax.eval import report
+
   derived = report.speedups(records)
   assert len(derived) == sum(r["method"] != "ar" for r in records) and all(d["speedup"] > 0 for d in derived)
 
@@ -173,7 +216,12 @@ def test_config_runs_and_sweep():
   config, _ = _config("drafter=all")
   config.cross_language = True
   assert eval_specbench_job.runs_from_config(config, ["general", "de"]) == [
-      ("ar", None), ("pld", None), ("sps", "general"), ("sps", "de"), ("sps", "de", (0.0,))]
+    ("ar", None),
+    ("pld", None),
+    ("sps", "general"),
+    ("sps", "de"),
+    ("sps", "de", (0.0,)),
+  ]
   runs = specbench.normalize_runs(eval_specbench_job.runs_from_config(config, ["general", "de"]), ["general", "de"])
   assert [r.model_id for r in runs] == ["specjax-ar", "specjax-pld", "specjax-sps-general", "specjax-sps-de"]
   assert runs[-1].temperatures is None  # de at every temperature already
@@ -189,15 +237,20 @@ def test_select_questions_keeps_first_per_category():
   assert eval_specbench_job._select_questions(qs, 0) == qs
 
 
-@pytest.mark.parametrize("overrides, expected", [
+@pytest.mark.parametrize(
+  "overrides, expected",
+  [
     ({"drafters": "general=/ckpt/g,es=/ckpt/es"}, r"`drafters`: drafter name 'es'"),
     ({"drafters": "general"}, r"`drafters`: 'general': expected name=path"),
     ({"drafter": "ja"}, r"`drafter`='ja'"),
     ({"methods": "ar,eagle"}, r"`methods`: 'eagle'"),
-    ({"prompts": "/nonexistent/*_question.jsonl", "local_assets": False},
-     r"config field `prompts`: prompts pattern .* no file matches"),
+    (
+      {"prompts": "/nonexistent/*_question.jsonl", "local_assets": False},
+      r"config field `prompts`: prompts pattern .* no file matches",
+    ),
     ({"references": "deen=/nonexistent/ref.en"}, r"`references`: /nonexistent/ref.en: file not found"),
-])
+  ],
+)
 def test_config_mistakes_are_named(tmp_path, overrides, expected):
   config, _ = _config()
   config.update(overrides)
@@ -208,10 +261,19 @@ def test_config_mistakes_are_named(tmp_path, overrides, expected):
 def test_run_refuses_drafter_with_another_vocabulary(runlocal, tmp_path):
   assets = runlocal[0] / "local_assets"
   config, _ = _config()
-  config.update({"target": str(assets / "target"), "prompts": str(assets / "question.jsonl"),
-                 "drafters": "general=preset:tiny-drafter", "local_assets": False})
-  with pytest.raises(SpecjaxError, match=r"`drafters`: drafter 'general' \(preset:tiny-drafter\) has a "
-                                         r"vocabulary of 256 tokens"):
+  config.update(
+    {
+      "target": str(assets / "target"),
+      "prompts": str(assets / "question.jsonl"),
+      "drafters": "general=preset:tiny-drafter",
+      "local_assets": False,
+    }
+  )
+  with pytest.raises(
+    SpecjaxError,
+    match=r"`drafters`: drafter 'general' \(preset:tiny-drafter\) has a "
+    r"vocabulary of 256 tokens",
+  ):
     eval_specbench_job.run(config, str(tmp_path))
 
 

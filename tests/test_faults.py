@@ -5,6 +5,7 @@ full disk while saving a checkpoint and while writing answers (one `specjax: err
 the path, exit status 2, no traceback; after space is freed the rerun resumes). The full-disk
 cases mount a small tmpfs, which needs root (CAP_SYS_ADMIN): elsewhere they skip, saying so.
 """
+
 import json
 import os
 import signal
@@ -15,14 +16,16 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-           TF_CPP_MIN_LOG_LEVEL="3")
+ENV = dict(
+  os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", TF_CPP_MIN_LOG_LEVEL="3"
+)
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
   """A tiny random target (corpus-trained tokenizer) and the local question file."""
   from specjax.jobs import local_assets
+
   root = tmp_path_factory.mktemp("fault_assets")
   local_assets.ensure_corpus_checkpoints(str(root / "target"))
   local_assets.ensure_question_file(str(root / "question.jsonl"))
@@ -30,28 +33,63 @@ def assets(tmp_path_factory):
 
 
 def _train_cmd(assets, workdir):
-  return [sys.executable, "-m", "specjax.main", "--config", "configs/pretrain.py:runlocal,steps=6",
-          "--config.local_assets=False", f"--config.target={assets / 'target'}", "--config.eval_every=0",
-          "--config.tensorboard=False", "--config.acceptance_prompts=", "--config.log_every=1",
-          "--config.checkpoint_every=2", "--config.export_hf=False", "--config.shuffle_buffer_size=200",
-          "--workdir", str(workdir)]
+  return [
+    sys.executable,
+    "-m",
+    "specjax.main",
+    "--config",
+    "configs/pretrain.py:runlocal,steps=6",
+    "--config.local_assets=False",
+    f"--config.target={assets / 'target'}",
+    "--config.eval_every=0",
+    "--config.tensorboard=False",
+    "--config.acceptance_prompts=",
+    "--config.log_every=1",
+    "--config.checkpoint_every=2",
+    "--config.export_hf=False",
+    "--config.shuffle_buffer_size=200",
+    "--workdir",
+    str(workdir),
+  ]
 
 
 def _generate_cmd(assets, workdir):
-  return [sys.executable, "-m", "specjax.main", "--config", "configs/generate.py:runlocal,method=ar",
-          "--config.local_assets=False", f"--config.target={assets / 'target'}", "--config.drafter=",
-          f"--config.prompts={assets / 'question.jsonl'}", "--config.batch_size=1", "--config.max_new_tokens=8",
-          "--config.warmup=False", "--workdir", str(workdir)]
+  return [
+    sys.executable,
+    "-m",
+    "specjax.main",
+    "--config",
+    "configs/generate.py:runlocal,method=ar",
+    "--config.local_assets=False",
+    f"--config.target={assets / 'target'}",
+    "--config.drafter=",
+    f"--config.prompts={assets / 'question.jsonl'}",
+    "--config.batch_size=1",
+    "--config.max_new_tokens=8",
+    "--config.warmup=False",
+    "--workdir",
+    str(workdir),
+  ]
 
 
 def _distill_cmd(assets, workdir):
-  return [sys.executable, "-m", "specjax.main", "--config", "configs/distill_data.py:runlocal",
-          "--config.local_assets=False", f"--config.target={assets / 'target'}",
-          "--config.data_dir=specjax/assets/corpus", "--workdir", str(workdir)]
+  return [
+    sys.executable,
+    "-m",
+    "specjax.main",
+    "--config",
+    "configs/distill_data.py:runlocal",
+    "--config.local_assets=False",
+    f"--config.target={assets / 'target'}",
+    "--config.data_dir=specjax/assets/corpus",
+    "--workdir",
+    str(workdir),
+  ]
 
 
 def _distilled(workdir):
   from specjax.data.selfdistill import read_records
+
   return list(read_records(str(workdir)))
 
 
@@ -80,6 +118,7 @@ def _killed_when(cmd, ready, timeout=300) -> str:
 
 def _losses(workdir):
   from specjax.train.writers import read_metrics
+
   return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if r["kind"] == "train"}
 
 
@@ -122,6 +161,7 @@ def uninterrupted_answers(assets, tmp_path_factory):
 
 
 # --- SIGKILL ---------------------------------------------------------------------------------
+
 
 @pytest.mark.slow  # about 2 minutes on 2 cores: three training runs in subprocesses
 def test_sigkill_during_a_checkpoint_save_then_resume(assets, uninterrupted_training, tmp_path):
@@ -169,16 +209,20 @@ def test_sigkill_during_a_shard_write_then_resume(assets, tmp_path):
 
 # --- a full disk -----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path):
   """A 2 MiB tmpfs (root only); skips with the reason where it cannot be mounted."""
   mount = tmp_path / "disk"
   mount.mkdir()
-  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
-                        text=True, check=False)
+  proc = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True, check=False
+  )
   if proc.returncode != 0:
-    pytest.skip(f"cannot mount a small tmpfs here ({(proc.stderr or proc.stdout).strip() or 'mount failed'}); "
-                "the full-disk cases need root")
+    pytest.skip(
+      f"cannot mount a small tmpfs here ({(proc.stderr or proc.stdout).strip() or 'mount failed'}); "
+      "the full-disk cases need root"
+    )
   try:
     yield mount
   finally:

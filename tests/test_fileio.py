@@ -1,6 +1,7 @@
 """specjax.fileio on local disk and on TensorFlow's in-memory `ram://` filesystem (standing in
 for gs://), and the outputs routed through it: metrics.jsonl, reports, answer files, the
 drafter config and Hugging Face exports all land in a URL workdir."""
+
 import json
 import math
 import os
@@ -121,8 +122,11 @@ def test_replace_glob_remove_copy(root):
   for name in ("a-1.jsonl", "b-2.jsonl", "c.txt"):
     with fileio.open(fileio.join(root, "d", name), "w") as f:
       f.write(name)
-  assert sorted(os.path.basename(p) for p in fileio.glob(fileio.join(root, "d", "*.jsonl"))) == \
-      ["a-1.jsonl", "b-2.jsonl", "x.jsonl"]
+  assert sorted(os.path.basename(p) for p in fileio.glob(fileio.join(root, "d", "*.jsonl"))) == [
+    "a-1.jsonl",
+    "b-2.jsonl",
+    "x.jsonl",
+  ]
   assert [os.path.basename(p) for p in fileio.glob(fileio.join(root, "d", "?-2.jsonl"))] == ["b-2.jsonl"]
   assert all(p.startswith(root) for p in fileio.glob(fileio.join(root, "d", "*")))
   assert fileio.glob(fileio.join(root, "nowhere", "*.jsonl")) == []
@@ -175,8 +179,9 @@ fileio.remove(fileio.join(d, "y.txt"))
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")))
 """
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", code], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr
   assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
@@ -187,6 +192,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow
 @pytest.mark.parametrize("tensorboard", [False, True])
 def test_metric_writer_on_a_url(tensorboard):
   from specjax.train.writers import MetricWriter, read_metrics
+
   workdir = fileio.join(_ram(), "run")
   writer = MetricWriter(workdir, tensorboard=tensorboard)
   for step in range(1, 6):
@@ -203,25 +209,36 @@ def test_metric_writer_on_a_url(tensorboard):
   assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
   writer.write(4, {"train/loss": 0.2})
   writer.close()
-  assert [(r["step"], r.get("train/loss")) for r in read_metrics(workdir)] == [(1, 1.0), (2, 0.5), (3, 1 / 3),
-                                                                               (4, 0.2)]
+  assert [(r["step"], r.get("train/loss")) for r in read_metrics(workdir)] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.2)]
   assert not fileio.exists(fileio.join(workdir, "metrics.jsonl.tmp"))
 
 
 def test_write_report_into_a_url():
   from specjax.eval.report import write_report
   from tests.test_report import make_records
+
   records = make_records(seeds=(0, 1))
-  ablation = ("Finetuning tokens", [{"x": x, "y": 1 + 0.3 * math.log10(x), "label": "P+F"}
-                                    for x in (1e6, 1e7, 1e8)], "tokens", "speedup", True, True)
+  ablation = (
+    "Finetuning tokens",
+    [{"x": x, "y": 1 + 0.3 * math.log10(x), "label": "P+F"} for x in (1e6, 1e7, 1e8)],
+    "tokens",
+    "speedup",
+    True,
+    True,
+  )
   out_dir = fileio.join(_ram(), "eval")
   path = write_report(records, out_dir, "specjax on ram", notes=("Hardware: none.",), ablations=[ablation])
   assert path == out_dir + "/report.md"
   with fileio.open(path) as f:
     report = f.read()
   assert report.startswith("# specjax on ram") and report.rstrip().endswith("Hardware: none.")
-  images = ["speedup_T0.png", "per_position_T0.png", "speedup_T1.png", "per_position_T1.png",
-            "ablation_finetuning_tokens.png"]
+  images = [
+    "speedup_T0.png",
+    "per_position_T0.png",
+    "speedup_T1.png",
+    "per_position_T1.png",
+    "ablation_finetuning_tokens.png",
+  ]
   for image in images:
     assert f"]({image})" in report
     data = _read_bytes(fileio.join(out_dir, image))
@@ -234,6 +251,7 @@ def test_generate_and_specbench_outputs_into_a_url(capsys):
   from specjax.jobs import generate as generate_job
   from specjax.jobs import eval_specbench
   from tests.test_report import make_records
+
   workdir = fileio.join(_ram(), "gen")
   answers = [{"question_id": 1, "choices": [{"turns": ["Grüße"]}]}]
   generate_job._write(workdir, answers, {"job": "generate", "tokens_per_second": 1.5})
@@ -248,8 +266,10 @@ def test_generate_and_specbench_outputs_into_a_url(capsys):
   for path in (stale, kept):
     with fileio.open(path, "w") as f:
       f.write("{}\n")
-  files = {"specjax-ar-T0-seed0.jsonl": [{"question_id": 1, "answer": "ja"}],
-           "specjax-sps-de-T0-seed0.jsonl": [{"question_id": 1, "answer": "ja"}, {"question_id": 2}]}
+  files = {
+    "specjax-ar-T0-seed0.jsonl": [{"question_id": 1, "answer": "ja"}],
+    "specjax-sps-de-T0-seed0.jsonl": [{"question_id": 1, "answer": "ja"}, {"question_id": 2}],
+  }
   records = make_records(seeds=(0,))
   eval_specbench._write(workdir, files, {"job": "eval_specbench", "records": records}, title="t", notes=())
   capsys.readouterr()
@@ -267,13 +287,15 @@ def test_generate_and_specbench_outputs_into_a_url(capsys):
 def test_save_hf_checkpoint_into_a_url(tmp_path, shards):
   from specjax.models.hf import load_hf_checkpoint, load_tokenizer, save_hf_checkpoint
   from specjax.models.tokenizer_utils import train_tokenizer
+
   config = tiny_config()
   model = random_model(config, seed=11)
   tokenizer = train_tokenizer(["a tiny corpus for a tiny tokenizer", "Grüße aus Berlin"], 300)
   remote = fileio.join(_ram(), "drafter")
   save_hf_checkpoint(model, config, remote, max_shard_bytes=4 << 30)  # a first export, then over it
-  save_hf_checkpoint(model, config, remote, tokenizer=tokenizer,
-                     max_shard_bytes=50_000 if shards == "sharded" else 4 << 30)
+  save_hf_checkpoint(
+    model, config, remote, tokenizer=tokenizer, max_shard_bytes=50_000 if shards == "sharded" else 4 << 30
+  )
   names = {os.path.basename(p) for p in fileio.glob(fileio.join(remote, "*"))}
   assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
   weights = {n for n in names if n.endswith(".safetensors")}
@@ -301,6 +323,7 @@ def test_save_hf_checkpoint_into_a_url(tmp_path, shards):
 
 def test_trainer_reads_a_run_drafter_config_from_a_url():
   from specjax.jobs.train import _drafter_config
+
   config = tiny_config()
   run = _ram()
   fileio.makedirs(run)
@@ -309,5 +332,6 @@ def test_trainer_reads_a_run_drafter_config_from_a_url():
   cfg, weights = _drafter_config(None, {"drafter": f"run:{run}"}, config.vocab_size)
   assert cfg == config and weights is None
   from specjax.errors import SpecjaxError
+
   with pytest.raises(SpecjaxError, match="not found"):
     _drafter_config(None, {"drafter": f"run:{_ram()}"}, config.vocab_size)

@@ -1,6 +1,7 @@
 """The generate job: question files, chat templates, metrics arithmetic, and the CLI end to end
 (answers and metrics written; speculative output equal to plain output at temperature 0; user
 mistakes reported with file and line, exit code 2, no traceback)."""
+
 import json
 import os
 import subprocess
@@ -40,9 +41,13 @@ def test_read_questions_valid(tmp_path):
   assert qs[1]["turns"] == ["one", "two"] and qs[1]["source"] == f"{path}:3"
 
 
-@pytest.mark.parametrize("lines, expected", [
-    ([_question("a"), _question("b"), '{"question_id": "c", "category": "deen", "turns": ["x"]'],
-     ["line 3", "malformed JSON"]),
+@pytest.mark.parametrize(
+  "lines, expected",
+  [
+    (
+      [_question("a"), _question("b"), '{"question_id": "c", "category": "deen", "turns": ["x"]'],
+      ["line 3", "malformed JSON"],
+    ),
     ([_question("a"), '{"question_id": "b", "category": "deen"}'], ["line 2", "'turns' is missing"]),
     ([_question("a", turns=())], ["line 1", "non-empty list of strings"]),
     ([_question("a", turns=("ok", 3))], ["line 1", "non-empty list of strings"]),
@@ -50,7 +55,8 @@ def test_read_questions_valid(tmp_path):
     (['{"question_id": true, "category": "deen", "turns": ["x"]}'], ["line 1", "question_id"]),
     ([_question("a"), _question("a")], ["line 2", "repeats line 1"]),
     (["[1, 2]"], ["line 1", "expected a JSON object"]),
-])
+  ],
+)
 def test_read_questions_errors_name_file_and_line(tmp_path, lines, expected):
   path = _write(tmp_path / "bad_question.jsonl", "\n".join(lines) + "\n")
   with pytest.raises(SpecjaxError) as e:
@@ -88,19 +94,24 @@ def test_read_prompt_files_glob_and_duplicates(tmp_path):
 
 
 def test_vicuna_template_exact():
-  system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-            "helpful, detailed, and polite answers to the user's questions.")
+  system = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+  )
   assert apply_template("vicuna_v1.1", "Translate German to English:Hallo") == (
-      system + " USER: Translate German to English:Hallo ASSISTANT:")
+    system + " USER: Translate German to English:Hallo ASSISTANT:"
+  )
   assert apply_template("vicuna_v1.1", "Shorter?", history=[("Hi", "Hello!")]) == (
-      system + " USER: Hi ASSISTANT: Hello!</s>USER: Shorter? ASSISTANT:")
+    system + " USER: Hi ASSISTANT: Hello!</s>USER: Shorter? ASSISTANT:"
+  )
 
 
 def test_llama2_and_plain_templates():
   assert apply_template("llama-2", "Hi") == "[INST] Hi [/INST]"
   assert apply_template("llama-2", "Hi", system="Be brief.") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
   assert apply_template("llama-2", "More?", history=[("Hi", "Hello")]) == (
-      "[INST] Hi [/INST] Hello </s><s>[INST] More? [/INST]")
+    "[INST] Hi [/INST] Hello </s><s>[INST] More? [/INST]"
+  )
   assert apply_template("plain", "just this") == "just this"
   with pytest.raises(SpecjaxError, match="vicuna_v1.1, vicuna_compact, llama-2, plain"):
     apply_template("chatml", "x")
@@ -108,8 +119,10 @@ def test_llama2_and_plain_templates():
 
 def test_encode_prompt_adds_one_bos(tmp_path):
   from specjax.models.tokenizer_utils import train_tokenizer
+
   tokenizer = train_tokenizer(["Guten Morgen", "Bonjour", "こんにちは"], vocab_size=300, out_dir=str(tmp_path))
   from transformers import AutoTokenizer
+
   reloaded = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
   assert (reloaded.unk_token_id, reloaded.bos_token_id, reloaded.eos_token_id) == (0, 1, 2)
   ids = encode_prompt(reloaded, "Guten Morgen, 世界")
@@ -123,11 +136,21 @@ def test_encode_prompt_adds_one_bos(tmp_path):
 
 def _result():
   """Two rows, γ=3. Row 0 accepts 3, 1, 0 drafts in its three rounds; row 1 accepts 2, 2."""
-  return DecodeResult(new_tokens=[[5] * 7, [6] * 6], stats=RoundStats(
-      rounds_B=np.array([3, 2]), accepted_B=np.array([4, 4]), proposed_B=np.array([9, 6]),
-      accept_hist_BO=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]), pos_proposed_BG=np.array([[3, 3, 3], [2, 2, 2]]),
-      pos_accepted_BG=np.array([[2, 1, 1], [2, 2, 0]]), pos_reached_BG=np.array([[3, 2, 1], [2, 2, 2]])),
-      target_calls=3, drafter_calls=9, wall_s=2.0)
+  return DecodeResult(
+    new_tokens=[[5] * 7, [6] * 6],
+    stats=RoundStats(
+      rounds_B=np.array([3, 2]),
+      accepted_B=np.array([4, 4]),
+      proposed_B=np.array([9, 6]),
+      accept_hist_BO=np.array([[1, 1, 0, 1], [0, 0, 2, 0]]),
+      pos_proposed_BG=np.array([[3, 3, 3], [2, 2, 2]]),
+      pos_accepted_BG=np.array([[2, 1, 1], [2, 2, 0]]),
+      pos_reached_BG=np.array([[3, 2, 1], [2, 2, 2]]),
+    ),
+    target_calls=3,
+    drafter_calls=9,
+    wall_s=2.0,
+  )
 
 
 def test_metrics_by_hand():
@@ -151,7 +174,6 @@ def test_metrics_by_hand():
   assert metrics.row_tau(_result()) == pytest.approx([1 + 4 / 3, 3.0])
 
 
-
 def test_round_stats_shapes_and_old_names():
   z = RoundStats.zeros(3, 4)  # shapes from the names' suffixes: B rows, G positions, H = G + 1
   assert [a.shape for a in jax.tree.leaves(z)] == [(3,), (3,), (3,), (3, 5), (3, 4), (3, 4), (3, 4)]
@@ -160,6 +182,7 @@ def test_round_stats_shapes_and_old_names():
   assert r.pos_reached is r.stats.pos_reached_BG and r.drafted_steps.tolist() == [3, 2]
   total = metrics.Counters.from_result(r) + metrics.Counters.from_result(r, [1])
   assert total.rows == 3 and total.stats.accept_hist_BO.tolist() == [[1, 1, 4, 1]]
+
 
 def test_metrics_aggregate_sums_counters_then_divides():
   stats = jax.tree.map(np.asarray, RoundStats.zeros(1, 1)).replace(rounds_B=np.array([4]))
@@ -198,6 +221,7 @@ def test_config_strings():
 def test_unknown_job():
   import ml_collections
   from specjax.main import run_job
+
   with pytest.raises(SpecjaxError, match="'pretrian': unknown job; available: generate"):
     run_job(ml_collections.ConfigDict({"job": "pretrian"}), "/tmp/unused")
 
@@ -207,8 +231,14 @@ def test_unknown_job():
 
 def _cli(workdir, *args, devices: int = 1):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return subprocess.run([sys.executable, "-m", "specjax.main", "--workdir", str(workdir), *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "specjax.main", "--workdir", str(workdir), *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +261,20 @@ def test_runlocal_writes_answers_and_metrics(plain_run):
   for a in answers:
     assert {"question_id", "category", "text", "token_ids", "new_tokens", "tau", "wall_s"} <= set(a)
     assert a["new_tokens"] == len(a["token_ids"]) and 0 < a["new_tokens"] <= 16 and a["tau"] == 1.0
-  for key in ("method", "tokens_per_second", "new_tokens", "tau", "acceptance_rate", "per_position_acceptance",
-              "by_category", "config", "compile_s", "hardware", "dtype", "exactness"):
+  for key in (
+    "method",
+    "tokens_per_second",
+    "new_tokens",
+    "tau",
+    "acceptance_rate",
+    "per_position_acceptance",
+    "by_category",
+    "config",
+    "compile_s",
+    "hardware",
+    "dtype",
+    "exactness",
+  ):
     assert key in m
   assert m["dtype"] == m["config"]["dtype"] and m["exactness"] == exactness("ar", m["dtype"])
   assert m["method"] == "ar" and m["tau"] == 1.0 and m["acceptance_rate"] is None
@@ -246,15 +288,22 @@ def test_exactness_names_the_dtype():
   assert "near-ties" in exactness("pld", "bfloat16") and "bfloat16" in exactness("sps", "bfloat16")
 
 
-@pytest.mark.parametrize("method, devices, drafter_sharding", [
-    ("sps", 2, "replicated"), ("sps", 2, "sharded"), ("pld", 1, "replicated")])
+@pytest.mark.parametrize(
+  "method, devices, drafter_sharding", [("sps", 2, "replicated"), ("sps", 2, "sharded"), ("pld", 1, "replicated")]
+)
 def test_speculative_output_equals_plain_output(plain_run, tmp_path, method, devices, drafter_sharding):
   """Greedy losslessness through the whole job (sps on a 2-device mesh, drafter replicated or sharded)."""
   assets = plain_run[0] / "local_assets"
-  proc = _cli(tmp_path, "--config", f"configs/generate.py:runlocal,method={method}",
-              f"--config.target={assets}/target", f"--config.drafter={assets}/drafter",
-              f"--config.prompts={assets}/question.jsonl", f"--config.drafter_sharding={drafter_sharding}",
-              devices=devices)
+  proc = _cli(
+    tmp_path,
+    "--config",
+    f"configs/generate.py:runlocal,method={method}",
+    f"--config.target={assets}/target",
+    f"--config.drafter={assets}/drafter",
+    f"--config.prompts={assets}/question.jsonl",
+    f"--config.drafter_sharding={drafter_sharding}",
+    devices=devices,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "answers.jsonl", encoding="utf-8") as f:
     answers = [json.loads(line) for line in f]

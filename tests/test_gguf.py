@@ -1,6 +1,7 @@
 """GGUF import: tiny files written here from random specjax models in every supported storage type,
 the real SmolLM2-135M-Instruct Q4_1 file against transformers' own GGUF loader, clear errors for
 bad files, and the convert CLI's round trip to a Hugging Face directory."""
+
 import os
 import time
 
@@ -25,15 +26,24 @@ PARITY_TOL = 1e-4  # against the dequantized weights: float32 noise only
 REAL_TOL = 1e-3  # against transformers' load of the real file
 
 # specjax parameter path -> llama.cpp tensor name, written out here rather than taken from the loader.
-_GLOBAL_NAMES = {"embed_tokens/embedding": "token_embd.weight", "norm/weight": "output_norm.weight",
-                 "lm_head/kernel": "output.weight"}
-_LAYER_NAMES = {"self_attn/q_proj/kernel": "attn_q", "self_attn/k_proj/kernel": "attn_k",
-                "self_attn/v_proj/kernel": "attn_v", "self_attn/o_proj/kernel": "attn_output",
-                "mlp/gate_proj/kernel": "ffn_gate", "mlp/up_proj/kernel": "ffn_up",
-                "mlp/down_proj/kernel": "ffn_down", "input_layernorm/weight": "attn_norm",
-                "post_attention_layernorm/weight": "ffn_norm"}
+_GLOBAL_NAMES = {
+  "embed_tokens/embedding": "token_embd.weight",
+  "norm/weight": "output_norm.weight",
+  "lm_head/kernel": "output.weight",
+}
+_LAYER_NAMES = {
+  "self_attn/q_proj/kernel": "attn_q",
+  "self_attn/k_proj/kernel": "attn_k",
+  "self_attn/v_proj/kernel": "attn_v",
+  "self_attn/o_proj/kernel": "attn_output",
+  "mlp/gate_proj/kernel": "ffn_gate",
+  "mlp/up_proj/kernel": "ffn_up",
+  "mlp/down_proj/kernel": "ffn_down",
+  "input_layernorm/weight": "attn_norm",
+  "post_attention_layernorm/weight": "ffn_norm",
+}
 # Exactly representable in float32, so the config read back from the file equals the original.
-EPS = 2.0 ** -17
+EPS = 2.0**-17
 
 
 def _gguf_name(param: str) -> str:
@@ -53,24 +63,34 @@ def _k_quant_bytes(rows, cols, qtype, seed):
   set to small finite values so the weights are of order 0.1."""
   block, size = gguf.GGML_QUANT_SIZES[qtype]
   data = np.random.RandomState(seed).randint(0, 256, (rows, cols // block, size)).astype(np.uint8)
-  scales = {Q.Q2_K: [(size - 4, 3e-3), (size - 2, 1e-3)], Q.Q3_K: [(size - 2, 5e-4)],
-            Q.Q4_K: [(0, 4e-4), (2, 3e-3)], Q.Q5_K: [(0, 2e-4), (2, 3e-3)], Q.Q6_K: [(size - 2, 1e-4)]}[qtype]
+  scales = {
+    Q.Q2_K: [(size - 4, 3e-3), (size - 2, 1e-3)],
+    Q.Q3_K: [(size - 2, 5e-4)],
+    Q.Q4_K: [(0, 4e-4), (2, 3e-3)],
+    Q.Q5_K: [(0, 2e-4), (2, 3e-3)],
+    Q.Q6_K: [(size - 2, 1e-4)],
+  }[qtype]
   for offset, value in scales:
-    data[:, :, offset:offset + 2] = np.full(data.shape[:2], value, np.float16)[..., None].view(np.uint8)
+    data[:, :, offset : offset + 2] = np.full(data.shape[:2], value, np.float16)[..., None].view(np.uint8)
   return data.reshape(rows, -1)
 
 
 def _metadata(config, arch="llama"):
   return {
-      "general.architecture": arch, f"{arch}.block_count": config.num_layers,
-      f"{arch}.context_length": config.max_position_embeddings,
-      f"{arch}.embedding_length": config.hidden_size, f"{arch}.feed_forward_length": config.intermediate_size,
-      f"{arch}.attention.head_count": config.num_heads, f"{arch}.attention.head_count_kv": config.num_kv_heads,
-      f"{arch}.attention.key_length": config.head_dim, f"{arch}.rope.dimension_count": config.head_dim,
-      f"{arch}.rope.freq_base": float(config.rope_theta),
-      f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-      "tokenizer.ggml.bos_token_id": config.bos_token_id, "tokenizer.ggml.eos_token_id": config.eos_token_id,
-      "tokenizer.ggml.padding_token_id": config.pad_token_id,
+    "general.architecture": arch,
+    f"{arch}.block_count": config.num_layers,
+    f"{arch}.context_length": config.max_position_embeddings,
+    f"{arch}.embedding_length": config.hidden_size,
+    f"{arch}.feed_forward_length": config.intermediate_size,
+    f"{arch}.attention.head_count": config.num_heads,
+    f"{arch}.attention.head_count_kv": config.num_kv_heads,
+    f"{arch}.attention.key_length": config.head_dim,
+    f"{arch}.rope.dimension_count": config.head_dim,
+    f"{arch}.rope.freq_base": float(config.rope_theta),
+    f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+    "tokenizer.ggml.bos_token_id": config.bos_token_id,
+    "tokenizer.ggml.eos_token_id": config.eos_token_id,
+    "tokenizer.ggml.padding_token_id": config.pad_token_id,
   }
 
 
@@ -80,11 +100,16 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conte
 def _tokenizer_metadata(vocab_size):
   """A byte-level BPE vocabulary (gpt2 style, as SmolLM2's) of vocab_size tokens, ids 0-2 special."""
   from transformers.convert_slow_tokenizer import bytes_to_unicode
+
   chars = list(bytes_to_unicode().values())
-  tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + chars[:vocab_size - 4] + ["Hi"]
-  return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
-          "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (vocab_size - 3), "tokenizer.ggml.merges": ["H i"],
-          "tokenizer.chat_template": CHAT_TEMPLATE}
+  tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + chars[: vocab_size - 4] + ["Hi"]
+  return {
+    "tokenizer.ggml.model": "gpt2",
+    "tokenizer.ggml.tokens": tokens,
+    "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (vocab_size - 3),
+    "tokenizer.ggml.merges": ["H i"],
+    "tokenizer.chat_template": CHAT_TEMPLATE,
+  }
 
 
 def write_gguf(path, model, qtype=Q.F32, metadata=None, drop=(), raw=None, extra=None, tokenizer=False, seed=0):
@@ -130,8 +155,9 @@ def write_gguf(path, model, qtype=Q.F32, metadata=None, drop=(), raw=None, extra
       data, kind = _k_quant_bytes(*hf.shape, qtype, seed + i), qtype
       hf = gguf.quants.dequantize(data, kind)
       if name.endswith(("attn_q.weight", "attn_k.weight")):
-        stored_rows = _llama_cpp_permute(np.arange(hf.shape[0]), config.num_heads if "attn_q" in name
-                                         else config.num_kv_heads)
+        stored_rows = _llama_cpp_permute(
+          np.arange(hf.shape[0]), config.num_heads if "attn_q" in name else config.num_kv_heads
+        )
         hf = hf[np.argsort(stored_rows)]
     else:
       data, kind = gguf.quants.quantize(stored, qtype), qtype
@@ -152,8 +178,10 @@ def model_from(config, weights):
   """A specjax model holding `weights` ({parameter path: array, our layout}), built on the abstract model:
   no random init, so no per-shape compilation (seconds each on a 2-core machine)."""
   graphdef, state = nnx.split(abstract_model(config))
-  flat = [(path, variable.replace(jnp.asarray(weights["/".join(str(p) for p in path)], config.param_dtype)))
-          for path, variable in nnx.to_flat_state(state)]
+  flat = [
+    (path, variable.replace(jnp.asarray(weights["/".join(str(p) for p in path)], config.param_dtype)))
+    for path, variable in nnx.to_flat_state(state)
+  ]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -190,22 +218,23 @@ def _config(**overrides):
 
 # K-quant rows are 256-wide blocks, so their model is 256 wide; two kv heads over four query heads throughout
 # except one multi-head case, which permutes k by the query-head count.
-K_WIDE = dict(vocab_size=256, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2,
-              head_dim=64)
+K_WIDE = dict(
+  vocab_size=256, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64
+)
 CASES = {
-    "F32": (Q.F32, {}),
-    "F16_tied": (Q.F16, dict(tie_word_embeddings=True)),
-    "BF16": (Q.BF16, {}),
-    "Q8_0_tied_mha": (Q.Q8_0, dict(tie_word_embeddings=True, num_kv_heads=4)),
-    "Q4_0": (Q.Q4_0, {}),
-    "Q4_1_tied": (Q.Q4_1, dict(tie_word_embeddings=True)),
-    "Q5_0": (Q.Q5_0, {}),
-    "Q5_1_tied": (Q.Q5_1, dict(tie_word_embeddings=True)),
-    "Q2_K_tied": (Q.Q2_K, dict(K_WIDE, tie_word_embeddings=True)),
-    "Q3_K": (Q.Q3_K, K_WIDE),
-    "Q4_K": (Q.Q4_K, K_WIDE),
-    "Q5_K_tied": (Q.Q5_K, dict(K_WIDE, tie_word_embeddings=True)),
-    "Q6_K": (Q.Q6_K, K_WIDE),
+  "F32": (Q.F32, {}),
+  "F16_tied": (Q.F16, dict(tie_word_embeddings=True)),
+  "BF16": (Q.BF16, {}),
+  "Q8_0_tied_mha": (Q.Q8_0, dict(tie_word_embeddings=True, num_kv_heads=4)),
+  "Q4_0": (Q.Q4_0, {}),
+  "Q4_1_tied": (Q.Q4_1, dict(tie_word_embeddings=True)),
+  "Q5_0": (Q.Q5_0, {}),
+  "Q5_1_tied": (Q.Q5_1, dict(tie_word_embeddings=True)),
+  "Q2_K_tied": (Q.Q2_K, dict(K_WIDE, tie_word_embeddings=True)),
+  "Q3_K": (Q.Q3_K, K_WIDE),
+  "Q4_K": (Q.Q4_K, K_WIDE),
+  "Q5_K_tied": (Q.Q5_K, dict(K_WIDE, tie_word_embeddings=True)),
+  "Q6_K": (Q.Q6_K, K_WIDE),
 }
 
 
@@ -261,15 +290,28 @@ def test_metadata(tmp_path):
   config = _config(rope_scaling=RopeScaling("linear", 4.0, original_max_position_embeddings=128), pad_token_id=7)
   model = random_model(config, seed=6)
   path = str(tmp_path / "m.gguf")
-  write_gguf(path, model, metadata={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0,
-                                    "llama.rope.scaling.original_context_length": 128})
+  write_gguf(
+    path,
+    model,
+    metadata={
+      "llama.rope.scaling.type": "linear",
+      "llama.rope.scaling.factor": 4.0,
+      "llama.rope.scaling.original_context_length": 128,
+    },
+  )
   assert read_gguf_config(path) == config
   # Without key_length (head_dim = hidden / heads), head_count_kv (= heads) and a padding id (0).
   mha = _config(num_kv_heads=4)
   path = str(tmp_path / "mha.gguf")
-  write_gguf(path, random_model(mha, seed=6), metadata={"llama.attention.key_length": None,
-                                                        "llama.attention.head_count_kv": None,
-                                                        "tokenizer.ggml.padding_token_id": None})
+  write_gguf(
+    path,
+    random_model(mha, seed=6),
+    metadata={
+      "llama.attention.key_length": None,
+      "llama.attention.head_count_kv": None,
+      "tokenizer.ggml.padding_token_id": None,
+    },
+  )
   assert read_gguf_config(path) == mha
 
 
@@ -331,8 +373,11 @@ def test_unsupported_architecture(tmp_path):
 def test_shape_mismatch(tmp_path):
   path = str(tmp_path / "m.gguf")
   write_gguf(path, random_model(_config(), seed=10), metadata={"llama.feed_forward_length": 96})
-  with pytest.raises(SpecjaxError, match=r"m\.gguf: tensor 'blk\.0\.ffn_(down|gate|up)\.weight' has shape "
-                                         r"\[\d+, \d+\].*implies.*llama.feed_forward_length=96"):
+  with pytest.raises(
+    SpecjaxError,
+    match=r"m\.gguf: tensor 'blk\.0\.ffn_(down|gate|up)\.weight' has shape "
+    r"\[\d+, \d+\].*implies.*llama.feed_forward_length=96",
+  ):
     load_gguf_checkpoint(path)
 
 
@@ -402,12 +447,18 @@ def test_smollm2_matches_transformers(smollm2):
   start = time.perf_counter()
   model, config = load_model("smollm2")
   load_s = time.perf_counter() - start
-  assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == \
-      (30, 576, 9, 3, 64)
+  assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == (
+    30,
+    576,
+    9,
+    3,
+    64,
+  )
   assert config.tie_word_embeddings and config.vocab_size == 49152 and config.rope_theta == 1e5
   assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == config.eos_token_id == 2
-  prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)
+  prompt = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+  )
   tokens = np.asarray([tokenizer(prompt)["input_ids"]], np.int32)
   ours = np.asarray(model(jnp.asarray(tokens)))
   directory, name = os.path.split(smollm2)
@@ -415,7 +466,9 @@ def test_smollm2_matches_transformers(smollm2):
   with torch.no_grad():
     theirs = theirs_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
   diff = max_abs_diff(ours, theirs)
-  print(f"\nSmolLM2 Q4_1: {tokens.shape[1]} tokens, specjax load {load_s:.1f}s, max|diff| vs transformers "
-        f"{diff:.2e}, |logits|<={np.abs(theirs).max():.1f}, next token {tokenizer.decode(ours[0, -1].argmax())!r}")
+  print(
+    f"\nSmolLM2 Q4_1: {tokens.shape[1]} tokens, specjax load {load_s:.1f}s, max|diff| vs transformers "
+    f"{diff:.2e}, |logits|<={np.abs(theirs).max():.1f}, next token {tokenizer.decode(ours[0, -1].argmax())!r}"
+  )
   assert diff <= REAL_TOL, diff
   np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))

@@ -1,5 +1,6 @@
 """Hugging Face checkpoint export/import: round trips, transformers compatibility, sharded
 loading, and clear errors for bad checkpoint directories."""
+
 import json
 import os
 import re
@@ -64,9 +65,16 @@ def _edit_config(path, **changes):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_import_is_identical(tmp_path, dtype):
-  config = tiny_config(dtype=dtype, param_dtype=dtype, rope_theta=20000.0, rms_norm_eps=1e-5,
-                       rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 64), bos_token_id=3, eos_token_id=4,
-                       pad_token_id=5)
+  config = tiny_config(
+    dtype=dtype,
+    param_dtype=dtype,
+    rope_theta=20000.0,
+    rms_norm_eps=1e-5,
+    rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 64),
+    bos_token_id=3,
+    eos_token_id=4,
+    pad_token_id=5,
+  )
   model = random_model(config, seed=6)
   path = str(tmp_path / "ckpt")
   save_hf_checkpoint(model, config, path)
@@ -92,11 +100,13 @@ def test_export_import_tied(tmp_path):
 @pytest.mark.parametrize("variant", ["gqa", "tied_llama3", "sharded"])
 def test_export_loads_in_transformers(tmp_path, variant):
   import transformers
+
   overrides = {
-      "gqa": {},
-      "tied_llama3": dict(tie_word_embeddings=True, rope_theta=5000.0,
-                          rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16)),
-      "sharded": {},
+    "gqa": {},
+    "tied_llama3": dict(
+      tie_word_embeddings=True, rope_theta=5000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16)
+    ),
+    "sharded": {},
   }[variant]
   config = tiny_config(**overrides)
   model = random_model(config, seed=8)
@@ -221,8 +231,9 @@ def test_config_not_an_object(tmp_path, exported):
   assert os.path.join(path, "config.json") in message and "JSON object" in message
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads"])
+@pytest.mark.parametrize(
+  "field", ["hidden_size", "vocab_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+)
 def test_missing_required_field(tmp_path, exported, field):
   path = _copy_checkpoint(exported, tmp_path / "ckpt")
   config_file = _edit_config(path, **{field: None})
@@ -272,6 +283,7 @@ def test_index_names_missing_shard(tmp_path, f32_model):
 def test_missing_tensor(tmp_path, f32_model):
   """A tensor the config needs is absent from every file: the message names the tensor."""
   from specjax.models import safetensors_io
+
   path = str(tmp_path / "ckpt")
   save_hf_checkpoint(f32_model, f32_model.config, path)
   file = os.path.join(path, "model.safetensors")

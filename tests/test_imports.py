@@ -1,4 +1,5 @@
 """Importing the model code must not import TensorFlow (only specjax.data may, for seqio)."""
+
 import importlib.util
 import json
 import os
@@ -11,13 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _modules_after_import(modules):
-  code = ("import json, sys\n"
-          + "".join(f"import {m}\n" for m in modules)
-          + "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('tensorflow', 'tensorflow_datasets', 'seqio', 'torch', 'specjax'))))\n")
+  code = (
+    "import json, sys\n"
+    + "".join(f"import {m}\n" for m in modules)
+    + "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+    "('tensorflow', 'tensorflow_datasets', 'seqio', 'torch', 'specjax'))))\n"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -62,6 +64,7 @@ def _imports(module: str, path: str) -> set[str]:
   """Every specjax module `module` imports, at the top or inside a function (`from a import b`
   counts as a and a.b, since b may be a module; relative imports resolved)."""
   import ast
+
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read(), path)
   package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
@@ -73,7 +76,7 @@ def _imports(module: str, path: str) -> set[str]:
       base = node.module or ""
       if node.level:
         parts = package.split(".")
-        base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+        base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
       out.add(base)
       out.update(f"{base}.{alias.name}" for alias in node.names)
   return {name for name in out if name == "specjax" or name.startswith("specjax.")}
@@ -99,9 +102,11 @@ def test_no_library_imports_a_job():
   for module, path in _specjax_modules():
     if module == "specjax.main" or module == "specjax.jobs" or module.startswith("specjax.jobs."):
       continue
-    offenders += [(module, name) for name in _imports(module, path)
-                  if (name == "specjax.jobs" or name.startswith("specjax.jobs.")) and (module, name)
-                  not in ALLOWED_UPWARD_IMPORTS]
+    offenders += [
+      (module, name)
+      for name in _imports(module, path)
+      if (name == "specjax.jobs" or name.startswith("specjax.jobs.")) and (module, name) not in ALLOWED_UPWARD_IMPORTS
+    ]
   assert not offenders, f"libraries must not import specjax.jobs (move the code down): {offenders}"
 
 

@@ -1,4 +1,5 @@
 """launch/tpu.sh (through --dry-run: no gcloud, no network) and launch/sweep.py."""
+
 import importlib.util
 import os
 import shlex
@@ -18,7 +19,9 @@ SWEEP_PY = os.path.join(REPO, "launch", "sweep.py")
 def tpu(*args, env=None, check=True):
   full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPECJAX_")}
   full_env.update(env or {})
-  result = subprocess.run(["bash", TPU_SH, *args], capture_output=True, text=True, check=False, env=full_env, timeout=60)
+  result = subprocess.run(
+    ["bash", TPU_SH, *args], capture_output=True, text=True, check=False, env=full_env, timeout=60
+  )
   if check:
     assert result.returncode == 0, result.stderr
   return result
@@ -103,8 +106,16 @@ def test_setup_is_an_idempotent_install_on_every_worker():
 
 
 def test_run_starts_the_config_on_all_workers_with_per_worker_logs():
-  [cmd] = dry("run", "mytpu", "--workdir", "gs://bucket/run1", "--", "configs/generate.py:method=sps",
-              "--config.target=/ckpt/t", "--config.mesh_shape=(1,-1,1)")
+  [cmd] = dry(
+    "run",
+    "mytpu",
+    "--workdir",
+    "gs://bucket/run1",
+    "--",
+    "configs/generate.py:method=sps",
+    "--config.target=/ckpt/t",
+    "--config.mesh_shape=(1,-1,1)",
+  )
   assert "--worker=all" in cmd
   script = remote_script(cmd)
   assert "SPECJAX_DISTRIBUTED=1 .venv/bin/python -m specjax.main --config configs/generate.py:method=sps" in script
@@ -120,11 +131,13 @@ def fake_worker(tmp_path):
   home = tmp_path / "home"
   venv_bin = home / "specjax" / ".venv" / "bin"
   venv_bin.mkdir(parents=True)
-  (venv_bin / "python").write_text(textwrap.dedent("""\
+  (venv_bin / "python").write_text(
+    textwrap.dedent("""\
       #!/bin/bash
       echo "fake main: $* distributed=$SPECJAX_DISTRIBUTED"
       exit ${FAKE_RC:-0}
-      """))
+      """)
+  )
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "curl").write_text("#!/bin/sh\nexit 7\n")
@@ -134,6 +147,7 @@ def fake_worker(tmp_path):
   def run(script, **env):
     full_env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=False, env=full_env, timeout=60)
+
   return home / "specjax", run
 
 
@@ -150,8 +164,10 @@ def test_run_script_on_a_worker(fake_worker):
   while not (specjax_dir / "runs" / "a" / "DONE").exists():
     assert time.time() < deadline, log.read_text() if log.exists() else "no log"
     time.sleep(0.05)
-  assert "fake main: -m specjax.main --config configs/x.py:runlocal --workdir runs/a --config.seed=3 distributed=1" \
-      in log.read_text()
+  assert (
+    "fake main: -m specjax.main --config configs/x.py:runlocal --workdir runs/a --config.seed=3 distributed=1"
+    in log.read_text()
+  )
   assert (specjax_dir / "logs" / "mytpu" / "worker-0.pid").exists()  # for `stop`
 
   # --wait: the run's exit status, no DONE after a failure.
@@ -173,15 +189,16 @@ def test_logs_ssh_and_stop():
   assert "--worker=0" in cmd and remote_script(cmd).endswith("logs/mytpu/worker-0.log")
   [cmd] = dry("logs", "mytpu", "--worker=all", "--no-follow")
   assert "--worker=all" in cmd and "worker-*.log" in remote_script(cmd)
-  assert dry("ssh", "mytpu", "--worker", "1") == [
-      ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mytpu", "--worker=1"]]
+  assert dry("ssh", "mytpu", "--worker", "1") == [["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mytpu", "--worker=1"]]
   [cmd] = dry("ssh", "mytpu", "--worker", "all", "--", "ls", "-l")
   assert remote_script(cmd) == "ls -l" and "--worker=all" in cmd
   [cmd] = dry("stop", "mytpu")
   assert "--worker=all" in cmd and "logs/mytpu/worker-*.pid" in remote_script(cmd)
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["frobnicate"], "unknown command 'frobnicate'"),
     ([], "missing command"),
     (["create", "mytpu"], "missing --type"),
@@ -195,7 +212,8 @@ def test_logs_ssh_and_stop():
     (["ssh", "mytpu", "--bogus"], "unknown option '--bogus'"),
     (["create", "mytpu", "--zone"], "--zone needs a value"),
     (["setup", "My_TPU"], "bad TPU name"),
-])
+  ],
+)
 def test_usage_errors(args, message):
   result = tpu("--dry-run", *args, check=False)
   assert result.returncode == 2, result
@@ -210,7 +228,7 @@ def test_help():
 
 # ---- launch/sweep.py ----
 
-CONFIG = '''\
+CONFIG = """\
 import ml_collections
 
 def get_config(arg=None):
@@ -228,14 +246,15 @@ def sweep():
       {"config_arg": "method=ar", "mesh_shape": (2, -1, 1), "warmup": False},
       {"prompts": "data/de en.jsonl"},
   ]
-'''
+"""
 
 
 def sweep(*args, env=None, cwd=None, check=True):
   full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPECJAX_")}
   full_env.update(env or {})
-  result = subprocess.run([sys.executable, SWEEP_PY, *args], capture_output=True, text=True, check=False, env=full_env,
-                          cwd=cwd, timeout=60)
+  result = subprocess.run(
+    [sys.executable, SWEEP_PY, *args], capture_output=True, text=True, check=False, env=full_env, cwd=cwd, timeout=60
+  )
   if check:
     assert result.returncode == 0, result.stderr
   return result
@@ -293,11 +312,16 @@ def test_sweep_flags_parse_back_in_ml_collections(config_file, tmp_path):
   parse = tmp_path / "parse.py"
   parse.write_text(PARSE_CONFIG)
   out = sweep(config_file, "--workdir", str(tmp_path), "--dry-run").stdout
-  expected = [(0.7, (1, -1, 1), True, "p.jsonl"), (0.0, (2, -1, 1), False, "p.jsonl"),
-              (0.0, (1, -1, 1), True, "data/de en.jsonl")]
+  expected = [
+    (0.7, (1, -1, 1), True, "p.jsonl"),
+    (0.0, (2, -1, 1), False, "p.jsonl"),
+    (0.0, (1, -1, 1), True, "data/de en.jsonl"),
+  ]
   for line, want in zip(out.splitlines(), expected, strict=True):
     cmd = shlex.split(line)
-    result = subprocess.run([sys.executable, str(parse), *cmd[3:]], capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+      [sys.executable, str(parse), *cmd[3:]], capture_output=True, text=True, check=False, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == repr(want)
 
@@ -313,8 +337,22 @@ def test_sweep_tpu_dry_run(tmp_path):
   (repo / "configs" / "swept.py").write_text(CONFIG)
   script = str(repo / "launch" / "sweep.py")
 
-  result = subprocess.run([sys.executable, script, str(repo / "configs" / "swept.py"), "--workdir", "gs://b/x",
-                           "--tpu", "mytpu", "--dry-run"], capture_output=True, text=True, check=False, cwd=tmp_path)
+  result = subprocess.run(
+    [
+      sys.executable,
+      script,
+      str(repo / "configs" / "swept.py"),
+      "--workdir",
+      "gs://b/x",
+      "--tpu",
+      "mytpu",
+      "--dry-run",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=tmp_path,
+  )
   assert result.returncode == 0, result.stderr
   cmds = [shlex.split(line) for line in result.stdout.splitlines()]
   assert len(cmds) == 3
@@ -327,19 +365,23 @@ def test_sweep_tpu_dry_run(tmp_path):
 
   outside = tmp_path / "c.py"
   outside.write_text(CONFIG)
-  result = subprocess.run([sys.executable, script, str(outside), "--workdir", "w", "--tpu", "mytpu", "--dry-run"],
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    [sys.executable, script, str(outside), "--workdir", "w", "--tpu", "mytpu", "--dry-run"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 2 and "inside the repository" in result.stderr
 
 
-FAKE_MAIN = '''\
+FAKE_MAIN = """\
 import os, sys
 workdir = sys.argv[sys.argv.index("--workdir") + 1]
 with open(os.environ["CALLS"], "a") as f:
   f.write(os.path.basename(workdir) + "\\n")
 os.makedirs(workdir, exist_ok=True)
 sys.exit(3 if os.path.basename(workdir) == os.environ.get("FAIL_RUN") else 0)
-'''
+"""
 
 
 def test_sweep_local_resumes_and_stops_at_a_failure(config_file, tmp_path):
@@ -348,8 +390,10 @@ def test_sweep_local_resumes_and_stops_at_a_failure(config_file, tmp_path):
   calls = tmp_path / "calls.txt"
   base = tmp_path / "base"
   runner = f"{shlex.quote(sys.executable)} {shlex.quote(str(fake))}"
-  names = [os.path.basename(shlex.split(line)[shlex.split(line).index("--workdir") + 1])
-           for line in sweep(config_file, "--workdir", str(base), "--dry-run").stdout.splitlines()]
+  names = [
+    os.path.basename(shlex.split(line)[shlex.split(line).index("--workdir") + 1])
+    for line in sweep(config_file, "--workdir", str(base), "--dry-run").stdout.splitlines()
+  ]
 
   def calls_made():
     made = calls.read_text().split() if calls.exists() else []
@@ -357,15 +401,24 @@ def test_sweep_local_resumes_and_stops_at_a_failure(config_file, tmp_path):
     return made
 
   # Run 1 fails: the sweep stops with its status, run 2 never starts, no DONE for run 1.
-  result = sweep(config_file, "--workdir", str(base), "--local", "--runner", runner,
-                 env={"CALLS": str(calls), "FAIL_RUN": names[1]}, check=False)
+  result = sweep(
+    config_file,
+    "--workdir",
+    str(base),
+    "--local",
+    "--runner",
+    runner,
+    env={"CALLS": str(calls), "FAIL_RUN": names[1]},
+    check=False,
+  )
   assert result.returncode == 3 and f"run 1 ({names[1]}) failed" in result.stderr
   assert calls_made() == names[:2]
   assert (base / names[0] / "DONE").exists() and not (base / names[1] / "DONE").exists()
 
   # The same command again resumes: run 0 is skipped. The runner may also come from the environment.
-  result = sweep(config_file, "--workdir", str(base), "--local",
-                 env={"CALLS": str(calls), "SPECJAX_SWEEP_RUNNER": runner})
+  result = sweep(
+    config_file, "--workdir", str(base), "--local", env={"CALLS": str(calls), "SPECJAX_SWEEP_RUNNER": runner}
+  )
   assert calls_made() == names[1:] and "DONE exists, skipping" in result.stderr
   assert all((base / n / "DONE").exists() for n in names)
 
@@ -383,7 +436,9 @@ def test_sweep_without_sweep_function(tmp_path):
   assert result.returncode == 2 and f"{path}: no sweep() function" in result.stderr
 
 
-@pytest.mark.parametrize("body, message", [
+@pytest.mark.parametrize(
+  "body, message",
+  [
     ("[{'a': 1}, 'temperature=0.7']", "sweep() entry 1: expected a dict"),
     ("[{'a': 1}, {'b': 2}, {3: 'x'}]", "sweep() entry 2: key 3 is not a string"),
     ("[{'config_arg': 5}]", "sweep() entry 0: config_arg must be a string"),
@@ -392,7 +447,8 @@ def test_sweep_without_sweep_function(tmp_path):
     ("[{'a': 1}, {'a': 1}]", "sweep() entries 0 and 1 are the same run"),
     ("{'a': 1}", "sweep() returned dict"),
     ("[]", "sweep() returned no runs"),
-])
+  ],
+)
 def test_sweep_bad_entries(tmp_path, body, message):
   path = tmp_path / "bad.py"
   path.write_text(f"def sweep():\n  return {body}\n")
@@ -418,8 +474,16 @@ def _load_sweep_module():
 
 def test_run_names_are_sanitised_unique_and_deterministic():
   module = _load_sweep_module()
-  runs = module.expand("c.py", [{"config_arg": "method=sps", "target": "/ckpt/a b"},
-                                {"target": "x/y"}, {"target": "x y"}, {}, {"target": "z" * 200}])
+  runs = module.expand(
+    "c.py",
+    [
+      {"config_arg": "method=sps", "target": "/ckpt/a b"},
+      {"target": "x/y"},
+      {"target": "x y"},
+      {},
+      {"target": "z" * 200},
+    ],
+  )
   names = [r["name"] for r in runs]
   assert names[0] == "method-sps_target-ckpt-a-b"
   assert names[1].startswith("target-x-y-") and names[2].startswith("target-x-y-") and names[1] != names[2]

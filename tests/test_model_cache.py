@@ -1,4 +1,5 @@
 """The explicit KV cache: incremental decoding equals the full causal forward."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,10 @@ def _jit_forward(graphdef, state, tokens_BT, cache=None, positions_BT=None):
 @pytest.fixture(scope="module")
 def step():
   """The cached forward, jitted (compiled once per input shape)."""
+
   def _step(model, tokens, cache, positions=None):
     return _jit_forward(*nnx.split(model), jnp.asarray(tokens), cache, positions)
+
   return _step
 
 
@@ -44,7 +47,7 @@ def _decode(model, step, tokens, prefix, chunks):
   assert sum(pieces) == T
   outs, start = [], 0
   for n in pieces:
-    logits, cache = step(model, tokens[:, start:start + n], cache)
+    logits, cache = step(model, tokens[:, start : start + n], cache)
     assert logits.shape == (B, n, model.config.vocab_size)
     start += n
     np.testing.assert_array_equal(np.asarray(cache.lengths_B), [start] * B)
@@ -100,14 +103,14 @@ def test_ragged_batch_matches_one_by_one(model, step):
   continuations = random_tokens((B, steps), 256, 20)
   padded = np.full((B, P), 7, np.int32)  # a real token id, so padding is not trivially zero
   for i, p in enumerate(prompts):
-    padded[i, :p.shape[1]] = p[0]
+    padded[i, : p.shape[1]] = p[0]
 
   cache = KVCache.zeros(model.config, B, MAX_LEN)
   prefill_logits, cache = step(model, padded, cache)
   cache = cache.replace(lengths_B=jnp.asarray(prompt_lens))
   batch_steps = []
   for t in range(steps):
-    logits, cache = step(model, continuations[:, t:t + 1], cache)
+    logits, cache = step(model, continuations[:, t : t + 1], cache)
     batch_steps.append(np.asarray(logits[:, 0]))
   np.testing.assert_array_equal(np.asarray(cache.lengths_B), prompt_lens + steps)
 
@@ -116,13 +119,13 @@ def test_ragged_batch_matches_one_by_one(model, step):
     single = KVCache.zeros(model.config, 1, MAX_LEN)
     single_prefill, single = step(model, p, single)
     # The real prompt positions of the padded prefill equal the unpadded prefill.
-    assert max_abs_diff(prefill_logits[i:i + 1, :n], single_prefill) <= TOL
+    assert max_abs_diff(prefill_logits[i : i + 1, :n], single_prefill) <= TOL
     for t in range(steps):
-      logits, single = step(model, continuations[i:i + 1, t:t + 1], single)
+      logits, single = step(model, continuations[i : i + 1, t : t + 1], single)
       diff = max_abs_diff(batch_steps[t][i], logits[0, 0])
       assert diff <= TOL, f"row {i} step {t}: {diff}"
     # Also equal to the uncached forward of the whole row.
-    full = _full(model, np.concatenate([p, continuations[i:i + 1]], axis=1))
+    full = _full(model, np.concatenate([p, continuations[i : i + 1]], axis=1))
     assert max_abs_diff(np.stack([s[i] for s in batch_steps]), full[0, n:]) <= TOL
 
 
@@ -140,7 +143,7 @@ def test_stale_entries_beyond_length_are_ignored(model, step):
   dirty = dirty.replace(lengths_B=jnp.array([8, 8], jnp.int32))  # reject them all
   outs = []
   for t in range(8, 12):
-    logits, dirty = step(model, tokens[:, t:t + 1], dirty)
+    logits, dirty = step(model, tokens[:, t : t + 1], dirty)
     outs.append(np.asarray(logits))
   # After 4 steps slots 12..13 still hold garbage, and the last queries must not see it.
   assert np.abs(all_keys(dirty)[..., 12:14, :]).max() > 0
@@ -185,6 +188,7 @@ def test_explicit_positions(model, step):
 @pytest.mark.parametrize("batch", [3, 20])  # one slice update per row, and one scatter
 def test_cache_write_paths_agree_with_full_forward(model, batch):
   from specjax.models import llama
+
   assert (batch > llama.MAX_ROWS_FOR_SLICE_WRITES) == (batch == 20)
   tokens = random_tokens((batch, 9), 256, 11)
   cache = KVCache.zeros(model.config, batch, MAX_LEN)

@@ -3,6 +3,7 @@
 Each case builds a tiny random transformers model, saves it with `save_pretrained`, loads the
 directory with `load_hf_checkpoint` and compares float32 logits on random tokens.
 """
+
 import json
 
 import jax.numpy as jnp
@@ -15,22 +16,34 @@ from tests.helpers import max_abs_diff, random_tokens, torch_llama, torch_logits
 PARITY_TOL = 1e-4  # float32; the measured differences are of order 1e-6.
 SEQ_LEN = 40  # longer than the llama3 case's original_max_position_embeddings=16
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 16}
+LLAMA3_SCALING = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 
 CASES = {
-    # (a) multi-head attention: kv heads == heads, head_dim = hidden / heads.
-    "multi_head": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=4),
-    # (b) grouped-query attention, 3 query heads per kv head, head_dim (16) != hidden / heads (8).
-    "gqa_head_dim": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16),
-    # (c) lm_head shares the embedding matrix.
-    "tied": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    # (d) Llama-3 wavelength-dependent rope scaling with a non-default theta.
-    "llama3_rope": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        rope_theta=5000.0, rope_scaling=LLAMA3_SCALING),
-    # (e) linear rope scaling (positions divided by factor).
-    "linear_rope": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
-                        rope_scaling={"rope_type": "linear", "factor": 4.0}),
+  # (a) multi-head attention: kv heads == heads, head_dim = hidden / heads.
+  "multi_head": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=4),
+  # (b) grouped-query attention, 3 query heads per kv head, head_dim (16) != hidden / heads (8).
+  "gqa_head_dim": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16),
+  # (c) lm_head shares the embedding matrix.
+  "tied": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+  # (d) Llama-3 wavelength-dependent rope scaling with a non-default theta.
+  "llama3_rope": dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_theta=5000.0,
+    rope_scaling=LLAMA3_SCALING,
+  ),
+  # (e) linear rope scaling (positions divided by factor).
+  "linear_rope": dict(
+    hidden_size=48, num_attention_heads=4, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}
+  ),
 }
 
 

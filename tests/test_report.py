@@ -1,13 +1,21 @@
 """Report: derived speedups, the paper-layout table, the cross-language matrix, plots and report.md,
 on a fixture of records whose speedups and τ are chosen so every expected cell is known."""
+
 import json
 import math
 
 import pytest
 
 from specjax.errors import SpecjaxError
-from specjax.eval.report import (cross_language_matrix, main_table, method_label, plot_ablation,
-                                 print_table, speedups, write_report)
+from specjax.eval.report import (
+  cross_language_matrix,
+  main_table,
+  method_label,
+  plot_ablation,
+  print_table,
+  speedups,
+  write_report,
+)
 
 LANGUAGES = ("de", "fr", "ru", "zh")
 AR_TPS = {"de": 100.0, "fr": 110.0, "ru": 90.0, "zh": 80.0, "writing": 120.0}
@@ -16,8 +24,7 @@ SEEDS = (0, 1, 2)
 # T=1 subtracts 0.2 from every speedup and 0.3 from every τ.
 SPEEDUP_TAU = {
   "pld": {"de": (1.12, 1.41), "fr": (1.04, 1.30), "ru": (1.02, 1.20), "zh": (0.98, 1.10)},
-  "general": {"de": (1.20, 1.46), "fr": (1.14, 1.40), "ru": (1.10, 1.36), "zh": (1.24, 1.50),
-              "writing": (1.30, 1.60)},
+  "general": {"de": (1.20, 1.46), "fr": (1.14, 1.40), "ru": (1.10, 1.36), "zh": (1.24, 1.50), "writing": (1.30, 1.60)},
   "own": {"de": (2.42, 3.04), "fr": (2.06, 2.60), "ru": (1.74, 2.20), "zh": (1.54, 2.00)},
   "auto": {"de": (2.40, 3.02), "fr": (2.04, 2.58), "ru": (1.72, 2.18), "zh": (1.52, 1.98)},
 }
@@ -27,21 +34,33 @@ CROSS = (0.90, 1.25)  # any language's drafter on another language's prompts
 def _record(language, method, drafter, temperature, seed, speedup=1.0, tau=None):
   tps = (AR_TPS[language] + seed) * speedup
   per_position = None if tau is None else [round((1 - 1 / tau) ** k, 6) for k in range(1, 6)]
-  return {"language": language, "category": language + "en" if language in LANGUAGES else language,
-          "method": method, "drafter": drafter, "temperature": temperature, "seed": seed,
-          "prompts": 20, "new_tokens": 800, "wall_s": 800 / tps, "tokens_per_second": tps,
-          "tau": tau, "acceptance_rate": None, "per_position": per_position,
-          "per_position_conditional": None}
+  return {
+    "language": language,
+    "category": language + "en" if language in LANGUAGES else language,
+    "method": method,
+    "drafter": drafter,
+    "temperature": temperature,
+    "seed": seed,
+    "prompts": 20,
+    "new_tokens": 800,
+    "wall_s": 800 / tps,
+    "tokens_per_second": tps,
+    "tau": tau,
+    "acceptance_rate": None,
+    "per_position": per_position,
+    "per_position_conditional": None,
+  }
 
 
 def make_records(seeds=SEEDS):
   records = []
   for temperature in (0.0, 1.0):
     for seed in seeds:
+
       def at(speedup, tau):
         shift = seed - 1
-        return dict(speedup=speedup + 0.02 * shift - 0.2 * temperature,
-                    tau=tau + 0.1 * shift - 0.3 * temperature)
+        return dict(speedup=speedup + 0.02 * shift - 0.2 * temperature, tau=tau + 0.1 * shift - 0.3 * temperature)
+
       for language in AR_TPS:
         records.append(_record(language, "ar", None, temperature, seed))
       for method, by_language in SPEEDUP_TAU.items():
@@ -65,8 +84,9 @@ def test_speedups_divide_by_the_same_runs_ar():
   derived = speedups(records)
   assert len(derived) == len(records) - 2 * len(SEEDS) * len(AR_TPS)
   assert all(r["method"] != "ar" for r in derived)
-  one = next(r for r in derived if r["language"] == "fr" and r["drafter"] == "fr"
-             and r["temperature"] == 1.0 and r["seed"] == 2)
+  one = next(
+    r for r in derived if r["language"] == "fr" and r["drafter"] == "fr" and r["temperature"] == 1.0 and r["seed"] == 2
+  )
   assert math.isclose(one["speedup"], 2.06 + 0.02 - 0.2, rel_tol=1e-12)
   assert math.isclose(one["tokens_per_second"] / (AR_TPS["fr"] + 2), one["speedup"], rel_tol=1e-12)
 
@@ -88,8 +108,13 @@ def test_main_table_layout_cells_average_and_bold():
   lines = table.splitlines()
   assert lines[0] == "| T=0 | De | Fr | Ru | Zh | writing | Avg |"
   rows = _table_rows(table)
-  assert list(rows)[1:] == ["Plain decoding", "Prompt lookup (PLD)", "SpS, general drafter",
-                            "SpS, specialized drafter", "SpS, routed drafter (auto)"]
+  assert list(rows)[1:] == [
+    "Plain decoding",
+    "Prompt lookup (PLD)",
+    "SpS, general drafter",
+    "SpS, specialized drafter",
+    "SpS, routed drafter (auto)",
+  ]
   assert rows["Plain decoding"] == ["1.00×"] * 4 + ["1.00×", "1.00×"]
   specialized = rows["SpS, specialized drafter"]
   assert specialized[0] == "**2.42±0.02× (3.04)**"
@@ -134,23 +159,28 @@ def test_cross_language_matrix_diagonal():
 def test_plot_ablation_fits_log_slope(tmp_path):
   points = [{"x": x, "y": 1 + 2 * math.log10(x), "label": "P+F"} for x in (4e6, 4e7, 3e8, 1.27e9)]
   points += [{"x": x, "y": 0.5 + math.log10(x), "label": "F"} for x in (4e6, 1.27e9)]
-  fits = plot_ablation(points, str(tmp_path / "a.png"), "finetuning tokens", "speedup",
-                       log_x=True, fit_log=True)
+  fits = plot_ablation(points, str(tmp_path / "a.png"), "finetuning tokens", "speedup", log_x=True, fit_log=True)
   assert fits["P+F"][1] == pytest.approx(2.0, abs=1e-9)
   assert fits["P+F"][0] == pytest.approx(1.0, abs=1e-9)
   assert fits["F"][1] == pytest.approx(1.0, abs=1e-9)
   assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(SpecjaxError, match="x > 0"):
-    plot_ablation([{"x": 0, "y": 1, "label": "s"}, {"x": 1, "y": 2, "label": "s"}],
-                  str(tmp_path / "b.png"), "x", "y", fit_log=True)
+    plot_ablation(
+      [{"x": 0, "y": 1, "label": "s"}, {"x": 1, "y": 2, "label": "s"}], str(tmp_path / "b.png"), "x", "y", fit_log=True
+    )
 
 
 def test_write_report(tmp_path):
   records = make_records()
-  ablation = ("Finetuning tokens", [{"x": x, "y": 1 + 0.3 * math.log10(x), "label": "P+F"}
-                                    for x in (1e6, 1e7, 1e8)], "tokens", "speedup", True, True)
-  path = write_report(records, str(tmp_path), "specjax on CPU", notes=("Hardware: CPU.",),
-                      ablations=[ablation])
+  ablation = (
+    "Finetuning tokens",
+    [{"x": x, "y": 1 + 0.3 * math.log10(x), "label": "P+F"} for x in (1e6, 1e7, 1e8)],
+    "tokens",
+    "speedup",
+    True,
+    True,
+  )
+  path = write_report(records, str(tmp_path), "specjax on CPU", notes=("Hardware: CPU.",), ablations=[ablation])
   assert path == str(tmp_path / "report.md")
   report = (tmp_path / "report.md").read_text(encoding="utf-8")
   assert report.startswith("# specjax on CPU")
@@ -177,8 +207,9 @@ def test_report_without_cross_language_runs_has_no_matrix(tmp_path):
 
 
 def test_missing_baseline_names_the_run(tmp_path):
-  records = [r for r in make_records()
-             if (r["method"], r["language"], r["temperature"], r["seed"]) != ("ar", "fr", 1.0, 2)]
+  records = [
+    r for r in make_records() if (r["method"], r["language"], r["temperature"], r["seed"]) != ("ar", "fr", 1.0, 2)
+  ]
   with pytest.raises(SpecjaxError, match=r"language='fr', temperature=1, seed=2"):
     speedups(records)
   with pytest.raises(SpecjaxError, match="no `ar` record"):

@@ -1,5 +1,6 @@
 """specjax.aot --roofline: one round of each decoding loop compiled alone on 8 CPU devices; the
 bytes it must read (weights and KV caches) computed here by hand for the tiny presets."""
+
 import contextlib
 import io
 import json
@@ -9,8 +10,7 @@ import pytest
 from specjax import aot
 from specjax.models.config import get_preset
 
-TINY = ["--target", "tiny", "--drafter", "tiny-drafter", "--topology", "cpu:8", "--max_len", "64", "--what",
-        "roofline"]
+TINY = ["--target", "tiny", "--drafter", "tiny-drafter", "--topology", "cpu:8", "--max_len", "64", "--what", "roofline"]
 GAMMA, TAU, BF16 = 5, 3.5, 2
 
 
@@ -48,13 +48,17 @@ def test_roofline_fields_and_bytes_needed_by_hand(report):
   target, drafter = get_preset("tiny"), get_preset("tiny-drafter")
   # fsdp=8 splits the target's matrices (embed 64 / 8); its 2-row cache and the drafter are whole.
   ar, sps = report["roofline"]["ar"], report["roofline"]["sps"]
-  assert ar["bytes_needed_parts"] == {"target_weights": weights_by_hand(target, 1, 8),
-                                      "target_cache": cache_by_hand(target, 64)}
+  assert ar["bytes_needed_parts"] == {
+    "target_weights": weights_by_hand(target, 1, 8),
+    "target_cache": cache_by_hand(target, 64),
+  }
   assert sps["bytes_needed_parts"] == {
-      "target_weights": weights_by_hand(target, GAMMA + 1, 8), "target_cache": cache_by_hand(target, 64),
-      # a two-token chunk, then gamma-1 one-token steps
-      "drafter_weights": weights_by_hand(drafter, 2, 1) + (GAMMA - 1) * weights_by_hand(drafter, 1, 1),
-      "drafter_cache": GAMMA * cache_by_hand(drafter, 64)}
+    "target_weights": weights_by_hand(target, GAMMA + 1, 8),
+    "target_cache": cache_by_hand(target, 64),
+    # a two-token chunk, then gamma-1 one-token steps
+    "drafter_weights": weights_by_hand(drafter, 2, 1) + (GAMMA - 1) * weights_by_hand(drafter, 1, 1),
+    "drafter_cache": GAMMA * cache_by_hand(drafter, 64),
+  }
   for r, tokens in ((ar, 1.0), (sps, TAU)):
     assert r["bytes_needed"] == sum(r["bytes_needed_parts"].values())
     assert r["bytes_accessed"] > 0 and r["bytes_ratio"] == pytest.approx(r["bytes_accessed"] / r["bytes_needed"])
@@ -104,13 +108,16 @@ def test_cost_analysis_shapes_and_a_missing_key():
 
 
 def test_hlo_copies_skips_fused_computations():
-  text = "\n".join([
+  text = "\n".join(
+    [
       "%fused_computation (p: f32[4,4]) -> f32[4,4] {",
       "  %copy.1 = f32[1024,1024]{0,1} copy(f32[1024,1024]{1,0} %p)",
       "}",
       "ENTRY %main (a: bf16[32,2048,128]) -> bf16[32,2048,128] {",
       "  %copy.2 = bf16[32,2048,128]{1,2,0} copy(bf16[32,2048,128]{2,1,0} %a)",
       "  ROOT %transpose.3 = f32[8,16]{1,0} transpose(f32[16,8]{1,0} %b), dimensions={1,0}",
-      "}"])
+      "}",
+    ]
+  )
   copies = aot.hlo_copies(text)
   assert [(c["name"], c["bytes"]) for c in copies] == [("copy.2", 32 * 2048 * 128 * 2), ("transpose.3", 8 * 16 * 4)]

@@ -1,5 +1,6 @@
 """Drafter routing: by category, from the text alone (all 400 multilingual Spec-Bench prompts and
 the embedded corpus), fallback when a language has no drafter, English left unrouted."""
+
 import os
 
 import pytest
@@ -35,8 +36,7 @@ def test_routes_every_prompt_by_category(questions):
 
 def test_routes_every_prompt_from_text_alone(questions):
   for lang, qs in questions.items():
-    misrouted = [q["turns"][0] for q in qs
-                 if route({k: v for k, v in q.items() if k != "category"}, LANGS) != lang]
+    misrouted = [q["turns"][0] for q in qs if route({k: v for k, v in q.items() if k != "category"}, LANGS) != lang]
     assert not misrouted, f"{lang}: {misrouted}"
 
 
@@ -57,9 +57,13 @@ def test_fallback_when_the_languages_drafter_is_missing(questions):
 
 
 def test_english_is_not_routed():
-  sentences = ["The weather is nice today.", "She has been working on this project for years.",
-               "What time does the train leave?", "My father makes crêpes every Sunday morning.",
-               "Obama and Netanyahu met at the White House."]
+  sentences = [
+    "The weather is nice today.",
+    "She has been working on this project for years.",
+    "What time does the train leave?",
+    "My father makes crêpes every Sunday morning.",
+    "Obama and Netanyahu met at the White House.",
+  ]
   assert [detect_language(s) for s in sentences] == [None] * len(sentences)
   assert route({"question_id": "en1", "category": "writing", "turns": sentences[:1]}, LANGS) == "general"
   for lang in LANGS:  # the English side of every embedded pair

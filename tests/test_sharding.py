@@ -1,4 +1,5 @@
 """Sharded forwards on a (2, 2, 2) mesh of 8 simulated CPU devices equal the single-device ones."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from specjax.errors import SpecjaxError
 from specjax.models.llama import KVCache
-from specjax.sharding import (batch_sharding, cache_sharding, logical_spec, make_mesh, param_logical_axes,
-                              shard_model)
+from specjax.sharding import batch_sharding, cache_sharding, logical_spec, make_mesh, param_logical_axes, shard_model
 from tests.helpers import flat_params, max_abs_diff, random_model, random_tokens, tiny_config
 
 TOL = 1e-5
@@ -48,13 +48,16 @@ def test_make_mesh_axes(mesh):
   assert make_mesh().shape["fsdp"] == 8
 
 
-@pytest.mark.parametrize("shape, words", [
+@pytest.mark.parametrize(
+  "shape, words",
+  [
     ((3, 1, 1), ["(3, 1, 1)", "needs 3 devices", "8 are available"]),
     ((2, 2, 4), ["(2, 2, 4)", "needs 16 devices", "8 are available"]),
     ((3, -1, 1), ["(3, -1, 1)", "does not divide 8 devices"]),
     ((2, -1, -1), ["at most one -1"]),
     ((2, 4), ["(2, 4)", "expected 3 sizes"]),
-])
+  ],
+)
 def test_make_mesh_errors(shape, words):
   with pytest.raises(SpecjaxError) as e:
     make_mesh(shape)
@@ -131,7 +134,7 @@ def test_sharded_cached_forward_matches_single_device(models, mesh):
     logits, cache = _cached_forward(graphdef, state, put(tokens[:, :prefix]), cache)
     outs = [np.asarray(logits)]
     for t in range(prefix, tokens.shape[1]):
-      logits, cache = _cached_forward(graphdef, state, put(tokens[:, t:t + 1]), cache)
+      logits, cache = _cached_forward(graphdef, state, put(tokens[:, t : t + 1]), cache)
       outs.append(np.asarray(logits))
     return np.concatenate(outs, axis=1), cache
 

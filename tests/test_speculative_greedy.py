@@ -1,6 +1,7 @@
 """Greedy speculative decoding is lossless: token for token the output of plain greedy decoding,
 for a drafter model and prompt lookup, several γ, batch 1 and 8, ragged prompts; plus the
 edge cases of a round (EOS or the token budget inside a draft) and input validation."""
+
 import jax
 import numpy as np
 import pytest
@@ -58,12 +59,27 @@ def test_plain_batching_does_not_change_greedy_output(target, prompts, reference
   assert single.new_tokens == reference.new_tokens[:12]
 
 
-@pytest.mark.parametrize("method,gamma,batch_size,dynamic", [
-    ("sps", 1, 8, False), ("sps", 3, 1, False), ("sps", 5, 8, False), ("sps", 8, 8, True),
-    ("pld", 3, 8, False), ("pld", 5, 1, False)])
+@pytest.mark.parametrize(
+  "method,gamma,batch_size,dynamic",
+  [
+    ("sps", 1, 8, False),
+    ("sps", 3, 1, False),
+    ("sps", 5, 8, False),
+    ("sps", 8, 8, True),
+    ("pld", 3, 8, False),
+    ("pld", 5, 1, False),
+  ],
+)
 def test_greedy_speculative_equals_plain(target, drafter, prompts, reference, method, gamma, batch_size, dynamic):
-  decoder = Decoder(target, drafter if method == "sps" else None, method=method, gamma=gamma,
-                    dynamic_gamma=dynamic, max_new_tokens=MAX_NEW, batch_size=batch_size)
+  decoder = Decoder(
+    target,
+    drafter if method == "sps" else None,
+    method=method,
+    gamma=gamma,
+    dynamic_gamma=dynamic,
+    max_new_tokens=MAX_NEW,
+    batch_size=batch_size,
+  )
   result = decoder.generate(prompts, eos_id=NO_EOS)
   assert result.new_tokens == reference.new_tokens
   assert all(len(t) == MAX_NEW for t in result.new_tokens)
@@ -75,7 +91,8 @@ def test_greedy_speculative_equals_plain(target, drafter, prompts, reference, me
 def test_drafter_equal_to_target_accepts_everything(target, prompts):
   gamma = 4
   result = Decoder(target, target, method="sps", gamma=gamma, max_new_tokens=MAX_NEW, batch_size=8).generate(
-      prompts, eos_id=NO_EOS)
+    prompts, eos_id=NO_EOS
+  )
   assert (result.accept_hist[:, gamma] == result.steps).all()
   assert (result.accepted == gamma * result.steps).all()
   # τ = γ+1 for every round; the last round commits only what the budget allows.
@@ -91,23 +108,26 @@ def test_eos_inside_a_draft(target, prompts, reference):
   eos = reference.new_tokens[row][6]  # new token 7: the second token of round 2's draft
   plain = Decoder(target, method="ar", max_new_tokens=MAX_NEW, batch_size=8).generate(prompts, eos_id=eos)
   spec = Decoder(target, target, method="sps", gamma=gamma, max_new_tokens=MAX_NEW, batch_size=8).generate(
-      prompts, eos_id=eos)
+    prompts, eos_id=eos
+  )
   assert spec.new_tokens == plain.new_tokens
   first = reference.new_tokens[row].index(eos)
-  assert spec.new_tokens[row] == reference.new_tokens[row][:first + 1]
+  assert spec.new_tokens[row] == reference.new_tokens[row][: first + 1]
 
 
 @pytest.mark.parametrize("max_new", [1, 7, 11])
 def test_token_budget_reached_inside_a_draft(target, prompts, reference, max_new):
   spec = Decoder(target, target, method="sps", gamma=4, max_new_tokens=max_new, batch_size=8).generate(
-      prompts[:8], eos_id=NO_EOS)
+    prompts[:8], eos_id=NO_EOS
+  )
   assert spec.new_tokens == [t[:max_new] for t in reference.new_tokens[:8]]
 
 
 def test_per_prompt_budgets(target, drafter, prompts, reference):
   budgets = [3, 9, 24, 1, 17, 5, 12, 2]
   spec = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=MAX_NEW, batch_size=4).generate(
-      prompts[:8], eos_id=NO_EOS, max_new_tokens=budgets)
+    prompts[:8], eos_id=NO_EOS, max_new_tokens=budgets
+  )
   assert spec.new_tokens == [t[:b] for t, b in zip(reference.new_tokens[:8], budgets)]
 
 
@@ -154,8 +174,9 @@ def test_bad_input_is_a_clear_error(target):
 
 def test_per_position_counters_with_dynamic_gamma(target, drafter, prompts):
   """Under the dynamic schedule a round may propose fewer drafts; the counters stay consistent."""
-  r = Decoder(target, drafter, method="sps", gamma=8, dynamic_gamma=True, max_new_tokens=MAX_NEW,
-              batch_size=8).generate(prompts[:16], eos_id=NO_EOS)
+  r = Decoder(
+    target, drafter, method="sps", gamma=8, dynamic_gamma=True, max_new_tokens=MAX_NEW, batch_size=8
+  ).generate(prompts[:16], eos_id=NO_EOS)
   assert (r.pos_accepted <= r.pos_reached).all() and (r.pos_reached <= r.pos_proposed).all()
   assert (r.pos_reached[:, 0] == r.pos_proposed[:, 0]).all()
   assert (r.pos_reached[:, 1:] <= r.pos_accepted[:, :-1]).all()
@@ -177,8 +198,9 @@ def test_cache_limit_gives_plain_output(target, drafter, prompts, method, gamma,
   rows = [p for p in prompts if len(p) <= 30][:16]
   plain = Decoder(target, method="ar", **kw).generate(rows, eos_id=NO_EOS)
   assert [len(t) for t in plain.new_tokens] == [min(40, limit - len(p)) for p in rows]
-  spec = Decoder(target, drafter if method == "sps" else None, method=method, gamma=gamma, dynamic_gamma=dynamic,
-                 **kw).generate(rows, eos_id=NO_EOS)
+  spec = Decoder(
+    target, drafter if method == "sps" else None, method=method, gamma=gamma, dynamic_gamma=dynamic, **kw
+  ).generate(rows, eos_id=NO_EOS)
   assert spec.new_tokens == plain.new_tokens
   assert spec.accepted.sum() > 0
 
@@ -206,15 +228,15 @@ def _prompt_lookup_rounds(prompt, output, gamma, ngram_max=3, ngram_min=1):
   while len(tokens) < len(prompt) + len(output):
     L, drafts = len(tokens), []
     for n in range(ngram_max, ngram_min - 1, -1):
-      starts = [j for j in range(L - n) if L >= n + 1 and tokens[j:j + n] == tokens[L - n:]]
+      starts = [j for j in range(L - n) if L >= n + 1 and tokens[j : j + n] == tokens[L - n :]]
       if starts:
-        drafts = tokens[starts[-1] + n:][:gamma]
+        drafts = tokens[starts[-1] + n :][:gamma]
         break
-    truth = output[L - len(prompt):]
+    truth = output[L - len(prompt) :]
     accepted = 0
     while accepted < len(drafts) and accepted < len(truth) and drafts[accepted] == truth[accepted]:
       accepted += 1
-    tokens += truth[:accepted + 1]
+    tokens += truth[: accepted + 1]
     rounds, drafted = rounds + 1, drafted + bool(drafts)
   return rounds, drafted
 
@@ -223,6 +245,7 @@ def test_prompt_lookup_tau_over_drafted_rounds(target, prompts, reference):
   """pld rounds with no n-gram match propose nothing: tau counts every round, tau_drafted only
   those that proposed a draft (vLLM's mean acceptance length)."""
   from specjax.decoding import metrics
+
   rows = [[7, 8, 9] + list(range(100, 110)), [200 + i for i in range(20)]] + prompts[:6]  # the second: no repeats
   plain = Decoder(target, method="ar", max_new_tokens=MAX_NEW, batch_size=8).generate(rows, eos_id=NO_EOS)
   result = Decoder(target, method="pld", gamma=4, max_new_tokens=MAX_NEW, batch_size=8).generate(rows, eos_id=NO_EOS)
@@ -243,8 +266,10 @@ def test_decoding_settings_from_config_and_overrides(target):
   """One settings object: a config's (prefixed) fields over the defaults, keywords over both."""
   import ml_collections
   from specjax.decoding import DecodingSettings
-  config = ml_collections.ConfigDict({"acceptance_gamma": 3, "acceptance_batch_size": 2, "gamma": 9,
-                                      "acceptance_max_cache_len": None})
+
+  config = ml_collections.ConfigDict(
+    {"acceptance_gamma": 3, "acceptance_batch_size": 2, "gamma": 9, "acceptance_max_cache_len": None}
+  )
   settings = DecodingSettings.from_config(config, prefix="acceptance_", method="sps")
   assert (settings.gamma, settings.batch_size, settings.max_cache_len) == (3, 2, None)
   assert settings.max_new_tokens == DecodingSettings().max_new_tokens

@@ -6,6 +6,7 @@ lot and rejections are frequent. Each row decodes the same prompt with its own r
 independent stream of randomness); the empirical joint distribution of the first two new
 tokens is compared with the target's exact joint distribution under the same processing.
 """
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,9 +22,17 @@ PROMPT = [3, 7, 1, 12]
 
 
 def _peaked_model(seed, hidden, layers, scale):
-  config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=layers,
-                       num_heads=2, num_kv_heads=1, head_dim=hidden // 2, max_position_embeddings=64,
-                       eos_token_id=VOCAB + 1)  # no EOS: every row yields two tokens
+  config = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=hidden,
+    intermediate_size=2 * hidden,
+    num_layers=layers,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=hidden // 2,
+    max_position_embeddings=64,
+    eos_token_id=VOCAB + 1,
+  )  # no EOS: every row yields two tokens
   model = init_model(config, seed)
   model.lm_head.kernel[...] = model.lm_head.kernel[...] * scale
   return model
@@ -46,8 +55,15 @@ def exact_joint(target, temperature, top_k, top_p):
 
 
 def sample_pairs(decoder, temperature, top_k, top_p, seed=0):
-  result = decoder.generate([PROMPT] * SAMPLES, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                            row_ids=range(SAMPLES), eos_id=VOCAB + 1)
+  result = decoder.generate(
+    [PROMPT] * SAMPLES,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    seed=seed,
+    row_ids=range(SAMPLES),
+    eos_id=VOCAB + 1,
+  )
   pairs = np.array([t[:2] for t in result.new_tokens])
   counts = np.zeros((VOCAB, VOCAB))
   np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
@@ -71,8 +87,9 @@ def chi2_pvalue(counts, probs):
   return stats.chisquare(obs, exp).pvalue
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (0.7, 0, 0.8)],
-                         ids=["T1", "T0.7-topk5", "T0.7-topp0.8"])
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (0.7, 0, 0.8)], ids=["T1", "T0.7-topk5", "T0.7-topp0.8"]
+)
 def test_speculative_sampling_matches_target(models, temperature, top_k, top_p):
   target, drafter = models
   joint = exact_joint(target, temperature, top_k, top_p)
@@ -123,10 +140,12 @@ def test_sampled_output_independent_of_batch_and_mesh(models):
   single = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=12, batch_size=1).generate(prompts, **kw)
   assert batched.new_tokens == single.new_tokens
   shuffled = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=12, batch_size=8).generate(
-      prompts[::-1], temperature=1.0, seed=5, row_ids=range(107, 99, -1), eos_id=VOCAB + 1)
+    prompts[::-1], temperature=1.0, seed=5, row_ids=range(107, 99, -1), eos_id=VOCAB + 1
+  )
   assert shuffled.new_tokens[::-1] == batched.new_tokens
   other_seed = Decoder(target, drafter, method="sps", gamma=3, max_new_tokens=12, batch_size=8).generate(
-      prompts, **{**kw, "seed": 6})
+    prompts, **{**kw, "seed": 6}
+  )
   assert other_seed.new_tokens != batched.new_tokens
 
   mesh = make_mesh((2, 2, 2))
@@ -134,6 +153,7 @@ def test_sampled_output_independent_of_batch_and_mesh(models):
   t_sharded.lm_head.kernel[...] = target.lm_head.kernel[...]
   d_sharded = shard_model(init_model(drafter.config, 1), mesh)
   d_sharded.lm_head.kernel[...] = drafter.lm_head.kernel[...]
-  on_mesh = Decoder(t_sharded, d_sharded, method="sps", gamma=3, max_new_tokens=12, batch_size=8,
-                    mesh=mesh).generate(prompts, **kw)
+  on_mesh = Decoder(t_sharded, d_sharded, method="sps", gamma=3, max_new_tokens=12, batch_size=8, mesh=mesh).generate(
+    prompts, **kw
+  )
   assert on_mesh.new_tokens == batched.new_tokens

@@ -1,4 +1,5 @@
 """The drafter trainer: losses, the sharded step, checkpoints, exact resume, NaN stop, metrics."""
+
 import glob
 import os
 import signal
@@ -32,6 +33,7 @@ from configs import pretrain as pretrain_config  # noqa: E402
 def assets(tmp_path_factory):
   """A tokenizer trained on the embedded corpus and a random tiny target that uses it."""
   from specjax.jobs import local_assets
+
   root = tmp_path_factory.mktemp("train_assets")
   local_assets.ensure_corpus_checkpoints(str(root / "target"))
   return str(root / "target")
@@ -75,7 +77,8 @@ def test_distillation_loss_and_gradient_vanish_for_identical_models(kind):
   # and it is a real divergence: another model is at positive distance with a nonzero gradient
   other_logits = random_model(tiny_config(), seed=1)(tokens)
   value, grads = jax.value_and_grad(
-      lambda p: jnp.mean(losses.token_losses(kind, nnx.merge(graphdef, p)(tokens), tokens, other_logits)))(params)
+    lambda p: jnp.mean(losses.token_losses(kind, nnx.merge(graphdef, p)(tokens), tokens, other_logits))
+  )(params)
   assert float(value) > 1e-3
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) > 1e-6
 
@@ -86,11 +89,15 @@ def test_losses_match_their_definitions():
   p = np.exp(t) / np.exp(t).sum(-1, keepdims=True)
   q = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
   np.testing.assert_allclose(losses.forward_kl(jnp.asarray(s), jnp.asarray(t)), (p * np.log(p / q)).sum(-1), rtol=1e-5)
-  np.testing.assert_allclose(losses.total_variation(jnp.asarray(s), jnp.asarray(t)), 0.5 * np.abs(p - q).sum(-1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.total_variation(jnp.asarray(s), jnp.asarray(t)), 0.5 * np.abs(p - q).sum(-1), rtol=1e-5
+  )
   targets = np.array([[0, 3, 6]])
-  np.testing.assert_allclose(losses.cross_entropy(jnp.asarray(s), jnp.asarray(targets)),
-                             -np.log(np.take_along_axis(q, targets[..., None], -1)[..., 0]), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.cross_entropy(jnp.asarray(s), jnp.asarray(targets)),
+    -np.log(np.take_along_axis(q, targets[..., None], -1)[..., 0]),
+    rtol=1e-5,
+  )
   with pytest.raises(SpecjaxError, match="needs the target"):
     losses.token_losses("forward_kl", jnp.asarray(s), jnp.asarray(targets))
 
@@ -104,9 +111,13 @@ def _packed_batch(vocab, A=2, b=4, L=16, seed=0):
   segments = np.where(np.arange(L) < L // 2, 1, 2)[None, None].repeat(A, 0).repeat(b, 1).astype(np.int32)
   segments[..., -2:] = 0  # padding
   positions = np.where(segments == 1, np.arange(L), np.arange(L) - L // 2).astype(np.int32)
-  return {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, -1),
-          "decoder_loss_weights": (segments > 0).astype(np.int32), "decoder_positions": positions,
-          "decoder_segment_ids": segments}
+  return {
+    "decoder_input_tokens": tokens,
+    "decoder_target_tokens": np.roll(tokens, -1, -1),
+    "decoder_loss_weights": (segments > 0).astype(np.int32),
+    "decoder_positions": positions,
+    "decoder_segment_ids": segments,
+  }
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "total_variation"])
@@ -119,8 +130,9 @@ def test_sharded_step_equals_single_device_step(loss):
   # (Adam's first steps are ~sign(g), which turns 1e-9 noise in a near-zero gradient into a full step).
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.5))
   spec = StepSpec(loss=loss, with_target=loss != "cross_entropy")
-  step = make_train_step(graphdef, target_graphdef if spec.with_target else None, tx, optax.constant_schedule(1e-2),
-                         spec)
+  step = make_train_step(
+    graphdef, target_graphdef if spec.with_target else None, tx, optax.constant_schedule(1e-2), spec
+  )
   batch = _packed_batch(cfg.vocab_size)
   shapes = {k: v.shape for k, v in batch.items()}
   tp = target_params if spec.with_target else None
@@ -204,8 +216,15 @@ def test_checkpoint_under_a_relative_workdir(tmp_path, monkeypatch):
 
 
 def test_loss_falls_on_shared_data(assets, shared_data, tmp_path):
-  c = _config(assets, data_dir=shared_data, data_limit=300, num_train_steps=30, learning_rate=5e-3,
-              drafter="preset:tiny", checkpoint_every=100)
+  c = _config(
+    assets,
+    data_dir=shared_data,
+    data_limit=300,
+    num_train_steps=30,
+    learning_rate=5e-3,
+    drafter="preset:tiny",
+    checkpoint_every=100,
+  )
   trainer.run(c, str(tmp_path))
   per_step = _losses(str(tmp_path))
   first, last = np.mean([per_step[s] for s in (1, 2, 3)]), np.mean([per_step[s] for s in (28, 29, 30)])
@@ -227,7 +246,11 @@ def test_kill_and_resume_continues_the_same_losses(assets, tmp_path):
     assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
   # and the exported drafters are the same weights
   from safetensors.numpy import load_file
-  wa, wb = load_file(str(full / "drafter" / "model.safetensors")), load_file(str(split / "drafter" / "model.safetensors"))
+
+  wa, wb = (
+    load_file(str(full / "drafter" / "model.safetensors")),
+    load_file(str(split / "drafter" / "model.safetensors")),
+  )
   for k in wa:
     np.testing.assert_allclose(wa[k], wb[k], atol=1e-6)
 
@@ -235,10 +258,23 @@ def test_kill_and_resume_continues_the_same_losses(assets, tmp_path):
 def test_sigterm_saves_and_the_rerun_resumes(assets, tmp_path):
   """TPU preemption: SIGTERM mid-run saves a checkpoint; the same command then finishes."""
   workdir = tmp_path / "run"
-  args = [sys.executable, "-m", "specjax.main", "--config", "configs/pretrain.py:runlocal,steps=400",
-          "--workdir", str(workdir), f"--config.target={assets}", "--config.local_assets=false",
-          "--config.eval_every=0", "--config.checkpoint_every=1000", "--config.log_every=1",
-          "--config.acceptance_prompts=", "--config.shuffle_buffer_size=200", "--config.tensorboard=false"]
+  args = [
+    sys.executable,
+    "-m",
+    "specjax.main",
+    "--config",
+    "configs/pretrain.py:runlocal,steps=400",
+    "--workdir",
+    str(workdir),
+    f"--config.target={assets}",
+    "--config.local_assets=false",
+    "--config.eval_every=0",
+    "--config.checkpoint_every=1000",
+    "--config.log_every=1",
+    "--config.acceptance_prompts=",
+    "--config.shuffle_buffer_size=200",
+    "--config.tensorboard=false",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
@@ -279,9 +315,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, mon
 
 
 def test_metrics_acceptance_and_tensorboard(assets, tmp_path):
-  c = _config(assets, num_train_steps=4, log_every=2, eval_every=4, tensorboard=True, eval_batches=1,
-              acceptance_prompts="heldout:de,ja", acceptance_prompts_per_language=2, acceptance_max_new_tokens=8,
-              acceptance_temperatures=(0.0, 1.0), loss="forward_kl")
+  c = _config(
+    assets,
+    num_train_steps=4,
+    log_every=2,
+    eval_every=4,
+    tensorboard=True,
+    eval_batches=1,
+    acceptance_prompts="heldout:de,ja",
+    acceptance_prompts_per_language=2,
+    acceptance_max_new_tokens=8,
+    acceptance_temperatures=(0.0, 1.0),
+    loss="forward_kl",
+  )
   trainer.run(c, str(tmp_path))
   records = read_metrics(str(tmp_path))
   train = [r for r in records if r["kind"] == "train"]
@@ -315,8 +361,15 @@ def test_finetune_starts_from_a_pretraining_run(assets, tmp_path):
   trainer.run(_config(assets, num_train_steps=3, checkpoint_every=3), str(tmp_path / "pretrain"))
   c = finetune_config.get_config("runlocal,lang=fr,steps=2")
   c.unlock()
-  c.update(target=assets, local_assets=False, drafter="run:{workdir}/../pretrain", eval_every=0,
-           tensorboard=False, shuffle_buffer_size=200, log_every=1)
+  c.update(
+    target=assets,
+    local_assets=False,
+    drafter="run:{workdir}/../pretrain",
+    eval_every=0,
+    tensorboard=False,
+    shuffle_buffer_size=200,
+    log_every=1,
+  )
   out = trainer.run(c, str(tmp_path / "finetune"))
   assert out["finished"] and c.mixture == "finetune_fr_en"
   c.sequence_length = 64  # no Vicuna-template prompt fits in 32 tokens: an error, not an endless wait
@@ -330,6 +383,7 @@ def test_finetune_starts_from_a_pretraining_run(assets, tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
 def test_every_config_loads_with_and_without_runlocal(path):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location("config_under_test", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -1,5 +1,6 @@
 """TrainerSettings and AcceptanceSettings (specjax.train.settings): built once from the config,
 one default per setting; the nested `acceptance` group and its flat `acceptance_*` aliases."""
+
 import dataclasses
 import importlib.util
 import os
@@ -34,7 +35,7 @@ def test_the_config_is_the_settings_defaults():
   for name in ("target", "tokenizer", "selfdistill_dir", "tfds_data_dir"):  # optional paths: unset, typed str
     assert c[name] is None and c.get_type(name) is str
   for alias in ALIASES:  # the flat names read the nested group
-    assert c[alias] == c.acceptance[alias[len("acceptance_"):]]
+    assert c[alias] == c.acceptance[alias[len("acceptance_") :]]
 
 
 def test_overridden_fields():
@@ -52,8 +53,9 @@ def test_overridden_fields():
 
 def test_runlocal_variants():
   s = TrainerSettings.from_config(pretrain_config.get_config("runlocal"))
-  assert s.acceptance == AcceptanceSettings(prompts_per_language=2, max_new_tokens=16, gamma=4, batch_size=10,
-                                            prompt_bucket=128)
+  assert s.acceptance == AcceptanceSettings(
+    prompts_per_language=2, max_new_tokens=16, gamma=4, batch_size=10, prompt_bucket=128
+  )
   assert (s.batch_size, s.sequence_length, s.drafter) == (8, 128, "preset:tiny-drafter")
   s = TrainerSettings.from_config(finetune_config.get_config("runlocal,lang=fr"))
   assert (s.acceptance.prompts, s.acceptance.prompts_per_language, s.acceptance.gamma) == ("heldout:fr", 4, 4)
@@ -67,21 +69,28 @@ def test_the_flat_names_are_aliases_of_the_nested_group():
   assert (c.acceptance.gamma, c.acceptance.prompts, c.acceptance.temperatures) == (4, "", (0.0,))
   c.acceptance.batch_size = 2
   assert c.acceptance_batch_size == 2
-  assert AcceptanceSettings.from_config(c) == AcceptanceSettings(prompts="", temperatures=(0.0,), gamma=4,
-                                                                 batch_size=2)
+  assert AcceptanceSettings.from_config(c) == AcceptanceSettings(prompts="", temperatures=(0.0,), gamma=4, batch_size=2)
 
 
 def test_the_demo_trainer_configs_keep_their_acceptance_settings():
   from specjax.jobs import demo
+
   spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("runlocal")
-  c = demo._finetune_config(config, lambda *parts: "/w/" + "/".join(parts), "/w/target", "de", 5, "run:/w/general",
-                            3, 2)
+  c = demo._finetune_config(
+    config, lambda *parts: "/w/" + "/".join(parts), "/w/target", "de", 5, "run:/w/general", 3, 2
+  )
   s = TrainerSettings.from_config(c)
-  assert s.acceptance == AcceptanceSettings(prompts="heldout:de", prompts_per_language=3, temperatures=(0.0,),
-                                            gamma=2, max_new_tokens=config.max_new_tokens, batch_size=4)
+  assert s.acceptance == AcceptanceSettings(
+    prompts="heldout:de",
+    prompts_per_language=3,
+    temperatures=(0.0,),
+    gamma=2,
+    max_new_tokens=config.max_new_tokens,
+    batch_size=4,
+  )
   assert s.job == "finetune" and s.mixture == "finetune_de_en" and s.num_train_steps == 5
 
 
@@ -103,20 +112,34 @@ def test_nested_and_flat_values_that_differ_are_refused():
 def test_a_command_line_giving_both_names_different_values_is_refused():
   c = pretrain_config.get_config("runlocal")
   validate.check_aliases(c, ["prog", "--config.acceptance.gamma=4", "--config.acceptance_gamma=4"])
-  validate.check_aliases(c, ["prog", "--config.acceptance.temperatures=(0.0,)",
-                             "--config.acceptance_temperatures", "[0.0]"])
-  with pytest.raises(SpecjaxError, match=r"--config.acceptance.gamma=5 and --config.acceptance_gamma=4: "
-                                         r"`acceptance_gamma` is the old name of `acceptance.gamma`"):
+  validate.check_aliases(
+    c, ["prog", "--config.acceptance.temperatures=(0.0,)", "--config.acceptance_temperatures", "[0.0]"]
+  )
+  with pytest.raises(
+    SpecjaxError,
+    match=r"--config.acceptance.gamma=5 and --config.acceptance_gamma=4: "
+    r"`acceptance_gamma` is the old name of `acceptance.gamma`",
+  ):
     validate.check_aliases(c, ["prog", "--config.acceptance.gamma=5", "--config.acceptance_gamma=4"])
 
 
 def test_the_command_line_aliases(tmp_path):
   """End to end through specjax.main: refused before anything loads (exit 2); a flat name sets
   the nested field (the validation error names it)."""
+
   def main(*overrides):
-    args = [sys.executable, "-m", "specjax.main", "--config", "configs/pretrain.py:runlocal",
-            "--workdir", str(tmp_path), *overrides]
+    args = [
+      sys.executable,
+      "-m",
+      "specjax.main",
+      "--config",
+      "configs/pretrain.py:runlocal",
+      "--workdir",
+      str(tmp_path),
+      *overrides,
+    ]
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+
   out = main("--config.acceptance.gamma=5", "--config.acceptance_gamma=4")
   assert out.returncode == 2 and "`acceptance_gamma` is the old name of `acceptance.gamma`" in out.stderr
   out = main("--config.acceptance_gamma=0")
@@ -126,8 +149,9 @@ def test_the_command_line_aliases(tmp_path):
 def test_the_acceptance_decoder_settings_are_unchanged():
   """What the acceptance evaluation decodes with equals what it read before (prefixed fields)."""
   for c in (trainer_config("pretrain"), pretrain_config.get_config("runlocal")):
-    assert AcceptanceSettings.from_config(c).decoding() == DecodingSettings.from_config(c, prefix="acceptance_",
-                                                                                        method="sps")
+    assert AcceptanceSettings.from_config(c).decoding() == DecodingSettings.from_config(
+      c, prefix="acceptance_", method="sps"
+    )
 
 
 def test_checked_names_the_field():

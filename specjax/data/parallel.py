@@ -9,6 +9,7 @@ writes the README's TRAIN/EVAL table down as file pairs, and `load_pairs` also d
 pairs whose either side occurs in the evaluation split (the README's overlap cautions: shared
 newstest English halves, tatoeba-challenge vs tatoeba-laser, newstest2017/2018 zh).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,7 @@ from specjax.errors import SpecjaxError
 LANGS = ("de", "fr", "ja", "ru", "zh")
 # Original sentence pairs written for specjax (300 train + 40 held out per language), in the plain layout.
 EMBEDDED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "corpus")
-LANGUAGE_NAMES = {"de": "German", "fr": "French", "ja": "Japanese", "ru": "Russian", "zh": "Chinese",
-                  "en": "English"}
+LANGUAGE_NAMES = {"de": "German", "fr": "French", "ja": "Japanese", "ru": "Russian", "zh": "Chinese", "en": "English"}
 SPLITS = ("train", "eval")
 
 # Tatoeba-LASER's ISO 639-3 file names.
@@ -35,9 +35,11 @@ def _newstest(lang: str, years) -> list[tuple[str, str]]:
 
 def _wmt_general(lang: str) -> list[tuple[str, str]]:
   d = f"wmt-general-2021-2023/{lang}-en"
-  return [(f"{d}/newstest2021.{lang}-en.src.{lang}", f"{d}/newstest2021.{lang}-en.ref.A.en"),
-          (f"{d}/generaltest2022.{lang}-en.src.{lang}", f"{d}/generaltest2022.{lang}-en.ref.A.en"),
-          (f"{d}/generaltest2023.{lang}-en.src.{lang}", f"{d}/generaltest2023.{lang}-en.ref.refA.en")]
+  return [
+    (f"{d}/newstest2021.{lang}-en.src.{lang}", f"{d}/newstest2021.{lang}-en.ref.A.en"),
+    (f"{d}/generaltest2022.{lang}-en.src.{lang}", f"{d}/generaltest2022.{lang}-en.ref.A.en"),
+    (f"{d}/generaltest2023.{lang}-en.src.{lang}", f"{d}/generaltest2023.{lang}-en.ref.refA.en"),
+  ]
 
 
 def _tatoeba_challenge(lang: str) -> list[tuple[str, str]]:
@@ -56,21 +58,39 @@ def _multi30k(lang: str, names) -> list[tuple[str, str]]:
 
 # The README's split table, row by row, in the order the files are read.
 _SPLIT_TABLE = {
-    "de": {"train": lambda: _multi30k("de", ["train"]) + _newstest("de", range(2017, 2021)),
-           "eval": lambda: (_newstest("de", [2016]) + _wmt_general("de") + _tatoeba_laser("de")
-                            + _multi30k("de", _MULTI30K_TESTS))},
-    "fr": {"train": lambda: _multi30k("fr", ["train"]) + _newstest("fr", [2012, 2013]),
-           "eval": lambda: (_newstest("fr", [2014])
-                            + [("wmt-newstest/fr-en/newsdiscusstest2015.fr", "wmt-newstest/fr-en/newsdiscusstest2015.en")]
-                            + _tatoeba_laser("fr") + _multi30k("fr", _MULTI30K_TESTS))},
-    "ru": {"train": lambda: _newstest("ru", range(2017, 2021)) + _tatoeba_challenge("ru"),
-           "eval": lambda: _newstest("ru", [2016]) + _wmt_general("ru") + _tatoeba_laser("ru")},
-    "zh": {"train": lambda: _newstest("zh", [2017, 2019, 2020]) + _tatoeba_challenge("zh"),
-           "eval": lambda: _newstest("zh", [2018]) + _wmt_general("zh") + _tatoeba_laser("zh")},
-    "ja": {"train": lambda: ([("coursera-ja-en/train.ja.txt", "coursera-ja-en/train.en.txt")]
-                             + _newstest("ja", [2020]) + _tatoeba_challenge("ja")),
-           "eval": lambda: (_wmt_general("ja") + _tatoeba_laser("ja")
-                            + [("coursera-ja-en/test.ja.txt", "coursera-ja-en/test.en.txt")])},
+  "de": {
+    "train": lambda: _multi30k("de", ["train"]) + _newstest("de", range(2017, 2021)),
+    "eval": lambda: (
+      _newstest("de", [2016]) + _wmt_general("de") + _tatoeba_laser("de") + _multi30k("de", _MULTI30K_TESTS)
+    ),
+  },
+  "fr": {
+    "train": lambda: _multi30k("fr", ["train"]) + _newstest("fr", [2012, 2013]),
+    "eval": lambda: (
+      _newstest("fr", [2014])
+      + [("wmt-newstest/fr-en/newsdiscusstest2015.fr", "wmt-newstest/fr-en/newsdiscusstest2015.en")]
+      + _tatoeba_laser("fr")
+      + _multi30k("fr", _MULTI30K_TESTS)
+    ),
+  },
+  "ru": {
+    "train": lambda: _newstest("ru", range(2017, 2021)) + _tatoeba_challenge("ru"),
+    "eval": lambda: _newstest("ru", [2016]) + _wmt_general("ru") + _tatoeba_laser("ru"),
+  },
+  "zh": {
+    "train": lambda: _newstest("zh", [2017, 2019, 2020]) + _tatoeba_challenge("zh"),
+    "eval": lambda: _newstest("zh", [2018]) + _wmt_general("zh") + _tatoeba_laser("zh"),
+  },
+  "ja": {
+    "train": lambda: (
+      [("coursera-ja-en/train.ja.txt", "coursera-ja-en/train.en.txt")]
+      + _newstest("ja", [2020])
+      + _tatoeba_challenge("ja")
+    ),
+    "eval": lambda: (
+      _wmt_general("ja") + _tatoeba_laser("ja") + [("coursera-ja-en/test.ja.txt", "coursera-ja-en/test.en.txt")]
+    ),
+  },
 }
 
 
@@ -95,13 +115,17 @@ def parallel_files(data_dir: str, lang: str, split: str) -> list[tuple[str, str]
     return [plain]
   pairs = [(os.path.join(data_dir, x), os.path.join(data_dir, en)) for x, en in _SPLIT_TABLE[lang][split]()]
   if not any(os.path.exists(p) for pair in pairs for p in pair):  # neither layout: name the plain one
-    raise SpecjaxError(f"{plain[0]}: missing; data_dir={data_dir!r} holds neither {lang}-en/{split}.{lang} + "
-                       f"{split}.en nor the shared data folder's {lang}-en files (e.g. {pairs[0][0]}): add the "
-                       f"{lang}-en folder or point data_dir at a folder that has it")
+    raise SpecjaxError(
+      f"{plain[0]}: missing; data_dir={data_dir!r} holds neither {lang}-en/{split}.{lang} + "
+      f"{split}.en nor the shared data folder's {lang}-en files (e.g. {pairs[0][0]}): add the "
+      f"{lang}-en folder or point data_dir at a folder that has it"
+    )
   for path in (p for pair in pairs for p in pair):
     if not os.path.isfile(path):
-      raise SpecjaxError(f"{path}: missing; the {split} split of {lang}-en needs it (is data_dir={data_dir!r} "
-                         "a complete copy of the shared data folder?)")
+      raise SpecjaxError(
+        f"{path}: missing; the {split} split of {lang}-en needs it (is data_dir={data_dir!r} "
+        "a complete copy of the shared data folder?)"
+      )
   return pairs
 
 
@@ -122,13 +146,16 @@ def _read_lines(path: str) -> list[str]:
     try:
       lines.append(line.decode("utf-8").rstrip("\r"))
     except UnicodeDecodeError as e:
-      raise SpecjaxError(f"{path}:{i}: invalid UTF-8 ({e.reason} at byte {e.start}); corpus files must be "
-                         "UTF-8 text: convert it (e.g. iconv -t UTF-8)") from None
+      raise SpecjaxError(
+        f"{path}:{i}: invalid UTF-8 ({e.reason} at byte {e.start}); corpus files must be "
+        "UTF-8 text: convert it (e.g. iconv -t UTF-8)"
+      ) from None
   return lines
 
 
-def read_parallel(x_path: str, en_path: str, labels_path: str | None = None,
-                  keep_label: str | None = None) -> list[tuple[str, str]]:
+def read_parallel(
+  x_path: str, en_path: str, labels_path: str | None = None, keep_label: str | None = None
+) -> list[tuple[str, str]]:
   """Line-aligned (X, English) pairs of two files.
 
   labels_path/keep_label: a tatoeba-challenge labels file (one label per line, e.g. cmn_Hans)
@@ -140,9 +167,11 @@ def read_parallel(x_path: str, en_path: str, labels_path: str | None = None,
       raise SpecjaxError(f"{path}: empty; it must hold one sentence per line, aligned with {other}")
   if len(xs) != len(ens):
     longer = x_path if len(xs) > len(ens) else en_path
-    raise SpecjaxError(f"{x_path} has {len(xs)} lines but {en_path} has {len(ens)}: the files are not "
-                       f"line-aligned ({longer}:{min(len(xs), len(ens)) + 1} has no counterpart); make line N of "
-                       "each the translation of the other's line N")
+    raise SpecjaxError(
+      f"{x_path} has {len(xs)} lines but {en_path} has {len(ens)}: the files are not "
+      f"line-aligned ({longer}:{min(len(xs), len(ens)) + 1} has no counterpart); make line N of "
+      "each the translation of the other's line N"
+    )
   pairs = list(zip(xs, ens))
   if labels_path is None:
     return pairs
@@ -150,8 +179,9 @@ def read_parallel(x_path: str, en_path: str, labels_path: str | None = None,
     raise SpecjaxError(f"{labels_path}: a labels file needs keep_label (the language to keep)")
   labels = _read_lines(labels_path)
   if len(labels) != len(xs):
-    raise SpecjaxError(f"{labels_path} has {len(labels)} lines but {x_path} has {len(xs)}: the labels are not "
-                       "line-aligned")
+    raise SpecjaxError(
+      f"{labels_path} has {len(labels)} lines but {x_path} has {len(xs)}: the labels are not line-aligned"
+    )
   return [pair for pair, label in zip(pairs, labels) if label.strip().split("_")[0] == keep_label]
 
 

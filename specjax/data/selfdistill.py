@@ -7,6 +7,7 @@ shards (`shard_name`), records in id order; `read_records` reads them back, chec
 A record's `truncated` is true when the response reached max_new_tokens (or the cache) before
 any stop id; training then appends no EOS to it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -16,8 +17,18 @@ from typing import Iterator
 
 from specjax.errors import SpecjaxError
 
-FIELDS = ("record_id", "source_id", "source", "prompt", "chat_prompt", "response", "response_token_ids",
-          "temperature", "src_lang", "tgt_lang")
+FIELDS = (
+  "record_id",
+  "source_id",
+  "source",
+  "prompt",
+  "chat_prompt",
+  "response",
+  "response_token_ids",
+  "temperature",
+  "src_lang",
+  "tgt_lang",
+)
 # Written after FIELDS. Shards from before it lack it: specjax.data.tasks then takes a response
 # without a final EOS as cut off, which is what those runs (one stop id, the tokenizer's) meant.
 OPTIONAL_FIELDS = ("truncated",)
@@ -47,8 +58,10 @@ def _parse_record(line: str, path: str, line_no: int) -> dict:
   try:
     record = json.loads(line)
   except ValueError as e:
-    raise SpecjaxError(f"{where}: malformed JSON ({e}); the shard is damaged (cut short by an interrupted copy?): "
-                       "copy it again, or remove it and rerun distill_data in its workdir to regenerate it") from None
+    raise SpecjaxError(
+      f"{where}: malformed JSON ({e}); the shard is damaged (cut short by an interrupted copy?): "
+      "copy it again, or remove it and rerun distill_data in its workdir to regenerate it"
+    ) from None
   if not isinstance(record, dict):
     raise SpecjaxError(f"{where}: expected a JSON object, got {type(record).__name__}")
   missing = [f for f in FIELDS if f not in record]

@@ -19,6 +19,7 @@ Tasks need a vocabulary (the target's tokenizer) and data paths, so they are reg
 
 Splits are "train" and "eval" (specjax.data.parallel's); self-distillation data has only "train".
 """
+
 from __future__ import annotations
 
 import atexit
@@ -46,10 +47,20 @@ PAIRS = tuple((x, "en") for x in LANGS) + tuple(("en", x) for x in LANGS)
 SOURCES = ("local", "tfds")
 
 # TFDS datasets named by the paper (WMT) and the usual general-text corpora.
-TFDS_WMT = {"de": "wmt16_translate/de-en", "fr": "wmt14_translate/fr-en", "ru": "wmt16_translate/ru-en",
-            "zh": "wmt19_translate/zh-en"}
-TFDS_PRETRAIN = {"en": "c4/en", "de": "wiki40b/de", "fr": "wiki40b/fr", "ja": "wiki40b/ja", "ru": "wiki40b/ru",
-                 "zh": "wiki40b/zh-cn"}
+TFDS_WMT = {
+  "de": "wmt16_translate/de-en",
+  "fr": "wmt14_translate/fr-en",
+  "ru": "wmt16_translate/ru-en",
+  "zh": "wmt19_translate/zh-en",
+}
+TFDS_PRETRAIN = {
+  "en": "c4/en",
+  "de": "wiki40b/de",
+  "fr": "wiki40b/fr",
+  "ja": "wiki40b/ja",
+  "ru": "wiki40b/ru",
+  "zh": "wiki40b/zh-cn",
+}
 _TFDS_SPLITS = {"train": "train", "eval": "validation"}
 _MESSAGE_SLOT = "\x00MESSAGE\x00"
 
@@ -95,8 +106,10 @@ def prompt_parts(template: str, src: str, tgt: str, tokenizer=None) -> tuple[str
   rendered = apply_template(template, translation_message(src, tgt, _MESSAGE_SLOT), tokenizer=tokenizer)
   parts = rendered.split(_MESSAGE_SLOT)
   if len(parts) != 2:
-    raise SpecjaxError(f"template {template!r} does not render the user message verbatim once; "
-                       "translation prompts can not be built from it")
+    raise SpecjaxError(
+      f"template {template!r} does not render the user message verbatim once; "
+      "translation prompts can not be built from it"
+    )
   return parts[0], parts[1]
 
 
@@ -128,12 +141,19 @@ def _tfds_dir(tfds_data_dir: str | None) -> str:
 def _tfds_source(name: str, tfds_data_dir: str | None) -> seqio.TfdsDataSource:
   """A prepared TFDS dataset; refusing a missing one here beats TFDS trying to download it."""
   root = _tfds_dir(tfds_data_dir)
-  versions = sorted((d for d in (os.listdir(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name))
-                                 else []) if re.fullmatch(r"\d+\.\d+\.\d+", d)),
-                    key=lambda v: tuple(int(x) for x in v.split(".")))
+  versions = sorted(
+    (
+      d
+      for d in (os.listdir(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name)) else [])
+      if re.fullmatch(r"\d+\.\d+\.\d+", d)
+    ),
+    key=lambda v: tuple(int(x) for x in v.split(".")),
+  )
   if not versions:
-    raise SpecjaxError(f"TFDS dataset {name!r} is not prepared in {root} (no version folder under "
-                       f"{os.path.join(root, name)}; set tfds_data_dir or TFDS_DATA_DIR, or use the local source)")
+    raise SpecjaxError(
+      f"TFDS dataset {name!r} is not prepared in {root} (no version folder under "
+      f"{os.path.join(root, name)}; set tfds_data_dir or TFDS_DATA_DIR, or use the local source)"
+    )
   # seqio wants a pinned version; the newest prepared one is what tfds.load would pick.
   return seqio.TfdsDataSource(tfds_name=f"{name}:{versions[-1]}", tfds_data_dir=root, splits=_TFDS_SPLITS)
 
@@ -160,6 +180,7 @@ def _wiki40b_text(ex):
 def _translation_example(src_key: str, tgt_key: str, prefix: str, suffix: str):
   def fn(ex):
     return {"inputs": tf.strings.join([prefix, ex[src_key], suffix]), "targets": ex[tgt_key]}
+
   return fn
 
 
@@ -183,11 +204,13 @@ def _append_eos_unless_truncated(ds, output_features, sequence_length=None):
   """seqio's append_eos_after_trim for responses that ended; one cut off by max_new_tokens
   (`truncated`) keeps its tokens without an EOS, which would teach the drafter to stop where
   the target did not (the pipeline's final trim still cuts it to length)."""
+
   def fn(ex):
     ex = dict(ex)
     truncated = ex.pop("truncated")
     with_eos = seqio.preprocessors.append_eos_after_trim_impl(dict(ex), output_features, sequence_length)  # in place
     return dict(with_eos, targets=tf.cond(truncated, lambda: ex["targets"], lambda: with_eos["targets"]))
+
   return _map(fn)(ds)
 
 
@@ -214,18 +237,25 @@ def _selfdistill_files(selfdistill_dir: str) -> dict[tuple[str, str], list[str]]
   workdir, its data/ folder, or a folder of such workdirs (one per pair)."""
   if not os.path.isdir(selfdistill_dir):
     raise SpecjaxError(f"selfdistill_dir={selfdistill_dir!r}: not a directory")
-  paths = sorted(set(glob.glob(os.path.join(selfdistill_dir, "selfdistill-*.jsonl"))
-                     + glob.glob(os.path.join(selfdistill_dir, "data", "selfdistill-*.jsonl"))
-                     + glob.glob(os.path.join(selfdistill_dir, "*", "data", "selfdistill-*.jsonl"))))
+  paths = sorted(
+    set(
+      glob.glob(os.path.join(selfdistill_dir, "selfdistill-*.jsonl"))
+      + glob.glob(os.path.join(selfdistill_dir, "data", "selfdistill-*.jsonl"))
+      + glob.glob(os.path.join(selfdistill_dir, "*", "data", "selfdistill-*.jsonl"))
+    )
+  )
   if not paths:
-    raise SpecjaxError(f"selfdistill_dir={selfdistill_dir!r}: no selfdistill-*.jsonl shards (in it, its data/ "
-                       "folder, or */data/)")
+    raise SpecjaxError(
+      f"selfdistill_dir={selfdistill_dir!r}: no selfdistill-*.jsonl shards (in it, its data/ folder, or */data/)"
+    )
   files: dict[tuple[str, str], list[str]] = {}
   for path in paths:
     match = re.fullmatch(r"selfdistill-([a-z]{2})([a-z]{2})-\d+-of-\d+\.jsonl", os.path.basename(path))
     if not match or (match[1], match[2]) not in PAIRS:
-      raise SpecjaxError(f"{path}: not a selfdistill shard name of a known pair (selfdistill-<src><tgt>-NNNNN-of-"
-                         f"NNNNN.jsonl with <src><tgt> one of {', '.join(a + b for a, b in PAIRS)})")
+      raise SpecjaxError(
+        f"{path}: not a selfdistill shard name of a known pair (selfdistill-<src><tgt>-NNNNN-of-"
+        f"NNNNN.jsonl with <src><tgt> one of {', '.join(a + b for a, b in PAIRS)})"
+      )
     files.setdefault((match[1], match[2]), []).append(path)
   return files
 
@@ -235,6 +265,7 @@ def _check_generating_tokenizer(paths: list[str], vocab) -> None:
   response ids would mean other tokens. The distill_data workdir's manifest.json names the
   target (and tokenizer) that generated the shards; data without a manifest is not checked."""
   from specjax.data.vocab import check_vocabulary_matches_target
+
   for workdir in sorted({os.path.dirname(os.path.dirname(p)) for p in paths}):
     manifest = os.path.join(workdir, "manifest.json")
     if not os.path.exists(manifest):
@@ -247,8 +278,10 @@ def _check_generating_tokenizer(paths: list[str], vocab) -> None:
     try:
       check_vocabulary_matches_target(vocab, tokenizer_dir)
     except SpecjaxError as e:
-      raise SpecjaxError(f"{manifest}: this self-distillation data was generated with the tokenizer in "
-                         f"{tokenizer_dir}, which differs from the vocabulary given to register_tasks ({e})") from None
+      raise SpecjaxError(
+        f"{manifest}: this self-distillation data was generated with the tokenizer in "
+        f"{tokenizer_dir}, which differs from the vocabulary given to register_tasks ({e})"
+      ) from None
 
 
 def _selfdistill_columns(paths: tuple[str, ...], src: str, tgt: str, eos_id: int | None) -> dict:
@@ -265,19 +298,34 @@ def _selfdistill_columns(paths: tuple[str, ...], src: str, tgt: str, eos_id: int
   for path in paths:
     for r in read_records(path):
       if (r["src_lang"], r["tgt_lang"]) != (src, tgt):
-        raise SpecjaxError(f"{path}: record {r['record_id']} is {r['src_lang']}->{r['tgt_lang']}, but the file "
-                           f"name says {src}->{tgt}")
+        raise SpecjaxError(
+          f"{path}: record {r['record_id']} is {r['src_lang']}->{r['tgt_lang']}, but the file name says {src}->{tgt}"
+        )
       t = list(r["response_token_ids"])
       prompts.append(r["chat_prompt"])
       ids.append(t[:-1] if t and t[-1] == eos_id else t)
       truncated.append(bool(r["truncated"]) if "truncated" in r else not (t and t[-1] == eos_id))
-  return {"inputs": prompts, "targets": tf.ragged.constant(ids, dtype=tf.int32, ragged_rank=1, row_splits_dtype=tf.int64)
-          if ids else tf.zeros([0, 0], tf.int32), "truncated": tf.constant(truncated, tf.bool)}
+  return {
+    "inputs": prompts,
+    "targets": tf.ragged.constant(ids, dtype=tf.int32, ragged_rank=1, row_splits_dtype=tf.int64)
+    if ids
+    else tf.zeros([0, 0], tf.int32),
+    "truncated": tf.constant(truncated, tf.bool),
+  }
 
 
-def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1", selfdistill_dir: str | None = None,
-                   *, limit: int | None = None, pretrain_source: str = "local", translate_source: str = "local",
-                   tfds_data_dir: str | None = None, shuffle_buffer_size: int = 10_000) -> list[str]:
+def register_tasks(
+  data_dir: str,
+  vocab_dir: str,
+  template: str = "vicuna_v1.1",
+  selfdistill_dir: str | None = None,
+  *,
+  limit: int | None = None,
+  pretrain_source: str = "local",
+  translate_source: str = "local",
+  tfds_data_dir: str | None = None,
+  shuffle_buffer_size: int = 10_000,
+) -> list[str]:
   """Registers every task and mixture named in the module docstring; returns their names.
 
   vocab_dir: the target's tokenizer directory. limit: the first N pairs per language and split
@@ -287,8 +335,17 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
   for field, value in (("pretrain_source", pretrain_source), ("translate_source", translate_source)):
     if value not in SOURCES:
       raise SpecjaxError(f"{field}={value!r}: expected one of {', '.join(SOURCES)}")
-  key = (data_dir, vocab_dir, template, selfdistill_dir, limit, pretrain_source, translate_source, tfds_data_dir,
-         shuffle_buffer_size)
+  key = (
+    data_dir,
+    vocab_dir,
+    template,
+    selfdistill_dir,
+    limit,
+    pretrain_source,
+    translate_source,
+    tfds_data_dir,
+    shuffle_buffer_size,
+  )
   if key == _STATE["key"]:
     return list(_STATE["names"])
   for name in _STATE["names"]:
@@ -307,8 +364,13 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
   def add_task(name, source, preprocessors, with_inputs):
     seqio.MixtureRegistry.remove(name)
     seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
-                           output_features=_features(vocab, with_inputs), shuffle_buffer_size=shuffle_buffer_size)
+    seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=preprocessors,
+      output_features=_features(vocab, with_inputs),
+      shuffle_buffer_size=shuffle_buffer_size,
+    )
     names.append(name)
 
   for lang in PRETRAIN_LANGS:
@@ -317,8 +379,12 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
     else:
       source = _text_source(lambda split, lang=lang: {"targets": _monolingual(data_dir, lang, split, limit)})
       pre = []
-    add_task(pretrain_task(lang), source, pre + [_TOKENIZE, _nonempty_targets,
-                                                 seqio.preprocessors.append_eos_after_trim], False)
+    add_task(
+      pretrain_task(lang),
+      source,
+      pre + [_TOKENIZE, _nonempty_targets, seqio.preprocessors.append_eos_after_trim],
+      False,
+    )
 
   for src, tgt in PAIRS:
     x = src if tgt == "en" else tgt
@@ -326,26 +392,42 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
     if translate_source == "tfds" and x in TFDS_WMT:
       source, src_key, tgt_key = _tfds_source(TFDS_WMT[x], tfds_data_dir), src, tgt
     else:  # local files; with translate_source="tfds" also the pairs TFDS has no WMT set for (ja)
+
       def columns(split, x=x, to_en=tgt == "en"):
         pairs = _pairs(data_dir, x, split, limit)
         xs, ens = [p[0] for p in pairs], [p[1] for p in pairs]
         return {"source": xs, "target": ens} if to_en else {"source": ens, "target": xs}
+
       source, src_key, tgt_key = _text_source(columns), "source", "target"
-    add_task(translate_task(src, tgt), source,
-             [_map(_translation_example(src_key, tgt_key, prefix, suffix)), _TOKENIZE, _prompt_fits,
-              seqio.preprocessors.append_eos_after_trim], True)
+    add_task(
+      translate_task(src, tgt),
+      source,
+      [
+        _map(_translation_example(src_key, tgt_key, prefix, suffix)),
+        _TOKENIZE,
+        _prompt_fits,
+        seqio.preprocessors.append_eos_after_trim,
+      ],
+      True,
+    )
 
   groups = _selfdistill_files(selfdistill_dir) if selfdistill_dir is not None else {}
   for paths in groups.values():
     _check_generating_tokenizer(paths, vocab)
   for (src, tgt), paths in sorted(groups.items()):
-    columns = functools.lru_cache(maxsize=1)(functools.partial(_selfdistill_columns, tuple(paths), src, tgt,
-                                                                vocab.eos_id))
+    columns = functools.lru_cache(maxsize=1)(
+      functools.partial(_selfdistill_columns, tuple(paths), src, tgt, vocab.eos_id)
+    )
     source = seqio.FunctionDataSource(
-        lambda split, shuffle_files, seed=None, columns=columns: tf.data.Dataset.from_tensor_slices(columns()),
-        splits=("train",))
-    add_task(selfdistill_task(src, tgt), source, [_map(_tokenize_inputs(vocab)), _prompt_fits, _nonempty_targets,
-                                                  _append_eos_unless_truncated], True)
+      lambda split, shuffle_files, seed=None, columns=columns: tf.data.Dataset.from_tensor_slices(columns()),
+      splits=("train",),
+    )
+    add_task(
+      selfdistill_task(src, tgt),
+      source,
+      [_map(_tokenize_inputs(vocab)), _prompt_fits, _nonempty_targets, _append_eos_unless_truncated],
+      True,
+    )
 
   def add_mixture(name, tasks):
     seqio.MixtureRegistry.remove(name)
@@ -355,10 +437,13 @@ def register_tasks(data_dir: str, vocab_dir: str, template: str = "vicuna_v1.1",
 
   add_mixture("pretrain_multilingual", [pretrain_task(lang) for lang in PRETRAIN_LANGS])
   for src, tgt in PAIRS:
-    add_mixture(finetune_mixture(src, tgt),
-                [selfdistill_task(src, tgt) if (src, tgt) in groups else translate_task(src, tgt)])
-  add_mixture("finetune_multilingual", [
-      selfdistill_task(x, "en") if (x, "en") in groups else translate_task(x, "en") for x in LANGS])
+    add_mixture(
+      finetune_mixture(src, tgt), [selfdistill_task(src, tgt) if (src, tgt) in groups else translate_task(src, tgt)]
+    )
+  add_mixture(
+    "finetune_multilingual",
+    [selfdistill_task(x, "en") if (x, "en") in groups else translate_task(x, "en") for x in LANGS],
+  )
 
   _STATE.update(key=key, names=names, vocab=vocab, selfdistill_dir=selfdistill_dir, selfdistill_pairs=tuple(groups))
   return list(names)
@@ -372,9 +457,11 @@ def check_selfdistill_for(mixture: str) -> None:
   if selfdistill_dir is None or pair is None or pair in _STATE["selfdistill_pairs"]:
     return
   held = ", ".join(f"{a}->{b}" for a, b in sorted(_STATE["selfdistill_pairs"]))
-  raise SpecjaxError(f"selfdistill_dir={selfdistill_dir!r}: no {pair[0]}->{pair[1]} shards "
-                     f"(selfdistill-{pair[0]}{pair[1]}-*.jsonl) for mixture {mixture!r}; it holds {held}: run "
-                     f"distill_data with src={pair[0]},tgt={pair[1]} there, or point selfdistill_dir at its workdir")
+  raise SpecjaxError(
+    f"selfdistill_dir={selfdistill_dir!r}: no {pair[0]}->{pair[1]} shards "
+    f"(selfdistill-{pair[0]}{pair[1]}-*.jsonl) for mixture {mixture!r}; it holds {held}: run "
+    f"distill_data with src={pair[0]},tgt={pair[1]} there, or point selfdistill_dir at its workdir"
+  )
 
 
 def registered_names() -> list[str]:
@@ -411,9 +498,16 @@ def task_feature_lengths(name: str, sequence_length: int | Mapping[str, int]) ->
   return {"targets": length}
 
 
-def get_tf_dataset(name: str, sequence_length: int | Mapping[str, int], split: str = "train", seed: int = 0,
-                   shard_info: seqio.ShardInfo | None = None, batch_size: int | None = 8,
-                   num_epochs: int | None = None, shuffle: bool = True) -> tf.data.Dataset:
+def get_tf_dataset(
+  name: str,
+  sequence_length: int | Mapping[str, int],
+  split: str = "train",
+  seed: int = 0,
+  shard_info: seqio.ShardInfo | None = None,
+  batch_size: int | None = 8,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+) -> tf.data.Dataset:
   """Packed decoder-only batches of `name`: the five BATCH_FEATURES, [batch_size, L] int32.
 
   Order is a function of (seed, shard_info) alone. shard_info splits examples before packing,
@@ -427,9 +521,18 @@ def get_tf_dataset(name: str, sequence_length: int | Mapping[str, int], split: s
     raise SpecjaxError(f"{name} has no {split!r} split (it has {', '.join(provider.splits)})")
   bos = _STATE["vocab"].bos_id
   converter = seqio.DecoderFeatureConverter(pack=True, bos_id=0 if bos is None else bos)
-  ds = seqio.get_dataset(provider, task_feature_lengths(name, sequence_length), converter, dataset_split=split,
-                         shuffle=shuffle, num_epochs=num_epochs, shard_info=shard_info, seed=seed,
-                         batch_size=batch_size, verbose=False)
+  ds = seqio.get_dataset(
+    provider,
+    task_feature_lengths(name, sequence_length),
+    converter,
+    dataset_split=split,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_info=shard_info,
+    seed=seed,
+    batch_size=batch_size,
+    verbose=False,
+  )
   return ds.map(lambda ex: {k: ex[k] for k in BATCH_FEATURES})
 
 
@@ -439,6 +542,7 @@ class BatchIterator:
   A live TF iterator whose prefetch threads are inside `tf.numpy_function` (tokenisation)
   deadlocks Python's shutdown; closing every open one from an atexit hook avoids that.
   """
+
   _open: "weakref.WeakSet[BatchIterator]" = weakref.WeakSet()
 
   def __init__(self, ds: tf.data.Dataset):
@@ -464,9 +568,17 @@ def _close_open_iterators() -> None:
   gc.collect()
 
 
-def get_dataset(name: str, sequence_length: int | Mapping[str, int], split: str = "train", seed: int = 0,
-                shard_info: seqio.ShardInfo | None = None, start_step: int = 0, batch_size: int = 8,
-                num_epochs: int | None = None, shuffle: bool = True) -> BatchIterator:
+def get_dataset(
+  name: str,
+  sequence_length: int | Mapping[str, int],
+  split: str = "train",
+  seed: int = 0,
+  shard_info: seqio.ShardInfo | None = None,
+  start_step: int = 0,
+  batch_size: int = 8,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+) -> BatchIterator:
   """A numpy iterator of packed batches (see get_tf_dataset) positioned at batch `start_step`.
 
   Resuming is deterministic order plus skipping: the first `start_step` batches are rebuilt

@@ -12,6 +12,7 @@ starts with BOS followed by ids(prompt), as at decoding time.
 PAD: seqio pads with 0 unconditionally (Llama's <unk>); padded positions carry segment id 0 and
 loss weight 0, so the id itself never reaches the loss.
 """
+
 from __future__ import annotations
 
 import threading
@@ -26,8 +27,10 @@ from specjax.errors import SpecjaxError
 console.hide_gpus_from_tensorflow(tf)  # every seqio part of specjax.data imports this module first
 
 # Scripts of every language the drafters cover, so a mismatch anywhere in the vocabulary shows.
-PROBE_TEXT = ("USER: Translate German to English: Der Zug fährt um 9:30 ab. ASSISTANT: The train leaves "
-              "at 9:30. Bonjour à tous ! Привет, мир. 駅の近くに新しいパン屋。我们明天见。</s>")
+PROBE_TEXT = (
+  "USER: Translate German to English: Der Zug fährt um 9:30 ab. ASSISTANT: The train leaves "
+  "at 9:30. Bonjour à tous ! Привет, мир. 駅の近くに新しいパン屋。我们明天见。</s>"
+)
 
 
 def _text(b) -> str:
@@ -58,6 +61,7 @@ class HFVocabulary(seqio.Vocabulary):
   def tokenizer(self):
     if self._tokenizer is None:
       from specjax.models.hf import load_tokenizer
+
       self._tokenizer = load_tokenizer(self._path)
     return self._tokenizer
 
@@ -95,14 +99,14 @@ class HFVocabulary(seqio.Vocabulary):
     """Scalar string -> int32 [length]; a rank-1 string vector -> a RaggedTensor of ids."""
     s = tf.convert_to_tensor(s, tf.string)
     if s.shape.rank == 0:
-      ids = tf.numpy_function(lambda b: np.asarray(self._encode(_text(b)), np.int32), [s], tf.int32,
-                              stateful=False)
+      ids = tf.numpy_function(lambda b: np.asarray(self._encode(_text(b)), np.int32), [s], tf.int32, stateful=False)
       ids.set_shape([None])
       return ids
     if s.shape.rank == 1:
       return tf.map_fn(self._encode_tf, s, fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
-    raise SpecjaxError(f"HFVocabulary({self._path}).encode_tf: expected a scalar or a vector of strings, "
-                       f"got shape {s.shape}")
+    raise SpecjaxError(
+      f"HFVocabulary({self._path}).encode_tf: expected a scalar or a vector of strings, got shape {s.shape}"
+    )
 
   def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
     """int [length] -> scalar string; int [batch, length] -> string [batch]."""
@@ -123,9 +127,10 @@ class HFVocabulary(seqio.Vocabulary):
   def __eq__(self, other) -> bool:
     if not isinstance(other, HFVocabulary):
       return False
-    return (self._path == other._path or
-            (self.tokenizer.get_vocab() == other.tokenizer.get_vocab()
-             and (self.bos_id, self.eos_id, self.unk_id) == (other.bos_id, other.eos_id, other.unk_id)))
+    return self._path == other._path or (
+      self.tokenizer.get_vocab() == other.tokenizer.get_vocab()
+      and (self.bos_id, self.eos_id, self.unk_id) == (other.bos_id, other.eos_id, other.unk_id)
+    )
 
   def __hash__(self) -> int:
     return hash(("HFVocabulary", self._path))
@@ -147,15 +152,19 @@ def check_vocabulary_matches_target(vocab: seqio.Vocabulary, target_dir: str, pr
   target never agrees with."""
   target = HFVocabulary(target_dir)
   if vocab.vocab_size != target.vocab_size:
-    raise SpecjaxError(f"vocabulary {vocab} has {vocab.vocab_size} tokens but the target's tokenizer in "
-                       f"{target_dir} has {target.vocab_size}")
+    raise SpecjaxError(
+      f"vocabulary {vocab} has {vocab.vocab_size} tokens but the target's tokenizer in "
+      f"{target_dir} has {target.vocab_size}"
+    )
   if vocab.eos_id != target.eos_id:
     raise SpecjaxError(f"vocabulary {vocab}: EOS id {vocab.eos_id}, the target's ({target_dir}) is {target.eos_id}")
   ours, theirs = list(vocab.encode(probe)), list(target.encode(probe))
   if ours != theirs:
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    raise SpecjaxError(f"vocabulary {vocab} tokenises the probe text differently from the target's tokenizer in "
-                       f"{target_dir}: first difference at token {at} ({ours[at:at + 5]} vs {theirs[at:at + 5]})")
+    raise SpecjaxError(
+      f"vocabulary {vocab} tokenises the probe text differently from the target's tokenizer in "
+      f"{target_dir}: first difference at token {at} ({ours[at : at + 5]} vs {theirs[at : at + 5]})"
+    )
 
 
 def vocabulary_matches_target(vocab: seqio.Vocabulary, target_dir: str) -> bool:

@@ -1,4 +1,5 @@
 """Plain and speculative decoding in one jitted loop each; sampling; acceptance metrics."""
+
 from specjax.decoding.decoder import DecodeResult, Decoder, DecodingSettings
 from specjax.decoding.sampling import SamplingMode, processed_probs
 

@@ -1,6 +1,7 @@
 """`Decoder`: prompts in, tokens and acceptance statistics out, through the compiled loops of
 `engine.py`. Pads prompts to length buckets and batches to a fixed size so a new prompt length
 does not recompile, validates what the user gave, and fetches results in one transfer."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +50,7 @@ def _eos_array_X(eos_id) -> np.ndarray:
 @dataclasses.dataclass
 class DecodeResult:
   """Per-row outputs of one call (numpy), in the order of the prompts given."""
+
   new_tokens: list[list[int]]
   stats: engine.RoundStats  # numpy, one row per prompt: rounds_B, accepted_B, accept_hist_BO, ...
   target_calls: int  # forwards of whole batches, summed over the call's batches
@@ -71,8 +73,9 @@ class DecodeResult:
   accept_hist = property(lambda self: self.stats.accept_hist_BO, doc="[rows, G+1]")
   pos_proposed = property(lambda self: self.stats.pos_proposed_BG, doc="[rows, G]")
   pos_accepted = property(lambda self: self.stats.pos_accepted_BG, doc="[rows, G]")
-  pos_reached = property(lambda self: self.stats.pos_reached_BG,
-                         doc="[rows, G]: proposed with every earlier draft accepted")
+  pos_reached = property(
+    lambda self: self.stats.pos_reached_BG, doc="[rows, G]: proposed with every earlier draft accepted"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,7 @@ class DecodingSettings:
   prompt_bucket: prompts are padded to a multiple of it (one compile per bucket).
   ngram_max, ngram_min: the n-gram sizes prompt lookup matches, longest first.
   """
+
   method: str = "sps"  # "ar" plain, "sps" drafter model, "pld" prompt lookup
   gamma: int = 5
   dynamic_gamma: bool = False
@@ -123,8 +127,7 @@ class DecodingSettings:
     if self.batch_size < 1:
       raise SpecjaxError(f"batch_size={self.batch_size}: must be >= 1")
     if not 1 <= self.ngram_min <= self.ngram_max:
-      raise SpecjaxError(f"prompt lookup n-gram sizes min={self.ngram_min}, max={self.ngram_max}: "
-                         "need 1 <= min <= max")
+      raise SpecjaxError(f"prompt lookup n-gram sizes min={self.ngram_min}, max={self.ngram_max}: need 1 <= min <= max")
     return self
 
 
@@ -137,8 +140,9 @@ class Decoder:
   exact program a call runs, for ahead-of-time compilation (specjax.aot).
   """
 
-  def __init__(self, target: Llama, drafter: Llama | None = None, settings: DecodingSettings | None = None, *,
-               mesh=None, **fields):
+  def __init__(
+    self, target: Llama, drafter: Llama | None = None, settings: DecodingSettings | None = None, *, mesh=None, **fields
+  ):
     unknown = set(fields) - {f.name for f in dataclasses.fields(DecodingSettings)}
     if unknown:
       raise TypeError(f"Decoder: unknown settings {sorted(unknown)}")
@@ -146,8 +150,10 @@ class Decoder:
     if settings.method == "sps" and drafter is None:
       raise SpecjaxError("method='sps' needs a drafter model (config field `drafter`)")
     if settings.method == "sps" and drafter.config.vocab_size != target.config.vocab_size:
-      raise SpecjaxError(f"the drafter's vocabulary ({drafter.config.vocab_size} tokens) differs from the "
-                         f"target's ({target.config.vocab_size}); a drafter must share the target's tokenizer")
+      raise SpecjaxError(
+        f"the drafter's vocabulary ({drafter.config.vocab_size} tokens) differs from the "
+        f"target's ({target.config.vocab_size}); a drafter must share the target's tokenizer"
+      )
     if settings.method == "ar":
       settings = dataclasses.replace(settings, gamma=1, dynamic_gamma=False)
     elif settings.method != "sps":
@@ -179,7 +185,8 @@ class Decoder:
       cache_sharding = self.cache_shardings(spec)
       target_graph, drafter_graph = self.target_graph, self.drafter_graph
       _PROGRAMS[key] = jax.jit(
-          lambda ts, ds, x: engine.decode_loop(target_graph, ts, drafter_graph, ds, x, spec, cache_sharding))
+        lambda ts, ds, x: engine.decode_loop(target_graph, ts, drafter_graph, ds, x, spec, cache_sharding)
+      )
     return _PROGRAMS[key]
 
   def cache_shardings(self, spec: engine.LoopSpec) -> tuple | None:
@@ -190,6 +197,7 @@ class Decoder:
     def sharding_of(config):
       abstract = jax.eval_shape(lambda: KVCache.zeros(config, self.batch_size, spec.buffer_len))
       return shd.cache_sharding(abstract, self.mesh)
+
     return (sharding_of(self.target_config), sharding_of(self.drafter_config) if self.drafter_config else None)
 
   def loop_spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
@@ -201,10 +209,17 @@ class Decoder:
     buffer_len = min(_round_up(need, 64), self.max_cache_len)
     draft_positions = self.drafter_config.max_position_embeddings if self.drafter_config else buffer_len
     st = self.settings
-    return engine.LoopSpec(method=st.method, mode=mode, buffer_len=buffer_len,
-                           gamma=st.gamma, dynamic_gamma=st.dynamic_gamma, gamma_start=st.gamma_start,
-                           ngram_max=st.ngram_max, ngram_min=st.ngram_min,
-                           draft_positions=draft_positions if draft_positions < buffer_len else 0)
+    return engine.LoopSpec(
+      method=st.method,
+      mode=mode,
+      buffer_len=buffer_len,
+      gamma=st.gamma,
+      dynamic_gamma=st.dynamic_gamma,
+      gamma_start=st.gamma_start,
+      ngram_max=st.ngram_max,
+      ngram_min=st.ngram_min,
+      draft_positions=draft_positions if draft_positions < buffer_len else 0,
+    )
 
   def _bucket(self, prompt_len: int, spec: engine.LoopSpec) -> int:
     """The padded prompt length P of a batch: its bucket, or what the buffer leaves for it."""
@@ -216,18 +231,29 @@ class Decoder:
     if self.mesh is None:
       return jax.tree.map(lambda a: put(a, None), x)
     replicated = shd.logical_sharding((), (), self.mesh)
-    return jax.tree.map(lambda a: put(a, shd.batch_sharding(np.shape(a), self.mesh) if np.ndim(a) else replicated),
-                        x.replace(eos_ids_X=None)).replace(eos_ids_X=put(x.eos_ids_X, replicated))
+    return jax.tree.map(
+      lambda a: put(a, shd.batch_sharding(np.shape(a), self.mesh) if np.ndim(a) else replicated),
+      x.replace(eos_ids_X=None),
+    ).replace(eos_ids_X=put(x.eos_ids_X, replicated))
 
   def abstract_inputs(self, prompt_len: int, mode: SamplingMode) -> engine.Inputs:
     """The loop's inputs for a batch whose longest prompt has `prompt_len` tokens, as
     ShapeDtypeStructs with the shardings a call places them with."""
     spec = self.loop_spec(prompt_len, mode)
     B, P = self.batch_size, self._bucket(prompt_len, spec)
-    x = self._inputs(np.zeros((B, P), np.int32), np.ones((B,), np.int32), np.zeros((B,), np.int32),
-                     np.ones((B,), bool), np.ones((B,), np.int32), 1.0, 0, 1.0, 0, _eos_array_X(-1))
-    return self._place(x, lambda a, sharding: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
-                                                                   sharding=sharding))
+    x = self._inputs(
+      np.zeros((B, P), np.int32),
+      np.ones((B,), np.int32),
+      np.zeros((B,), np.int32),
+      np.ones((B,), bool),
+      np.ones((B,), np.int32),
+      1.0,
+      0,
+      1.0,
+      0,
+      _eos_array_X(-1),
+    )
+    return self._place(x, lambda a, sharding: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=sharding))
 
   def lower(self, prompt_len: int, mode: SamplingMode):
     """The jitted loop a call with this longest prompt runs, lowered over this decoder's model
@@ -239,10 +265,17 @@ class Decoder:
   def _inputs(prompt_BP, lens_B, row_ids_B, active_B, max_new_B, temperature, top_k, top_p, seed, eos_X):
     B = prompt_BP.shape[0]
     return engine.Inputs(
-        prompt_BP=prompt_BP, prompt_lens_B=lens_B, row_ids_B=row_ids_B, active_B=active_B, max_new_B=max_new_B,
-        temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
-        top_k_B=np.full((B,), top_k, np.int32), top_p_B=np.full((B,), top_p, np.float32),
-        seed=np.int32(seed), eos_ids_X=eos_X)
+      prompt_BP=prompt_BP,
+      prompt_lens_B=lens_B,
+      row_ids_B=row_ids_B,
+      active_B=active_B,
+      max_new_B=max_new_B,
+      temperature_B=np.full((B,), max(temperature, 1e-6), np.float32),
+      top_k_B=np.full((B,), top_k, np.int32),
+      top_p_B=np.full((B,), top_p, np.float32),
+      seed=np.int32(seed),
+      eos_ids_X=eos_X,
+    )
 
   def programs(self) -> list:
     """The jitted loops this decoder has run (for compile-count checks)."""
@@ -250,10 +283,19 @@ class Decoder:
 
   # --- calls ----------------------------------------------------------------------------
 
-  def generate(self, prompts: Sequence[Sequence[int]], *, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, row_ids: Sequence[int] | None = None,
-               eos_id: int | Sequence[int] | None = None, max_new_tokens: int | Sequence[int] | None = None,
-               names: Sequence[str] | None = None) -> DecodeResult:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    row_ids: Sequence[int] | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    max_new_tokens: int | Sequence[int] | None = None,
+    names: Sequence[str] | None = None,
+  ) -> DecodeResult:
     """Decodes every prompt (token id lists); batches of `batch_size`, one transfer per batch.
 
     row_ids: each prompt's stable id (default: its index); sampled outputs depend on (seed,
@@ -263,38 +305,58 @@ class Decoder:
     if len(prompts) == 0:
       raise SpecjaxError("no prompts to decode")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-      raise SpecjaxError(f"sampling values temperature={temperature}, top_k={top_k}, top_p={top_p}: need "
-                         "temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1")
+      raise SpecjaxError(
+        f"sampling values temperature={temperature}, top_k={top_k}, top_p={top_p}: need "
+        "temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1"
+      )
     names = list(names) if names is not None else [f"prompt {i}" for i in range(len(prompts))]
     row_ids = list(row_ids) if row_ids is not None else list(range(len(prompts)))
-    budgets = ([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) or max_new_tokens is None
-               else list(max_new_tokens))
+    budgets = (
+      [max_new_tokens] * len(prompts)
+      if isinstance(max_new_tokens, int) or max_new_tokens is None
+      else list(max_new_tokens)
+    )
     budgets = [self.max_new_tokens if b is None else min(int(b), self.max_new_tokens) for b in budgets]
     vocab = self.target_config.vocab_size
     for name, p in zip(names, prompts):
       if len(p) == 0:
         raise SpecjaxError(f"{name}: empty prompt")
       if len(p) + self.gamma + 2 > self.max_cache_len:
-        raise SpecjaxError(f"{name}: the prompt has {len(p)} tokens, longer than the cache allows "
-                           f"({self.max_cache_len} positions, {self.gamma + 2} kept for drafting); "
-                           "shorten it or raise max_cache_len")
+        raise SpecjaxError(
+          f"{name}: the prompt has {len(p)} tokens, longer than the cache allows "
+          f"({self.max_cache_len} positions, {self.gamma + 2} kept for drafting); "
+          "shorten it or raise max_cache_len"
+        )
       if min(p) < 0 or max(p) >= vocab:
-        raise SpecjaxError(f"{name}: token id {max(p) if max(p) >= vocab else min(p)} is outside the "
-                           f"vocabulary [0, {vocab})")
+        raise SpecjaxError(
+          f"{name}: token id {max(p) if max(p) >= vocab else min(p)} is outside the vocabulary [0, {vocab})"
+        )
     mode = SamplingMode.from_values(temperature, top_k, top_p)
     eos = _eos_array_X(self.target_config.stop_token_ids if eos_id is None else eos_id)
     outputs = []
     start = time.perf_counter()
     for lo in range(0, len(prompts), self.batch_size):
-      outputs.append(self._generate_batch(prompts[lo:lo + self.batch_size], row_ids[lo:lo + self.batch_size],
-                                          budgets[lo:lo + self.batch_size], temperature, top_k, top_p,
-                                          seed, eos, mode))
+      outputs.append(
+        self._generate_batch(
+          prompts[lo : lo + self.batch_size],
+          row_ids[lo : lo + self.batch_size],
+          budgets[lo : lo + self.batch_size],
+          temperature,
+          top_k,
+          top_p,
+          seed,
+          eos,
+          mode,
+        )
+      )
     wall = time.perf_counter() - start
     return DecodeResult(
-        new_tokens=[t for o in outputs for t in o["new_tokens"]],
-        stats=jax.tree.map(lambda *rows: np.concatenate(rows), *[o["stats"] for o in outputs]),
-        target_calls=int(sum(o["target_calls"] for o in outputs)),
-        drafter_calls=int(sum(o["drafter_calls"] for o in outputs)), wall_s=wall)
+      new_tokens=[t for o in outputs for t in o["new_tokens"]],
+      stats=jax.tree.map(lambda *rows: np.concatenate(rows), *[o["stats"] for o in outputs]),
+      target_calls=int(sum(o["target_calls"] for o in outputs)),
+      drafter_calls=int(sum(o["drafter_calls"] for o in outputs)),
+      wall_s=wall,
+    )
 
   def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode):
     n, B = len(prompts), self.batch_size
@@ -304,21 +366,38 @@ class Decoder:
     prompt_BP = np.zeros((B, P), np.int32)
     lens_B = np.ones((B,), np.int32)
     for i, p in enumerate(prompts):
-      prompt_BP[i, :len(p)] = p
+      prompt_BP[i, : len(p)] = p
       lens_B[i] = len(p)
     pad = B - n
-    x = self._inputs(prompt_BP, lens_B, np.array(list(row_ids) + [0] * pad, np.int32), np.arange(B) < n,
-                     np.array(list(budgets) + [0] * pad, np.int32), temperature, top_k, top_p, seed, eos)
+    x = self._inputs(
+      prompt_BP,
+      lens_B,
+      np.array(list(row_ids) + [0] * pad, np.int32),
+      np.arange(B) < n,
+      np.array(list(budgets) + [0] * pad, np.int32),
+      temperature,
+      top_k,
+      top_p,
+      seed,
+      eos,
+    )
     if self.mesh is not None:
       x = self._place(x, jax.device_put)
     s = self._program(spec)(self.target_state, self.drafter_state, x)
     fetch = jax.device_get
     if jax.process_count() > 1:  # rows live on every host's devices: gather them to each process
       from jax.experimental import multihost_utils
+
       fetch = lambda tree: jax.device_get(multihost_utils.process_allgather(tree, tiled=True))
-    out = fetch({  # the one device-to-host transfer of the call
-        "tokens": s.tokens_BN, "lengths": s.lengths_B, "stats": s.stats,
-        "target_calls": s.target_calls, "drafter_calls": s.drafter_calls})
-    out["new_tokens"] = [out["tokens"][i, lens_B[i]:out["lengths"][i]].tolist() for i in range(n)]
+    out = fetch(
+      {  # the one device-to-host transfer of the call
+        "tokens": s.tokens_BN,
+        "lengths": s.lengths_B,
+        "stats": s.stats,
+        "target_calls": s.target_calls,
+        "drafter_calls": s.drafter_calls,
+      }
+    )
+    out["new_tokens"] = [out["tokens"][i, lens_B[i] : out["lengths"][i]].tolist() for i in range(n)]
     out["stats"] = jax.tree.map(lambda a: a[:n], out["stats"])  # the prompts' rows, not the padding
     return out

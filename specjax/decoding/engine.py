@@ -13,6 +13,7 @@ next round overwrites them. Rows keep their own lengths, γ and counters; a fini
 nothing more. Prompt length, sampling values, budgets and seeds are arrays (no recompiles);
 the batch bucket, buffer length, maximum γ and greedy/sampling are static.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ MAX_EOS_IDS = 8  # X: stop ids per call, padded with -1 (Llama-3 lists 3)
 class LoopSpec:
   """Everything static about one compiled decoding program (built by `Decoder` from its
   `DecodingSettings`, which hold the defaults)."""
+
   method: str  # "ar" plain, "sps" drafter model, "pld" prompt lookup
   mode: smp.SamplingMode
   buffer_len: int  # N: prompt bucket + max_new + γ + 2, or the cache limit
@@ -70,6 +72,7 @@ class RoundStats:
   counter is a field and its update in `add_round` (plus a key in `metrics.summarize` to report
   it). Only rounds in which the row is still active count.
   """
+
   rounds_B: jax.Array  # verification rounds (target forwards)
   accepted_B: jax.Array  # drafts accepted by verification
   proposed_B: jax.Array  # drafts proposed
@@ -81,8 +84,9 @@ class RoundStats:
   @classmethod
   def zeros(cls, B: int, G: int) -> "RoundStats":
     size = {"B": B, "G": G, "O": G + 1}
-    return cls(**{f.name: jnp.zeros([size[c] for c in f.name.rsplit("_", 1)[1]], jnp.int32)
-                  for f in dataclasses.fields(cls)})
+    return cls(
+      **{f.name: jnp.zeros([size[c] for c in f.name.rsplit("_", 1)[1]], jnp.int32) for f in dataclasses.fields(cls)}
+    )
 
   def add_round(self, active_B, gamma_B, n_B) -> "RoundStats":
     """Counts one round: per row, gamma_B drafts proposed and n_B accepted (rows not active_B unchanged)."""
@@ -93,13 +97,14 @@ class RoundStats:
     accepted_BG = i_G[None] < n_B[:, None]
     reached_BG = proposed_BG & (i_G[None] <= n_B[:, None])
     return RoundStats(
-        rounds_B=self.rounds_B + act_B,
-        accepted_B=self.accepted_B + act_B * n_B,
-        proposed_B=self.proposed_B + act_B * gamma_B,
-        accept_hist_BO=self.accept_hist_BO + act_B[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
-        pos_proposed_BG=self.pos_proposed_BG + act_B[:, None] * proposed_BG,
-        pos_accepted_BG=self.pos_accepted_BG + act_B[:, None] * accepted_BG,
-        pos_reached_BG=self.pos_reached_BG + act_B[:, None] * reached_BG)
+      rounds_B=self.rounds_B + act_B,
+      accepted_B=self.accepted_B + act_B * n_B,
+      proposed_B=self.proposed_B + act_B * gamma_B,
+      accept_hist_BO=self.accept_hist_BO + act_B[:, None] * jax.nn.one_hot(n_B, G + 1, dtype=jnp.int32),
+      pos_proposed_BG=self.pos_proposed_BG + act_B[:, None] * proposed_BG,
+      pos_accepted_BG=self.pos_accepted_BG + act_B[:, None] * accepted_BG,
+      pos_reached_BG=self.pos_reached_BG + act_B[:, None] * reached_BG,
+    )
 
   @property
   def drafted_B(self):
@@ -162,13 +167,17 @@ def _init_state(x: Inputs, spec: LoopSpec, target, drafter) -> State:
   tokens_BN = jnp.zeros((B, N), jnp.int32).at[:, :P].set(x.prompt_BP)
   zeros_B = jnp.zeros((B,), jnp.int32)
   return State(
-      tokens_BN=tokens_BN, lengths_B=x.prompt_lens_B, num_new_B=zeros_B,
-      done_B=~x.active_B | (x.max_new_B <= 0),
-      target_cache=prefill(target, x.prompt_BP, x.prompt_lens_B, N),
-      drafter_cache=None if drafter is None else prefill(drafter, x.prompt_BP, x.prompt_lens_B, N),
-      gamma_B=jnp.full((B,), min(spec.gamma_start, G) if spec.dynamic_gamma else G, jnp.int32),
-      stats=RoundStats.zeros(B, G),
-      target_calls=jnp.zeros((), jnp.int32), drafter_calls=jnp.zeros((), jnp.int32))
+    tokens_BN=tokens_BN,
+    lengths_B=x.prompt_lens_B,
+    num_new_B=zeros_B,
+    done_B=~x.active_B | (x.max_new_B <= 0),
+    target_cache=prefill(target, x.prompt_BP, x.prompt_lens_B, N),
+    drafter_cache=None if drafter is None else prefill(drafter, x.prompt_BP, x.prompt_lens_B, N),
+    gamma_B=jnp.full((B,), min(spec.gamma_start, G) if spec.dynamic_gamma else G, jnp.int32),
+    stats=RoundStats.zeros(B, G),
+    target_calls=jnp.zeros((), jnp.int32),
+    drafter_calls=jnp.zeros((), jnp.int32),
+  )
 
 
 # --- plain decoding ------------------------------------------------------------------------
@@ -181,8 +190,11 @@ def _ar_round(s: State, x: Inputs, spec: LoopSpec, target) -> State:
   next_B, _ = smp.choose_tokens(logits_B1V[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
   active_B = ~s.done_B
   zeros_B = jnp.zeros_like(s.lengths_B)  # a plain step: a round that proposes and accepts nothing
-  s = s.replace(target_cache=cache.replace(lengths_B=s.lengths_B), target_calls=s.target_calls + 1,
-                stats=s.stats.add_round(active_B, zeros_B, zeros_B))
+  s = s.replace(
+    target_cache=cache.replace(lengths_B=s.lengths_B),
+    target_calls=s.target_calls + 1,
+    stats=s.stats.add_round(active_B, zeros_B, zeros_B),
+  )
   return _commit(s, x, next_B[:, None], jnp.ones_like(s.lengths_B), spec)
 
 
@@ -202,6 +214,7 @@ def scoring_forward(model, ids_W=None):
   def forward(tokens_BT, cache, positions_BT):
     h_BTD, cache = model.hidden_states(tokens_BT, cache, positions_BT)
     return jnp.dot(h_BTD, head_DW.astype(h_BTD.dtype)).astype(jnp.float32), cache
+
   return forward
 
 
@@ -211,6 +224,7 @@ class DraftModel:
   cache) over its W draft tokens, and ids_W mapping score index -> token id (None: W = V, the
   identity). A reduced-vocabulary drafter (specjax.models.draft_vocab) scores only its subset
   with the output columns gathered once per call, so each draft step reads [D, W], not [D, V]."""
+
   forward: object
   ids_W: jax.Array | None
   vocab_size: int
@@ -310,14 +324,17 @@ def _accept(s: State, x: Inputs, spec: LoopSpec, logits_BTV, drafts_BG, q_BGV, g
     ok_BG = (drafts_BG == target_BT[:, :G]) & proposed_BG
     n_B = jnp.sum(jnp.cumprod(ok_BG.astype(jnp.int32), axis=1), axis=1)
     return n_B, _gather_B(target_BT, n_B)
-  p_BTV = smp.processed_probs(logits_BTV, x.temperature_B[:, None], x.top_k_B[:, None], x.top_p_B[:, None],
-                              spec.mode)
+  p_BTV = smp.processed_probs(logits_BTV, x.temperature_B[:, None], x.top_k_B[:, None], x.top_p_B[:, None], spec.mode)
   p_draft_BG = jnp.take_along_axis(p_BTV[:, :G], drafts_BG[..., None], axis=-1)[..., 0]
-  q_draft_BG = (jnp.ones_like(p_draft_BG) if q_BGV is None
-                else jnp.take_along_axis(q_BGV, drafts_BG[..., None], axis=-1)[..., 0])
+  q_draft_BG = (
+    jnp.ones_like(p_draft_BG) if q_BGV is None else jnp.take_along_axis(q_BGV, drafts_BG[..., None], axis=-1)[..., 0]
+  )
   draft_pos_BG = s.lengths_B[:, None] + i_G[None]
-  u_BG = jax.vmap(lambda pos_B: jax.vmap(jax.random.uniform)(
-      smp.row_keys(x.seed, x.row_ids_B, pos_B, smp.TAG_ACCEPT)), in_axes=1, out_axes=1)(draft_pos_BG)
+  u_BG = jax.vmap(
+    lambda pos_B: jax.vmap(jax.random.uniform)(smp.row_keys(x.seed, x.row_ids_B, pos_B, smp.TAG_ACCEPT)),
+    in_axes=1,
+    out_axes=1,
+  )(draft_pos_BG)
   ok_BG = (u_BG * q_draft_BG < p_draft_BG) & proposed_BG  # u < min(1, p/q)
   n_B = jnp.sum(jnp.cumprod(ok_BG.astype(jnp.int32), axis=1), axis=1)
   p_next_BV = jnp.take_along_axis(p_BTV, n_B[:, None, None], axis=1)[:, 0]
@@ -382,8 +399,9 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
   return s
 
 
-def decode_loop(target_graph, target_state, drafter_graph, drafter_state, x: Inputs, spec: LoopSpec,
-                cache_sharding=None) -> State:
+def decode_loop(
+  target_graph, target_state, drafter_graph, drafter_state, x: Inputs, spec: LoopSpec, cache_sharding=None
+) -> State:
   """The whole generation: prefill, then one `lax.while_loop` until every row is done."""
   target = nnx.merge(target_graph, target_state)
   drafter = None if drafter_graph is None else nnx.merge(drafter_graph, drafter_state)
@@ -395,6 +413,7 @@ def decode_loop(target_graph, target_state, drafter_graph, drafter_state, x: Inp
   if spec.method == "ar":
     body = functools.partial(_ar_round, x=x, spec=spec, target=target)
   else:
-    body = functools.partial(_spec_round, x=x, spec=spec, target=target,
-                             drafter=None if drafter is None else DraftModel.of(drafter))
+    body = functools.partial(
+      _spec_round, x=x, spec=spec, target=target, drafter=None if drafter is None else DraftModel.of(drafter)
+    )
   return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, s)

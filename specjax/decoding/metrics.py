@@ -5,6 +5,7 @@ an aggregate is a ratio of totals, never a mean of per-call ratios: τ over a ru
 1 + (all accepted drafts) / (all verification steps), as vLLM and the paper report it.
 Undefined ratios (nothing proposed, no time measured) are None, so outputs stay JSON.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ class Counters:
   per-row share, so per-category speed is exact when batches do not mix categories (batch size
   1, or prompt files grouped by category).
   """
+
   rows: int = 0
   new_tokens: int = 0
   stats: RoundStats = dataclasses.field(default_factory=_no_rounds)
@@ -56,10 +58,13 @@ class Counters:
     rows = np.arange(n) if rows is None else np.asarray(rows, np.int64)
     share = len(rows) / n if n else 0.0
     return cls(
-        rows=len(rows), new_tokens=int(sum(len(result.new_tokens[i]) for i in rows)),
-        stats=jax.tree.map(lambda a: np.asarray(a, np.int64)[rows].sum(0, keepdims=True), result.stats),
-        target_calls=result.target_calls * share, drafter_calls=result.drafter_calls * share,
-        wall_s=result.wall_s * share)
+      rows=len(rows),
+      new_tokens=int(sum(len(result.new_tokens[i]) for i in rows)),
+      stats=jax.tree.map(lambda a: np.asarray(a, np.int64)[rows].sum(0, keepdims=True), result.stats),
+      target_calls=result.target_calls * share,
+      drafter_calls=result.drafter_calls * share,
+      wall_s=result.wall_s * share,
+    )
 
   def __add__(self, other: "Counters") -> "Counters":
     return jax.tree.map(_add, self, other)
@@ -95,22 +100,22 @@ def summarize(c: Counters) -> dict:
   conditional = [_ratio(a, r) for a, r in zip(t.pos_accepted_BG, t.pos_reached_BG)]
   hist_total = int(t.accept_hist_BO.sum())
   return {
-      "rows": c.rows,
-      "new_tokens": c.new_tokens,
-      "wall_s": float(c.wall_s),
-      "tokens_per_second": _ratio(c.new_tokens, c.wall_s),
-      "tau": 1.0 + accepted / steps if steps else 1.0,
-      "tau_drafted": 1.0 + accepted / drafted if drafted else None,
-      "acceptance_rate": _ratio(accepted, proposed),
-      "accepted_drafts": accepted,
-      "proposed_drafts": proposed,
-      "verification_steps": steps,
-      "drafted_steps": drafted,
-      "target_forward_passes": _number(c.target_calls),
-      "drafter_forward_passes": _number(c.drafter_calls),
-      "per_position_acceptance": {"cumulative": cumulative, "conditional": conditional},
-      "accepted_hist": [_ratio(n, hist_total) for n in t.accept_hist_BO],
-      "accepted_hist_counts": [int(n) for n in t.accept_hist_BO],
+    "rows": c.rows,
+    "new_tokens": c.new_tokens,
+    "wall_s": float(c.wall_s),
+    "tokens_per_second": _ratio(c.new_tokens, c.wall_s),
+    "tau": 1.0 + accepted / steps if steps else 1.0,
+    "tau_drafted": 1.0 + accepted / drafted if drafted else None,
+    "acceptance_rate": _ratio(accepted, proposed),
+    "accepted_drafts": accepted,
+    "proposed_drafts": proposed,
+    "verification_steps": steps,
+    "drafted_steps": drafted,
+    "target_forward_passes": _number(c.target_calls),
+    "drafter_forward_passes": _number(c.drafter_calls),
+    "per_position_acceptance": {"cumulative": cumulative, "conditional": conditional},
+    "accepted_hist": [_ratio(n, hist_total) for n in t.accept_hist_BO],
+    "accepted_hist_counts": [int(n) for n in t.accept_hist_BO],
   }
 
 

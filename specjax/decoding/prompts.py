@@ -4,6 +4,7 @@ The paper's numbers come from Spec-Bench's `question.jsonl` files rendered with 
 Vicuna v1.1 template, so both are reproduced to the character: a different system prompt or a
 missing space changes the target's outputs and so every acceptance number.
 """
+
 from __future__ import annotations
 
 import glob
@@ -13,8 +14,10 @@ from typing import Sequence
 
 from specjax.errors import SpecjaxError
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
+VICUNA_SYSTEM = (
+  "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+  "helpful, detailed, and polite answers to the user's questions."
+)
 
 
 # --- question files --------------------------------------------------------------------
@@ -28,8 +31,11 @@ def read_questions(path: str) -> list[dict]:
   Every problem raises SpecjaxError naming the file and the 1-based line.
   """
   if not os.path.isfile(path):
-    raise SpecjaxError(f"{path}: prompt file not found" if not os.path.exists(path)
-                       else f"{path}: not a file (expected a Spec-Bench question.jsonl)")
+    raise SpecjaxError(
+      f"{path}: prompt file not found"
+      if not os.path.exists(path)
+      else f"{path}: not a file (expected a Spec-Bench question.jsonl)"
+    )
   with open(path, "rb") as f:
     raw_lines = f.read().split(b"\n")
   out, seen = [], {}
@@ -46,8 +52,9 @@ def read_questions(path: str) -> list[dict]:
     except json.JSONDecodeError as e:
       raise SpecjaxError(f"{where}: malformed JSON at column {e.colno} ({e.msg})") from None
     if not isinstance(record, dict):
-      raise SpecjaxError(f"{where}: expected a JSON object with question_id, category and turns, "
-                         f"got {type(record).__name__}")
+      raise SpecjaxError(
+        f"{where}: expected a JSON object with question_id, category and turns, got {type(record).__name__}"
+      )
     for field in ("question_id", "category", "turns"):
       if field not in record:
         raise SpecjaxError(f"{where}: field {field!r} is missing")
@@ -136,10 +143,10 @@ def _vicuna_compact(messages: list[tuple[str, str | None]], system: str | None) 
 
 
 _TEMPLATES = {
-    "vicuna_v1.1": (("USER", "ASSISTANT"), _vicuna_v11),
-    "vicuna_compact": (("USER", "ASSISTANT"), _vicuna_compact),
-    "llama-2": (("[INST]", "[/INST]"), _llama2),
-    "plain": (("", ""), _plain),
+  "vicuna_v1.1": (("USER", "ASSISTANT"), _vicuna_v11),
+  "vicuna_compact": (("USER", "ASSISTANT"), _vicuna_compact),
+  "llama-2": (("[INST]", "[/INST]"), _llama2),
+  "plain": (("", ""), _plain),
 }
 # hf: the tokenizer's own chat template (tokenizer_config.json / chat_template.jinja / GGUF);
 # auto: hf when the tokenizer has one, vicuna_v1.1 otherwise (the paper's Vicuna setting).
@@ -161,8 +168,10 @@ def resolve_template(name: str, tokenizer=None) -> str:
     return "hf" if has_template else "vicuna_v1.1"
   if name == "hf" and not has_template:
     where = getattr(tokenizer, "name_or_path", None) or "the tokenizer"
-    raise SpecjaxError(f"template 'hf': {where} has no chat template (tokenizer_config.json `chat_template` or "
-                       "chat_template.jinja); pick one of " + ", ".join(_TEMPLATES) + " or template=auto")
+    raise SpecjaxError(
+      f"template 'hf': {where} has no chat template (tokenizer_config.json `chat_template` or "
+      "chat_template.jinja); pick one of " + ", ".join(_TEMPLATES) + " or template=auto"
+    )
   return name
 
 
@@ -176,8 +185,9 @@ def _hf_chat(tokenizer, messages: list[tuple[str, str | None]], system: str | No
     raise SpecjaxError(f"template 'hf': the tokenizer's chat template failed on these messages ({e})") from None
 
 
-def apply_template(name: str, user_message: str, history: Sequence[tuple[str, str]] = (),
-                   system: str | None = None, tokenizer=None) -> str:
+def apply_template(
+  name: str, user_message: str, history: Sequence[tuple[str, str]] = (), system: str | None = None, tokenizer=None
+) -> str:
   """The prompt text for `user_message` after the earlier (user, assistant) turns in `history`,
   as FastChat's template `name` renders it, or the tokenizer's own (`hf`; `auto` picks).
   system: replaces the template's system prompt."""

@@ -3,6 +3,7 @@
 Drafter and target probabilities both come from `processed_probs`, in float32, with the
 same temperature / top-k / top-p: the losslessness of speculative sampling depends on it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ TAG_SAMPLE, TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL = 0, 1, 2, 3
 @dataclasses.dataclass(frozen=True)
 class SamplingMode:
   """The static part of sampling (what changes the compiled program); values are arrays."""
+
   greedy: bool = True
   use_top_k: bool = False
   use_top_p: bool = False

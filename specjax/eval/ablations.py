@@ -22,6 +22,7 @@ Training tokens are the response tokens the drafter was trained on (the sum of `
 over the run's train lines), not the config's `tokens=` (which counts whole rows). τ is the last
 evaluation's. Eval runs are averaged over languages and seeds per method row (report.method_label).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,12 @@ from specjax.train.writers import read_jsonl
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SWEEP_PY = os.path.join(REPO, "launch", "sweep.py")
 KINDS = ("finetune_tokens", "pretrain_vs_scratch", "drafter_size", "gamma")
-TITLES = {"finetune_tokens": "τ against finetuning tokens",
-          "pretrain_vs_scratch": "Pretrain + finetune against finetune only",
-          "drafter_size": "Drafter size",
-          "gamma": "Draft length γ"}
+TITLES = {
+  "finetune_tokens": "τ against finetuning tokens",
+  "pretrain_vs_scratch": "Pretrain + finetune against finetune only",
+  "drafter_size": "Drafter size",
+  "gamma": "Draft length γ",
+}
 ARMS = ("pretrain + finetune", "finetune only")  # x = 0 and x = 1 of pretrain_vs_scratch
 
 
@@ -130,8 +133,16 @@ def _trainer_numbers(workdir: str) -> dict:
   lines = read_jsonl(path)
   train = [r for r in lines if r.get("kind") == "train"]
   evals = [r for r in lines if r.get("kind") == "eval"]
-  out = {"kind": "train", "tau": {}, "category_tau": {}, "eval_loss": None, "eval_step": None,
-         "train_tokens": None, "steps": None, "drafter_params": None}
+  out = {
+    "kind": "train",
+    "tau": {},
+    "category_tau": {},
+    "eval_loss": None,
+    "eval_step": None,
+    "train_tokens": None,
+    "steps": None,
+    "drafter_params": None,
+  }
   if train:
     tokens = [_number(r.get("loss_tokens")) for r in train]
     out["train_tokens"] = sum(t for t in tokens if t is not None) if any(t is not None for t in tokens) else None
@@ -162,7 +173,7 @@ def _eval_numbers(workdir: str) -> dict:
   path = fileio.join(workdir, "metrics.json")
   data = _read_json(path)
   if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-    raise SpecjaxError(f"{path}: expected {{\"records\": [...]}} (schema: specjax/eval/__init__.py)")
+    raise SpecjaxError(f'{path}: expected {{"records": [...]}} (schema: specjax/eval/__init__.py)')
   try:
     rows = report.speedups(data["records"])
   except SpecjaxError as e:
@@ -174,9 +185,16 @@ def _eval_numbers(workdir: str) -> dict:
   for (label, temperature), records in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
     taus = [_number(r.get("tau")) for r in records]
     taus = [t for t in taus if t is not None]
-    results.append({"label": label, "method": records[0]["method"], "temperature": temperature,
-                    "speedup": statistics.fmean(r["speedup"] for r in records),
-                    "tau": statistics.fmean(taus) if taus else None, "records": len(records)})
+    results.append(
+      {
+        "label": label,
+        "method": records[0]["method"],
+        "temperature": temperature,
+        "speedup": statistics.fmean(r["speedup"] for r in records),
+        "tau": statistics.fmean(taus) if taus else None,
+        "records": len(records),
+      }
+    )
   return {"kind": "eval", "eval": results}
 
 
@@ -190,8 +208,15 @@ def collect(config_path: str, sweep_dir: str) -> list[dict]:
   rows = []
   for entry, run in _runs(config_path):
     workdir = sweep._join(sweep_dir, run["name"])
-    row = {"name": run["name"], "entry": dict(entry), "workdir": workdir, "status": "missing", "reason": None,
-           "kind": None, "finished": fileio.exists(sweep._done_path(workdir))}
+    row = {
+      "name": run["name"],
+      "entry": dict(entry),
+      "workdir": workdir,
+      "status": "missing",
+      "reason": None,
+      "kind": None,
+      "finished": fileio.exists(sweep._done_path(workdir)),
+    }
     try:
       if fileio.exists(fileio.join(workdir, "metrics.json")):
         row.update(_eval_numbers(workdir))
@@ -242,8 +267,7 @@ def ablation_points(rows: Sequence[dict], x, y, label=None) -> list[dict]:
 
 
 def _temperatures(rows: Sequence[dict]) -> list[str]:
-  found = {t for row in rows if row.get("status") == "done" for t, v in (row.get("tau") or {}).items()
-           if v is not None}
+  found = {t for row in rows if row.get("status") == "done" for t, v in (row.get("tau") or {}).items() if v is not None}
   return sorted(found, key=lambda t: float(t[1:]) if t[1:].replace(".", "", 1).isdigit() else math.inf)
 
 
@@ -279,6 +303,7 @@ def finetune_tokens(rows: Sequence[dict]) -> list[dict]:
 
 def pretrain_vs_scratch(rows: Sequence[dict]) -> list[dict]:
   """Per scratch=true run and its pretrained twin (same entry without scratch): τ at x = 0 and 1."""
+
   def key(row):
     arg = {k: v for k, v in _arg(row["entry"]).items() if k != "scratch"}
     fields = {k: repr(v) for k, v in row["entry"].items() if k not in ("config_arg", "scratch")}
@@ -293,8 +318,9 @@ def pretrain_vs_scratch(rows: Sequence[dict]) -> list[dict]:
       if any(_get(row, f"tau/{t}") is None or row["status"] != "done" for row in pair):
         continue  # a bar without its twin compares nothing
       for x, row in enumerate(pair):
-        points += ablation_points([row], lambda r, x=x: x, f"tau/{t}",
-                                  lambda r, t=t, pair=pair: f"τ, T={t[1:]}{suffix(pair[1])}")
+        points += ablation_points(
+          [row], lambda r, x=x: x, f"tau/{t}", lambda r, t=t, pair=pair: f"τ, T={t[1:]}{suffix(pair[1])}"
+        )
   for point in points:
     point["arm"] = ARMS[int(point["x"])]
   return points
@@ -328,8 +354,9 @@ def _setting(row: dict, field: str, config_path: str | None):
     try:
       return get_config(entry.get("config_arg") or None).get(field)
     except Exception as e:  # noqa: BLE001 (the config file's own error, reported with its name)
-      raise SpecjaxError(f"{config_path}: get_config({entry.get('config_arg')!r}) failed "
-                         f"({type(e).__name__}: {e})") from None
+      raise SpecjaxError(
+        f"{config_path}: get_config({entry.get('config_arg')!r}) failed ({type(e).__name__}: {e})"
+      ) from None
   return None
 
 
@@ -341,7 +368,7 @@ def gamma(rows: Sequence[dict], config_path: str | None = None) -> list[dict]:
   for row in done:
     value = _number(_setting(row, "gamma", config_path))
     if value is None:
-      raise SpecjaxError(f"{config_path}: run {row['name']}: no γ (set \"gamma\" in its sweep() entry)")
+      raise SpecjaxError(f'{config_path}: run {row["name"]}: no γ (set "gamma" in its sweep() entry)')
     dynamic = " (dynamic γ)" if _truthy(_setting(row, "dynamic_gamma", config_path) or False) else ""
     for r in row["eval"]:
       if r["method"] != "sps":
@@ -350,8 +377,9 @@ def gamma(rows: Sequence[dict], config_path: str | None = None) -> list[dict]:
       for name in ("speedup", "tau"):
         if r[name] is not None:
           symbol = "τ" if name == "tau" else "speedup"
-          points.append({"x": value, "y": r[name], "label": f"{symbol}, T={r['temperature']:g}{which}{dynamic}",
-                         "run": row["name"]})
+          points.append(
+            {"x": value, "y": r[name], "label": f"{symbol}, T={r['temperature']:g}{which}{dynamic}", "run": row["name"]}
+          )
   return points
 
 
@@ -366,8 +394,14 @@ def _summary(row: dict) -> str:
   if row["status"] != "done":
     return row["reason"] or ""
   if row["kind"] == "eval":
-    return "; ".join(f"{r['label']}, T={r['temperature']:g}: {r['speedup']:.2f}×"
-                     + (f" (τ {r['tau']:.2f})" if r["tau"] is not None else "") for r in row["eval"]) or "no records"
+    return (
+      "; ".join(
+        f"{r['label']}, T={r['temperature']:g}: {r['speedup']:.2f}×"
+        + (f" (τ {r['tau']:.2f})" if r["tau"] is not None else "")
+        for r in row["eval"]
+      )
+      or "no records"
+    )
   parts = [f"τ {t} {_fmt(v)}" for t, v in row["tau"].items()]
   if row["eval_loss"] is not None:
     parts.append(f"held-out loss {_fmt(row['eval_loss'], '.4g')}")
@@ -389,10 +423,12 @@ def runs_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
-_AXES = {"finetune_tokens": ("training tokens (response tokens seen)", "τ (mean accepted length)", True, True),
-         "pretrain_vs_scratch": (f"0 = {ARMS[0]}, 1 = {ARMS[1]}", "τ (mean accepted length)", False, False),
-         "drafter_size": ("drafter parameters", "τ (mean accepted length)", False, False),
-         "gamma": ("γ (draft tokens per round)", "speedup (×) and τ", False, False)}
+_AXES = {
+  "finetune_tokens": ("training tokens (response tokens seen)", "τ (mean accepted length)", True, True),
+  "pretrain_vs_scratch": (f"0 = {ARMS[0]}, 1 = {ARMS[1]}", "τ (mean accepted length)", False, False),
+  "drafter_size": ("drafter parameters", "τ (mean accepted length)", False, False),
+  "gamma": ("γ (draft tokens per round)", "speedup (×) and τ", False, False),
+}
 
 
 def points_for(kind: str, rows: Sequence[dict], config_path: str | None = None) -> list[dict]:
@@ -418,19 +454,29 @@ def write_ablations(config_path: str, sweep_dir: str, out_dir: str, kind: str) -
     done = [row["name"] for row in rows if row["status"] == "done"]
     listed = ", ".join(f"{row['name']} ({row['reason']})" for row in missing)
     because = f"missing runs: {listed}" if missing else "every run is done"
-    raise SpecjaxError(f"{config_path}, {sweep_dir}: no finished run gives {kind} points; {because}"
-                       + (f"; done runs without the numbers {kind} needs: {', '.join(done)}" if done else ""))
+    raise SpecjaxError(
+      f"{config_path}, {sweep_dir}: no finished run gives {kind} points; {because}"
+      + (f"; done runs without the numbers {kind} needs: {', '.join(done)}" if done else "")
+    )
   x_label, y_label, log_x, fit_log = _AXES[kind]
   if kind == "drafter_size" and points[0]["label"] == "held-out loss":
     y_label = "held-out loss"
   image = f"ablation_{kind}.png"
   fileio.makedirs(out_dir, exist_ok=True)
   fits = report.plot_ablation(points, fileio.join(out_dir, image), x_label, y_label, log_x=log_x, fit_log=fit_log)
-  lines = [f"# Ablation: {TITLES[kind]}", "",
-           f"Sweep `{config_path}` in `{sweep_dir}`: {len(rows) - len(missing)} of {len(rows)} runs done"
-           + (f"; missing: {', '.join(row['name'] for row in missing)}." if missing else "."), "",
-           report.ablation_section(TITLES[kind], points, x_label, y_label, image, fits), "",
-           "## Runs", "", runs_table(rows), ""]
+  lines = [
+    f"# Ablation: {TITLES[kind]}",
+    "",
+    f"Sweep `{config_path}` in `{sweep_dir}`: {len(rows) - len(missing)} of {len(rows)} runs done"
+    + (f"; missing: {', '.join(row['name'] for row in missing)}." if missing else "."),
+    "",
+    report.ablation_section(TITLES[kind], points, x_label, y_label, image, fits),
+    "",
+    "## Runs",
+    "",
+    runs_table(rows),
+    "",
+  ]
   path = fileio.join(out_dir, f"ablation_{kind}.md")
   with fileio.open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
@@ -438,8 +484,10 @@ def write_ablations(config_path: str, sweep_dir: str, out_dir: str, kind: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m specjax.eval.ablations",
-                                   description="Plot an ablation from a sweep's runs (see the module docstring).")
+  parser = argparse.ArgumentParser(
+    prog="python -m specjax.eval.ablations",
+    description="Plot an ablation from a sweep's runs (see the module docstring).",
+  )
   parser.add_argument("--config", required=True, help="the config file whose sweep() made the runs")
   parser.add_argument("--sweep_dir", required=True, help="the --workdir given to launch/sweep.py (BASE)")
   parser.add_argument("--kind", required=True, choices=KINDS)

@@ -6,6 +6,7 @@ here, never stored, from the `ar` record of the same run (language, temperature,
 use matplotlib's Figure directly (Agg canvas, no pyplot state), so importing this module never
 changes a notebook's backend.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,11 @@ _REQUIRED = ("language", "method", "temperature", "seed", "tokens_per_second")
 
 
 def _describe(record: dict) -> str:
-  return (f"record (language={record.get('language')!r}, method={record.get('method')!r}, "
-          f"drafter={record.get('drafter')!r}, temperature={record.get('temperature')!r}, "
-          f"seed={record.get('seed')!r})")
+  return (
+    f"record (language={record.get('language')!r}, method={record.get('method')!r}, "
+    f"drafter={record.get('drafter')!r}, temperature={record.get('temperature')!r}, "
+    f"seed={record.get('seed')!r})"
+  )
 
 
 def _check(records: Sequence[dict]) -> list[dict]:
@@ -55,8 +58,7 @@ def _check(records: Sequence[dict]) -> list[dict]:
       raise SpecjaxError(f"records[{index}] {_describe(record)}: method must be one of {_METHODS}")
     tps = record["tokens_per_second"]
     if not isinstance(tps, (int, float)) or not tps > 0:
-      raise SpecjaxError(f"records[{index}] {_describe(record)}: tokens_per_second={tps!r} "
-                         "must be a positive number")
+      raise SpecjaxError(f"records[{index}] {_describe(record)}: tokens_per_second={tps!r} must be a positive number")
   return records
 
 
@@ -79,9 +81,11 @@ def speedups(records: Sequence[dict]) -> list[dict]:
       continue
     language, temperature, seed = _run_key(record)
     if (language, temperature, seed) not in baseline:
-      raise SpecjaxError(f"no `ar` record for (language={language!r}, temperature={temperature:g}, "
-                         f"seed={seed!r}): the speedup of {_describe(record)} needs plain decoding "
-                         "measured in the same run")
+      raise SpecjaxError(
+        f"no `ar` record for (language={language!r}, temperature={temperature:g}, "
+        f"seed={seed!r}): the speedup of {_describe(record)} needs plain decoding "
+        "measured in the same run"
+      )
     out.append({**record, "speedup": record["tokens_per_second"] / baseline[_run_key(record)]})
   return out
 
@@ -184,8 +188,9 @@ def _table_grid(records: Sequence[dict], temperature: float):
     values = [round(row[column][0], 2) for row in cells if row[column] is not None]
     best.append(max(values) if values else None)
   body = [[label] + [_cell_text(cell) for cell in row] for label, row in zip(stats, cells)]
-  is_best = [[False] + [cell is not None and round(cell[0], 2) == best[c] for c, cell in enumerate(row)]
-             for row in cells]
+  is_best = [
+    [False] + [cell is not None and round(cell[0], 2) == best[c] for c, cell in enumerate(row)] for row in cells
+  ]
   return header, body, is_best
 
 
@@ -201,11 +206,11 @@ def main_table(records: Sequence[dict], temperature: float) -> str:
 def print_table(records: Sequence[dict], temperature: float) -> str:
   """main_table as aligned plain text for a terminal (best cells marked *); printed and returned."""
   header, body, is_best = _table_grid(records, temperature)
-  rows = [header] + [[text + ("*" if b else "") for text, b in zip(row, bold)]
-                     for row, bold in zip(body, is_best)]
+  rows = [header] + [[text + ("*" if b else "") for text, b in zip(row, bold)] for row, bold in zip(body, is_best)]
   widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-  lines = ["  ".join(text.ljust(widths[c]) if c == 0 else text.rjust(widths[c]) for c, text in enumerate(row))
-           for row in rows]
+  lines = [
+    "  ".join(text.ljust(widths[c]) if c == 0 else text.rjust(widths[c]) for c, text in enumerate(row)) for row in rows
+  ]
   lines.insert(1, "-" * len(lines[0]))
   text = "\n".join(lines)
   print(text)
@@ -287,8 +292,9 @@ def _per_position_series(records: Sequence[dict], temperature: float) -> dict[tu
       raise SpecjaxError(f"{_describe(record)}: per_position must be a list of numbers, got {curve!r}")
     grouped.setdefault((record["language"], method_label(record)), []).append(list(curve))
   # Draft lengths may differ between seeds (dynamic schedule): average the common positions.
-  return {key: np.mean([c[:min(map(len, curves))] for c in curves], axis=0).tolist()
-          for key, curves in grouped.items()}
+  return {
+    key: np.mean([c[: min(map(len, curves))] for c in curves], axis=0).tolist() for key, curves in grouped.items()
+  }
 
 
 def plot_per_position(records: Sequence[dict], path: str, temperature: float) -> None:
@@ -302,8 +308,15 @@ def plot_per_position(records: Sequence[dict], path: str, temperature: float) ->
   for (lang, label), curve in sorted(series.items(), key=lambda kv: (languages.index(kv[0][0]), kv[0][1])):
     colour = f"C{languages.index(lang) % 10}"
     kind = label.removeprefix("SpS, ").removesuffix(" drafter")
-    axes.plot(range(1, len(curve) + 1), curve, _LINE_STYLES[label], color=colour, marker="o",
-              markersize=3, label=f"{_column_name(lang)}, {kind}")
+    axes.plot(
+      range(1, len(curve) + 1),
+      curve,
+      _LINE_STYLES[label],
+      color=colour,
+      marker="o",
+      markersize=3,
+      label=f"{_column_name(lang)}, {kind}",
+    )
   axes.set_xticks(range(1, max(map(len, series.values())) + 1))
   axes.set_xlabel("draft position k")
   axes.set_ylabel("P(first k draft tokens accepted)")
@@ -328,14 +341,14 @@ def _fit_log10(label: str, xy: list[tuple[float, float]]) -> tuple[float, float]
   """Least squares y = a + b·log10(x): the paper's 'speedup grows with the log of tokens'."""
   xs = [x for x, _ in xy]
   if min(xs) <= 0 or len(set(xs)) < 2:
-    raise SpecjaxError(f"ablation series {label!r}: a log fit needs x > 0 at two or more distinct x, "
-                       f"got {xs}")
+    raise SpecjaxError(f"ablation series {label!r}: a log fit needs x > 0 at two or more distinct x, got {xs}")
   b, a = np.polyfit(np.log10(xs), [y for _, y in xy], 1)
   return float(a), float(b)
 
 
-def plot_ablation(points: Sequence[dict], path: str, x_label: str, y_label: str,
-                  log_x: bool = False, fit_log: bool = False) -> dict[str, tuple[float, float]]:
+def plot_ablation(
+  points: Sequence[dict], path: str, x_label: str, y_label: str, log_x: bool = False, fit_log: bool = False
+) -> dict[str, tuple[float, float]]:
   """One series per label; with fit_log, a dashed y = a + b·log10(x) line each. Returns {label: (a, b)}."""
   series = _points_by_label(points)
   if not series:
@@ -361,15 +374,24 @@ def plot_ablation(points: Sequence[dict], path: str, x_label: str, y_label: str,
   return fits
 
 
-def ablation_section(title: str, points: Sequence[dict], x_label: str = "x", y_label: str = "y",
-                     image: str | None = None, fits: dict[str, tuple[float, float]] | None = None) -> str:
+def ablation_section(
+  title: str,
+  points: Sequence[dict],
+  x_label: str = "x",
+  y_label: str = "y",
+  image: str | None = None,
+  fits: dict[str, tuple[float, float]] | None = None,
+) -> str:
   """Markdown: a heading, the points as a table, the log fits if any, and the plot."""
   lines = [f"## {title}", "", f"| series | {x_label} | {y_label} |", "| --- | --- | --- |"]
   for label, xy in _points_by_label(points).items():
     lines += [f"| {label} | {x:g} | {y:.4g} |" for x, y in xy]
   if fits:
-    lines += ["", "Least-squares fit y = a + b·log10(x): " +
-              "; ".join(f"{label}: a = {a:.3f}, b = {b:.3f}" for label, (a, b) in fits.items())]
+    lines += [
+      "",
+      "Least-squares fit y = a + b·log10(x): "
+      + "; ".join(f"{label}: a = {a:.3f}, b = {b:.3f}" for label, (a, b) in fits.items()),
+    ]
   if image:
     lines += ["", f"![{title}]({image})"]
   return "\n".join(lines)
@@ -382,8 +404,9 @@ def _slug(title: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_") or "ablation"
 
 
-def write_report(records: Sequence[dict], out_dir: str, title: str, notes: Sequence[str] = (),
-                 ablations: Sequence[tuple] = ()) -> str:
+def write_report(
+  records: Sequence[dict], out_dir: str, title: str, notes: Sequence[str] = (), ablations: Sequence[tuple] = ()
+) -> str:
   """Writes out_dir/report.md (+ its PNGs) and out_dir/records.json; returns the report's path.
 
   ablations: (title, points, x_label, y_label, log_x, fit_log) each, one plot and section each.
@@ -391,18 +414,26 @@ def write_report(records: Sequence[dict], out_dir: str, title: str, notes: Seque
   records = _check(records)
   speedups(records)  # a missing baseline fails here, before any file is written
   fileio.makedirs(out_dir, exist_ok=True)
-  lines = [f"# {title}", "",
-           "Speedup = tokens/s over plain decoding's in the same run (same language, temperature "
-           "and seed); τ = mean accepted length per verification step. Cells: mean (± sample std "
-           "when several seeds) over seeds, τ in brackets; Avg = mean over the languages; best per "
-           "column in bold.", ""]
+  lines = [
+    f"# {title}",
+    "",
+    "Speedup = tokens/s over plain decoding's in the same run (same language, temperature "
+    "and seed); τ = mean accepted length per verification step. Cells: mean (± sample std "
+    "when several seeds) over seeds, τ in brackets; Avg = mean over the languages; best per "
+    "column in bold.",
+    "",
+  ]
   for temperature in sorted({float(r["temperature"]) for r in records}):
     lines += [f"## T={temperature:g}", "", main_table(records, temperature), ""]
     at_t = _at(records, temperature)
     if len({r["drafter"] for r in at_t if _is_cross_language(r)}) > 1:
       for value, name in (("tau", "τ"), ("speedup", "speedup")):
-        lines += [f"### Cross-language {name}, T={temperature:g}", "",
-                  cross_language_matrix(records, temperature, value), ""]
+        lines += [
+          f"### Cross-language {name}, T={temperature:g}",
+          "",
+          cross_language_matrix(records, temperature, value),
+          "",
+        ]
     if any(r["method"] != "ar" for r in at_t):
       image = f"speedup_T{temperature:g}.png"
       plot_speedup(records, fileio.join(out_dir, image), temperature)
@@ -413,8 +444,10 @@ def write_report(records: Sequence[dict], out_dir: str, title: str, notes: Seque
       lines += [f"![per-position acceptance at T={temperature:g}]({image})", ""]
   for index, ablation in enumerate(ablations):
     if len(ablation) != 6:
-      raise SpecjaxError(f"write_report: ablations[{index}] must be (title, points, x_label, y_label, "
-                         f"log_x, fit_log), got {len(ablation)} items")
+      raise SpecjaxError(
+        f"write_report: ablations[{index}] must be (title, points, x_label, y_label, "
+        f"log_x, fit_log), got {len(ablation)} items"
+      )
     ablation_title, points, x_label, y_label, log_x, fit_log = ablation
     image = f"ablation_{_slug(ablation_title)}.png"
     fits = plot_ablation(points, fileio.join(out_dir, image), x_label, y_label, log_x, fit_log)

@@ -5,6 +5,7 @@ router. The category of a multilingual Spec-Bench question names the language; f
 (or to show that the category is not needed) the language is detected from the text alone, by
 script for ja/zh/ru and by characteristic letters and stopwords for de/fr against English.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,19 +21,25 @@ _INSTRUCTION = re.compile(r"^\s*Translate\s+[A-Za-z]+\s+to\s+English\s*:\s*", re
 # Stopwords that are frequent in one language and rare or absent in the other two (so no "in",
 # "die", "was", "a", "on", "son", ... which German or French share with English).
 _STOPWORDS = {
-  "de": set("der das und ist nicht ein eine einen einem einer zu mit den dem sich auf für von im "
-            "sie er es wir ich ihr hat haben sind wird werden wurde dass aber auch noch nur bei "
-            "nach aus vor wie schon sein seine ihre mein meine kein keine sehr zum zur wenn oder "
-            "bis ob heute jetzt immer dieser diese dieses diesem diesen mir mich dir dich hast "
-            "kannst gibt bitte mal einmal unter warum wann wegen dein deine viele kleine um".split()),
-  "fr": set("le la les et est une un des du pas pour dans que qui sur au aux avec ce cette ces il "
-            "elle ils elles nous vous je tu se ne sont ont été par plus mais leur leurs mon ma mes "
-            "sa ses notre nos très tout tous toute aussi depuis chez où quand sans entre déjà "
-            "encore peu fait avait sera".split()),
-  "en": set("the and is of to that it was are this with for from have has had been were will "
-            "would they their there which what who you your we our he she his her not but can "
-            "could should about into after before because when very my i every by be at do did "
-            "if than then them these those some one out up how why its".split()),
+  "de": set(
+    "der das und ist nicht ein eine einen einem einer zu mit den dem sich auf für von im "
+    "sie er es wir ich ihr hat haben sind wird werden wurde dass aber auch noch nur bei "
+    "nach aus vor wie schon sein seine ihre mein meine kein keine sehr zum zur wenn oder "
+    "bis ob heute jetzt immer dieser diese dieses diesem diesen mir mich dir dich hast "
+    "kannst gibt bitte mal einmal unter warum wann wegen dein deine viele kleine um".split()
+  ),
+  "fr": set(
+    "le la les et est une un des du pas pour dans que qui sur au aux avec ce cette ces il "
+    "elle ils elles nous vous je tu se ne sont ont été par plus mais leur leurs mon ma mes "
+    "sa ses notre nos très tout tous toute aussi depuis chez où quand sans entre déjà "
+    "encore peu fait avait sera".split()
+  ),
+  "en": set(
+    "the and is of to that it was are this with for from have has had been were will "
+    "would they their there which what who you your we our he she his her not but can "
+    "could should about into after before because when very my i every by be at do did "
+    "if than then them these those some one out up how why its".split()
+  ),
 }
 _LETTERS = {"de": set("äöüß"), "fr": set("éèêëàâçœùûîïôÿ")}
 # l'essence, d'un, n'est, qu'il, c'est, j'ai, s'avère: elision is French and never English.
@@ -41,7 +48,7 @@ _WORD = re.compile(r"[^\W\d_]+")
 
 
 def language_of_category(category: str) -> str | None:
-  """"deen" -> "de" for the X->en categories of multilingual Spec-Bench; None for the rest."""
+  """Maps "deen" -> "de" for the X->en categories of multilingual Spec-Bench; None for the rest."""
   is_x_to_en = isinstance(category, str) and len(category) == 4 and category.endswith("en")
   return category[:2] if is_x_to_en and category[:2] in LANGS else None
 

@@ -12,6 +12,7 @@ Spec-Bench's own speed.py and BLEU/chrF against references can be computed.
 and hands each unit it decodes to `on_unit` (the job journals it). Decoding is seeded per (seed,
 question row), so resumed answers equal an uninterrupted run's (timings and tstamp aside).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ ROUTED = "auto"  # the drafter of a run that picks one per question (specjax.eva
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One (method, drafter) column of the evaluation; temperatures=None runs at every temperature."""
+
   method: str
   drafter: str | None = None
   temperatures: tuple[float, ...] | None = None
@@ -61,8 +63,10 @@ def normalize_runs(runs: Sequence, drafter_names: Sequence[str]) -> list[Run]:
     if method not in engine.METHODS:
       raise SpecjaxError(f"runs[{index}]: method {method!r}: expected one of {', '.join(engine.METHODS)}")
     if method == "sps" and drafter != ROUTED and drafter not in drafter_names:
-      raise SpecjaxError(f"runs[{index}]: drafter {drafter!r} is not loaded; drafters: "
-                         f"{', '.join(drafter_names) or '(none)'}, or {ROUTED!r} (routed per question)")
+      raise SpecjaxError(
+        f"runs[{index}]: drafter {drafter!r} is not loaded; drafters: "
+        f"{', '.join(drafter_names) or '(none)'}, or {ROUTED!r} (routed per question)"
+      )
     if method == "sps" and drafter == ROUTED and not drafter_names:
       raise SpecjaxError(f"runs[{index}]: drafter {ROUTED!r} routes among the loaded drafters, and none is loaded")
     if method != "sps" and drafter is not None:
@@ -98,20 +102,35 @@ def _trim_none(values: list) -> list:
 class _Evaluation:
   """The state of one `evaluate` call: decoders, their compiled buckets, and the routing."""
 
-  def __init__(self, target, tokenizer, drafters, questions, runs, *, decoding: DecodingSettings, template,
-               system_prompt, mesh, eos_id):
+  def __init__(
+    self,
+    target,
+    tokenizer,
+    drafters,
+    questions,
+    runs,
+    *,
+    decoding: DecodingSettings,
+    template,
+    system_prompt,
+    mesh,
+    eos_id,
+  ):
     self.tokenizer, self.questions = tokenizer, questions
     self.template, self.system_prompt, self.eos_id = template, system_prompt, eos_id
     self.batch_size = decoding.batch_size
     self.routed: dict[int, str] = {}
     if any(run.drafter == ROUTED for run in runs):
       from specjax.eval.routing import route
+
       for i, q in enumerate(questions):
         name = route(q, available=list(drafters))
         if name not in drafters:
-          raise SpecjaxError(f"{q.get('source', q['question_id'])}: drafter=auto routes question "
-                             f"{q['question_id']!r} to drafter {name!r}, which is not loaded (drafters: "
-                             f"{', '.join(drafters)}); add a {name!r} drafter")
+          raise SpecjaxError(
+            f"{q.get('source', q['question_id'])}: drafter=auto routes question "
+            f"{q['question_id']!r} to drafter {name!r}, which is not loaded (drafters: "
+            f"{', '.join(drafters)}); add a {name!r} drafter"
+          )
         self.routed[i] = name
     needed = []  # decoder keys, (method, drafter name | None)
     for run in runs:
@@ -120,8 +139,9 @@ class _Evaluation:
       else:
         needed.append((run.method, run.drafter))
     self.decoders = {
-        key: Decoder(target, drafters[key[1]] if key[1] else None, decoding, method=key[0], mesh=mesh)
-        for key in dict.fromkeys(needed)}
+      key: Decoder(target, drafters[key[1]] if key[1] else None, decoding, method=key[0], mesh=mesh)
+      for key in dict.fromkeys(needed)
+    }
     self.compiled: set[tuple] = set()  # (decoder key, sampling?, prompt bucket)
     self.compile_s = 0.0
 
@@ -154,19 +174,34 @@ class _Evaluation:
         if len(self.questions[i]["turns"]) > turn:
           groups.setdefault(self.decoder_key(run, i), []).append(i)
       for key, rows in groups.items():
-        prompts = [encode_prompt(self.tokenizer, apply_template(self.template, self.questions[i]["turns"][turn],
-                                                                history[i], self.system_prompt, self.tokenizer)) for i in rows]
-        names = [f"{self.questions[i].get('source', '?')} (question {self.questions[i]['question_id']!r}, "
-                 f"turn {turn + 1})" for i in rows]
+        prompts = [
+          encode_prompt(
+            self.tokenizer,
+            apply_template(
+              self.template, self.questions[i]["turns"][turn], history[i], self.system_prompt, self.tokenizer
+            ),
+          )
+          for i in rows
+        ]
+        names = [
+          f"{self.questions[i].get('source', '?')} (question {self.questions[i]['question_id']!r}, turn {turn + 1})"
+          for i in rows
+        ]
         starts = range(0, len(rows), self.batch_size)
-        self.warm_up(key, [prompts[lo:lo + self.batch_size] for lo in starts], [names[lo] for lo in starts],
-                     temperature)
+        self.warm_up(
+          key, [prompts[lo : lo + self.batch_size] for lo in starts], [names[lo] for lo in starts], temperature
+        )
         for lo in starts:
-          batch = rows[lo:lo + self.batch_size]
+          batch = rows[lo : lo + self.batch_size]
           start = time.perf_counter()
           result = self.decoders[key].generate(
-              prompts[lo:lo + len(batch)], temperature=temperature, seed=seed, eos_id=self.eos_id,
-              row_ids=[i + turn * len(self.questions) for i in batch], names=names[lo:lo + len(batch)])
+            prompts[lo : lo + len(batch)],
+            temperature=temperature,
+            seed=seed,
+            eos_id=self.eos_id,
+            row_ids=[i + turn * len(self.questions) for i in batch],
+            names=names[lo : lo + len(batch)],
+          )
           elapsed = time.perf_counter() - start
           wall_s += elapsed
           results.append(result)
@@ -174,18 +209,32 @@ class _Evaluation:
             tokens = [int(t) for t in result.new_tokens[k]]
             text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
             history[i].append((self.questions[i]["turns"][turn], text))
-            turns[i].append((text, tokens, int(result.steps[k]), elapsed / len(batch),
-                             _accept_lengths(result.accept_hist[k])))
+            turns[i].append(
+              (text, tokens, int(result.steps[k]), elapsed / len(batch), _accept_lengths(result.accept_hist[k]))
+            )
     return results, wall_s, turns
 
 
-def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions: list[dict], *,
-             runs: Sequence[tuple], temperatures: Sequence[float] = (0.0, 1.0), seeds: Sequence[int] = (0, 1, 2),
-             greedy_seeds: Sequence[int] = (0,), decoding: DecodingSettings | None = None,
-             template: str = "vicuna_v1.1", system_prompt: str | None = None, mesh=None,
-             eos_id: int | Sequence[int] | None = None, progress: bool = True,
-             done: Mapping[tuple, dict] | None = None, on_unit: Callable[[dict], None] | None = None,
-             **decoding_fields) -> tuple[list[dict], list[dict]]:
+def evaluate(
+  target: Llama,
+  tokenizer,
+  drafters: Mapping[str, Llama],
+  questions: list[dict],
+  *,
+  runs: Sequence[tuple],
+  temperatures: Sequence[float] = (0.0, 1.0),
+  seeds: Sequence[int] = (0, 1, 2),
+  greedy_seeds: Sequence[int] = (0,),
+  decoding: DecodingSettings | None = None,
+  template: str = "vicuna_v1.1",
+  system_prompt: str | None = None,
+  mesh=None,
+  eos_id: int | Sequence[int] | None = None,
+  progress: bool = True,
+  done: Mapping[tuple, dict] | None = None,
+  on_unit: Callable[[dict], None] | None = None,
+  **decoding_fields,
+) -> tuple[list[dict], list[dict]]:
   """Decodes every category's questions with every run; returns (records, answers).
 
   runs: (method, drafter) pairs, e.g. [("ar", None), ("pld", None), ("sps", "general"),
@@ -204,6 +253,7 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
   with each unit decoded here ({"key", "record", "answers", "compile_s"}), e.g. to journal it.
   """
   from specjax.eval.routing import language_of_category
+
   decoding = (decoding or DecodingSettings()).replace(**decoding_fields)
   runs = normalize_runs(runs, list(drafters))
   if not runs:
@@ -228,9 +278,18 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
       bar.update(1)
       continue
     if state is None:
-      state = _Evaluation(target, tokenizer, drafters, questions, runs, decoding=decoding, template=template,
-                          system_prompt=system_prompt, mesh=mesh,
-                          eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id)
+      state = _Evaluation(
+        target,
+        tokenizer,
+        drafters,
+        questions,
+        runs,
+        decoding=decoding,
+        template=template,
+        system_prompt=system_prompt,
+        mesh=mesh,
+        eos_id=stop_ids(target.config, tokenizer) if eos_id is None else eos_id,
+      )
     compiled_before = state.compile_s
     decoded += 1
     indices = by_category[category]
@@ -238,39 +297,74 @@ def evaluate(target: Llama, tokenizer, drafters: Mapping[str, Llama], questions:
     results, wall_s, turns = state.decode(run, indices, temperature, seed)
     m = metrics.aggregate(results)
     unit_answers = []
-    records.append({
-        "language": language_of_category(category) or category, "category": category,
-        "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed,
-        "prompts": len(indices), "new_tokens": m["new_tokens"], "wall_s": wall_s,
+    records.append(
+      {
+        "language": language_of_category(category) or category,
+        "category": category,
+        "method": run.method,
+        "drafter": run.drafter,
+        "temperature": temperature,
+        "seed": seed,
+        "prompts": len(indices),
+        "new_tokens": m["new_tokens"],
+        "wall_s": wall_s,
         "tokens_per_second": m["new_tokens"] / wall_s if wall_s else None,
-        "tau": m["tau"], "tau_drafted": m["tau_drafted"], "acceptance_rate": m["acceptance_rate"],
+        "tau": m["tau"],
+        "tau_drafted": m["tau_drafted"],
+        "acceptance_rate": m["acceptance_rate"],
         "per_position": _trim_none(m["per_position_acceptance"]["cumulative"]),
-        "per_position_conditional": _trim_none(m["per_position_acceptance"]["conditional"])})
+        "per_position_conditional": _trim_none(m["per_position_acceptance"]["conditional"]),
+      }
+    )
     for i in indices:
       q = questions[i]
       texts, token_ids, steps, walls, accept_lengths = (list(column) for column in zip(*turns[i]))
       answer = {
-          "question_id": q["question_id"], "category": category,
-          "answer_id": _answer_id(run.model_id, temperature, seed, q["question_id"]), "model_id": run.model_id,
-          "choices": [{"index": 0, "turns": texts, "decoding_steps": steps, "new_tokens": [len(t) for t in token_ids],
-                       "wall_time": walls, "accept_lengths": [n for turn in accept_lengths for n in turn],
-                       "token_ids": token_ids}],
-          "tstamp": time.time(),
-          "method": run.method, "drafter": run.drafter, "temperature": temperature, "seed": seed}
+        "question_id": q["question_id"],
+        "category": category,
+        "answer_id": _answer_id(run.model_id, temperature, seed, q["question_id"]),
+        "model_id": run.model_id,
+        "choices": [
+          {
+            "index": 0,
+            "turns": texts,
+            "decoding_steps": steps,
+            "new_tokens": [len(t) for t in token_ids],
+            "wall_time": walls,
+            "accept_lengths": [n for turn in accept_lengths for n in turn],
+            "token_ids": token_ids,
+          }
+        ],
+        "tstamp": time.time(),
+        "method": run.method,
+        "drafter": run.drafter,
+        "temperature": temperature,
+        "seed": seed,
+      }
       if run.drafter == ROUTED:
         answer["routed_drafter"] = state.routed[i]
       unit_answers.append(answer)
     answers += unit_answers
     if on_unit is not None:
-      on_unit({"key": list(unit_key(category, temperature, seed, run)), "record": records[-1],
-               "answers": unit_answers, "compile_s": state.compile_s - compiled_before})
+      on_unit(
+        {
+          "key": list(unit_key(category, temperature, seed, run)),
+          "record": records[-1],
+          "answers": unit_answers,
+          "compile_s": state.compile_s - compiled_before,
+        }
+      )
     bar.update(1)
   bar.close()
   order = {q["question_id"]: i for i, q in enumerate(questions)}
   answers.sort(key=lambda a: (a["model_id"], a["temperature"], a["seed"], order[a["question_id"]]))
-  console.info("eval_specbench: %d records (%d decoded now) from %d decoders; compile (warm-up, not timed) %.1f s",
-               len(records), decoded, len(state.decoders) if state else 0,
-               compile_s + (state.compile_s if state else 0.0))
+  console.info(
+    "eval_specbench: %d records (%d decoded now) from %d decoders; compile (warm-up, not timed) %.1f s",
+    len(records),
+    decoded,
+    len(state.decoders) if state else 0,
+    compile_s + (state.compile_s if state else 0.0),
+  )
   return records, answers
 
 
@@ -284,11 +378,14 @@ def _by_category(questions: list[dict]) -> dict[str, list[int]]:
 def work_units(questions: list[dict], runs: Sequence[Run], temperatures, seeds, greedy_seeds) -> list[tuple]:
   """(category, temperature, seed, Run) in decoding order. Innermost loop over runs: the methods
   compared within one (language, temperature, seed) run back to back."""
-  return [(category, float(t), int(seed), run)
-          for category in _by_category(questions)
-          for t in temperatures
-          for seed in (greedy_seeds if t == 0 else seeds)
-          for run in runs if run.temperatures is None or float(t) in run.temperatures]
+  return [
+    (category, float(t), int(seed), run)
+    for category in _by_category(questions)
+    for t in temperatures
+    for seed in (greedy_seeds if t == 0 else seeds)
+    for run in runs
+    if run.temperatures is None or float(t) in run.temperatures
+  ]
 
 
 def unit_key(category: str, temperature: float, seed: int, run: Run) -> tuple:
@@ -307,6 +404,7 @@ def bleu_chrf(answers: Sequence[dict], references: Mapping[str, Sequence[str] | 
   Categories without references are skipped. Returns {category: {"bleu", "chrf", "sentences"}}.
   """
   import sacrebleu
+
   hypotheses: dict[str, list[str]] = {}
   for answer in answers:
     category = answer.get("category")
@@ -319,10 +417,15 @@ def bleu_chrf(answers: Sequence[dict], references: Mapping[str, Sequence[str] | 
       refs, source = read_reference_file(refs), refs
     refs = list(refs)
     if len(refs) != len(hyps):
-      raise SpecjaxError(f"{source}: {len(refs)} reference lines for {len(hyps)} answers of category "
-                         f"{category!r}; references must be line-aligned with the questions")
-    out[category] = {"bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
-                     "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score, "sentences": len(hyps)}
+      raise SpecjaxError(
+        f"{source}: {len(refs)} reference lines for {len(hyps)} answers of category "
+        f"{category!r}; references must be line-aligned with the questions"
+      )
+    out[category] = {
+      "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+      "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+      "sentences": len(hyps),
+    }
   return out
 
 

@@ -1,4 +1,5 @@
 """What several jobs do the same way: the mesh they decode on and loading a target with its drafters."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -14,9 +15,16 @@ def job_mesh(config):
   return make_mesh(tuple(config.mesh_shape)) if jax.device_count() > 1 else None
 
 
-def load_target_and_drafters(config, target_path: str, drafter_paths: Mapping[str, str], mesh, *,
-                             tokenizer_path: str | None = None, with_tokenizer: bool = True,
-                             check_drafter: Callable | None = None):
+def load_target_and_drafters(
+  config,
+  target_path: str,
+  drafter_paths: Mapping[str, str],
+  mesh,
+  *,
+  tokenizer_path: str | None = None,
+  with_tokenizer: bool = True,
+  check_drafter: Callable | None = None,
+):
   """(tokenizer, target, target's LlamaConfig, drafters by name) in config field `dtype`.
 
   The tokenizer (config field `tokenizer`'s, else the target's; None when with_tokenizer is

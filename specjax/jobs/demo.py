@@ -21,6 +21,7 @@ target trained from scratch to translate X->English, and drafters start from ran
 Every stage leaves a DONE file; a killed demo rerun with the same command resumes at the first
 unfinished stage (and inside a training stage, at its last checkpoint).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,11 +68,25 @@ def _stage(name: str, path: str, fn):
 
 def _trainer_config(config, job: str, **fields):
   from specjax.train.defaults import trainer_config
+
   c = trainer_config(job)
-  c.update(data_dir=config.data_dir, template=config.template, dtype="float32", target_dtype="float32",
-           shuffle_buffer_size=2000, log_every=config.log_every, eval_every=0, eval_batches=0,
-           tensorboard=config.tensorboard, acceptance_prompts="", checkpoint_every=100_000, warmup_fraction=0.05,
-           pretrain_source="local", translate_source=config.data, seed=config.seed)
+  c.update(
+    data_dir=config.data_dir,
+    template=config.template,
+    dtype="float32",
+    target_dtype="float32",
+    shuffle_buffer_size=2000,
+    log_every=config.log_every,
+    eval_every=0,
+    eval_batches=0,
+    tensorboard=config.tensorboard,
+    acceptance_prompts="",
+    checkpoint_every=100_000,
+    warmup_fraction=0.05,
+    pretrain_source="local",
+    translate_source=config.data,
+    seed=config.seed,
+  )
   c.update(fields)
   return c
 
@@ -79,13 +94,30 @@ def _trainer_config(config, job: str, **fields):
 def _distill_config(config, lang: str, target_dir: str, data_dir: str):
   """configs/distill_data.py's fields for one language of the demo."""
   import ml_collections
-  return ml_collections.ConfigDict(dict(
-      job="distill_data", target=target_dir, tokenizer=None, dtype="float32", data_dir=data_dir, src=lang,
-      tgt="en", num_sources=config.distill_sources, template=config.template,
+
+  return ml_collections.ConfigDict(
+    dict(
+      job="distill_data",
+      target=target_dir,
+      tokenizer=None,
+      dtype="float32",
+      data_dir=data_dir,
+      src=lang,
+      tgt="en",
+      num_sources=config.distill_sources,
+      template=config.template,
       temperatures=tuple(config.distill_temperatures),
       max_new_tokens=config.get("distill_max_new_tokens") or config.max_new_tokens,
-      batch_size=config.distill_batch_size, seed=config.seed, max_cache_len=None, prompt_bucket=config.prompt_bucket,
-      mesh_shape=(1, -1, 1), num_shards=4, max_shards_this_run=0, local_assets=False))
+      batch_size=config.distill_batch_size,
+      seed=config.seed,
+      max_cache_len=None,
+      prompt_bucket=config.prompt_bucket,
+      mesh_shape=(1, -1, 1),
+      num_shards=4,
+      max_shards_this_run=0,
+      local_assets=False,
+    )
+  )
 
 
 def _shown_path(path: str) -> str:
@@ -101,9 +133,15 @@ def _heldout_questions(config, data_dir: str) -> list[dict]:
   questions = []
   for lang in config.langs:
     pairs = load_pairs(data_dir, lang, "eval", config.eval_prompts_per_language)
-    questions += [{"question_id": f"heldout_{lang}en_{i}", "category": f"{lang}en",
-                   "turns": [translation_message(lang, "en", x)], "reference": en}
-                  for i, (x, en) in enumerate(pairs)]
+    questions += [
+      {
+        "question_id": f"heldout_{lang}en_{i}",
+        "category": f"{lang}en",
+        "turns": [translation_message(lang, "en", x)],
+        "reference": en,
+      }
+      for i, (x, en) in enumerate(pairs)
+    ]
   return questions
 
 
@@ -139,64 +177,106 @@ def run(config, workdir: str) -> dict:
       for x, en in load_pairs(data_dir, lang, "train"):
         texts += [x, en]
     from specjax.jobs.local_assets import TEMPLATE_TEXT
+
     tok = train_tokenizer([TEMPLATE_TEXT] + texts, config.vocab_size, path("tokenizer"))
     return {"vocab_size": len(tok)}
+
   _stage("tokenizer", path("tokenizer"), tokenizer_stage)
   tokenizer = load_tokenizer(path("tokenizer"))
 
   # 2. The target: a translator X->en trained from random weights.
   def target_stage():
-    make_random_checkpoint(path("target_init"), _model_config(config.target_model), tokenizer=tokenizer,
-                           seed=config.seed)
-    c = _trainer_config(config, "pretrain", drafter=path("target_init"), tokenizer=path("tokenizer"),
-                        mixture="finetune_multilingual", selfdistill_dir=None,
-                        num_train_steps=config.target_steps, batch_size=config.batch_size,
-                        sequence_length=config.sequence_length, learning_rate=config.target_lr)
+    make_random_checkpoint(
+      path("target_init"), _model_config(config.target_model), tokenizer=tokenizer, seed=config.seed
+    )
+    c = _trainer_config(
+      config,
+      "pretrain",
+      drafter=path("target_init"),
+      tokenizer=path("tokenizer"),
+      mixture="finetune_multilingual",
+      selfdistill_dir=None,
+      num_train_steps=config.target_steps,
+      batch_size=config.batch_size,
+      sequence_length=config.sequence_length,
+      learning_rate=config.target_lr,
+    )
     out = train_job.run(c, path("target_train"))
     return {"final_loss": out.get("loss")}
+
   _stage("train the target", path("target_train"), target_stage)
   target_dir = path("target_train", "drafter")
 
   # 3. Self-distillation data, one distill_data workdir per language.
   from specjax.jobs import distill_data
+
   for lang in langs:
+
     def one(lang=lang):
       return distill_data.run(_distill_config(config, lang, target_dir, data_dir), path("selfdistill", lang))
+
     _stage(f"self-distillation data {lang}->en", path("selfdistill", lang), one)
 
   # 4. The general drafter: monolingual text of every language.
   drafter_init = path("drafter_init")
   if not os.path.exists(os.path.join(drafter_init, "config.json")):
-    make_random_checkpoint(drafter_init, _model_config(config.drafter_model), tokenizer=tokenizer,
-                           seed=config.seed + 1)
+    make_random_checkpoint(drafter_init, _model_config(config.drafter_model), tokenizer=tokenizer, seed=config.seed + 1)
 
   def general_stage():
-    c = _trainer_config(config, "pretrain", drafter=drafter_init, tokenizer=path("tokenizer"),
-                        mixture="pretrain_multilingual", num_train_steps=config.pretrain_steps,
-                        batch_size=config.batch_size, sequence_length=config.sequence_length,
-                        learning_rate=config.drafter_lr)
+    c = _trainer_config(
+      config,
+      "pretrain",
+      drafter=drafter_init,
+      tokenizer=path("tokenizer"),
+      mixture="pretrain_multilingual",
+      num_train_steps=config.pretrain_steps,
+      batch_size=config.batch_size,
+      sequence_length=config.sequence_length,
+      learning_rate=config.drafter_lr,
+    )
     train_job.run(c, path("drafters", "general"))
+
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
 
   # 5. One drafter per language: the general one finetuned on the target's outputs.
   for lang in langs:
-    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: train_job.run(
+    _stage(
+      f"finetune the {lang} drafter",
+      path("drafters", lang),
+      lambda lang=lang: train_job.run(
         _finetune_config(config, path, target_dir, lang, config.finetune_steps, f"run:{path('drafters', 'general')}"),
-        path("drafters", lang)))
+        path("drafters", lang),
+      ),
+    )
 
   return _evaluate_and_report(config, langs, data_dir, path, started, target_dir)
 
 
-def _finetune_config(config, path, target_dir, lang, steps, start, acceptance_prompts=4, acceptance_gamma=None,
-                     **fields):
-  return _trainer_config(config, "finetune", drafter=start, target=target_dir, tokenizer=target_dir,
-                         mixture=f"finetune_{lang}_en", selfdistill_dir=path("selfdistill"), num_train_steps=steps,
-                         batch_size=config.batch_size, sequence_length=config.sequence_length,
-                         learning_rate=config.finetune_lr,
-                         eval_every=steps if config.acceptance_during_training else 0, eval_at_start=True,
-                         acceptance_prompts=f"heldout:{lang}", acceptance_prompts_per_language=acceptance_prompts,
-                         acceptance_temperatures=(0.0,), acceptance_gamma=acceptance_gamma or config.gamma,
-                         acceptance_max_new_tokens=config.max_new_tokens, acceptance_batch_size=4, **fields)
+def _finetune_config(
+  config, path, target_dir, lang, steps, start, acceptance_prompts=4, acceptance_gamma=None, **fields
+):
+  return _trainer_config(
+    config,
+    "finetune",
+    drafter=start,
+    target=target_dir,
+    tokenizer=target_dir,
+    mixture=f"finetune_{lang}_en",
+    selfdistill_dir=path("selfdistill"),
+    num_train_steps=steps,
+    batch_size=config.batch_size,
+    sequence_length=config.sequence_length,
+    learning_rate=config.finetune_lr,
+    eval_every=steps if config.acceptance_during_training else 0,
+    eval_at_start=True,
+    acceptance_prompts=f"heldout:{lang}",
+    acceptance_prompts_per_language=acceptance_prompts,
+    acceptance_temperatures=(0.0,),
+    acceptance_gamma=acceptance_gamma or config.gamma,
+    acceptance_max_new_tokens=config.max_new_tokens,
+    acceptance_batch_size=4,
+    **fields,
+  )
 
 
 def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
@@ -214,16 +294,20 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
     model, cfg = load_model(config.target, "float32")
     save_hf_checkpoint(model, cfg, target_dir, tokenizer=load_tokenizer(config.target))
     return {"source": config.target, "parameters": cfg.num_params}
+
   _stage(f"import the target ({config.target})", target_dir, import_stage)
 
   for lang in langs:
+
     def one(lang=lang):
       c = _distill_config(config, lang, target_dir, data_dir)
       return distill_data.run(c, path("selfdistill", lang))
+
     _stage(f"self-distillation data {lang}->en", path("selfdistill", lang), one)
 
   def vocab_stage():
     return _choose_vocabularies(config, langs, path, target_dir)
+
   if config.draft_vocab_coverage:
     _stage("draft vocabularies", path("draft_vocab"), vocab_stage)
 
@@ -233,16 +317,38 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
   vocab = lambda name: path("draft_vocab", name) if config.draft_vocab_coverage else ""
 
   def general_stage():
-    c = _trainer_config(config, "pretrain", drafter=drafter_init, tokenizer=target_dir,
-                        mixture="pretrain_multilingual", num_train_steps=config.pretrain_steps,
-                        batch_size=config.batch_size, sequence_length=config.sequence_length,
-                        learning_rate=config.drafter_lr, draft_vocab=vocab("general"))
+    c = _trainer_config(
+      config,
+      "pretrain",
+      drafter=drafter_init,
+      tokenizer=target_dir,
+      mixture="pretrain_multilingual",
+      num_train_steps=config.pretrain_steps,
+      batch_size=config.batch_size,
+      sequence_length=config.sequence_length,
+      learning_rate=config.drafter_lr,
+      draft_vocab=vocab("general"),
+    )
     train_job.run(c, path("drafters", "general"))
+
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
   for lang in langs:
-    _stage(f"finetune the {lang} drafter", path("drafters", lang), lambda lang=lang: train_job.run(
-        _finetune_config(config, path, target_dir, lang, config.finetune_steps,
-                         f"run:{path('drafters', 'general')}", draft_vocab=vocab(lang)), path("drafters", lang)))
+    _stage(
+      f"finetune the {lang} drafter",
+      path("drafters", lang),
+      lambda lang=lang: train_job.run(
+        _finetune_config(
+          config,
+          path,
+          target_dir,
+          lang,
+          config.finetune_steps,
+          f"run:{path('drafters', 'general')}",
+          draft_vocab=vocab(lang),
+        ),
+        path("drafters", lang),
+      ),
+    )
 
 
 def _choose_vocabularies(config, langs, path, target_dir) -> dict:
@@ -258,16 +364,18 @@ def _choose_vocabularies(config, langs, path, target_dir) -> dict:
   info = {}
   groups = [(lang, responses[lang]) for lang in langs] + [("general", sum(responses.values(), []))]
   # One size for all (the largest): same-shaped drafters share one compiled decoding loop.
-  size = max(len(choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops))
-             for _, rows in groups)
+  size = max(
+    len(choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops))
+    for _, rows in groups
+  )
   for name, rows in groups:
-    ids = choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops,
-                           min_size=size)
-    save_draft_vocab(path("draft_vocab", name), ids, {"coverage": config.draft_vocab_coverage,
-                                                       "responses": len(rows)})
+    ids = choose_token_ids(rows, target_config.vocab_size, config.draft_vocab_coverage, always=stops, min_size=size)
+    save_draft_vocab(path("draft_vocab", name), ids, {"coverage": config.draft_vocab_coverage, "responses": len(rows)})
     info[name] = {"size": int(len(ids)), "coverage": coverage_of(ids, rows)}
-    print(f"[demo] draft vocabulary {name}: {len(ids)} tokens cover {info[name]['coverage']:.3f} of the "
-          f"target's responses", flush=True)
+    print(
+      f"[demo] draft vocabulary {name}: {len(ids)} tokens cover {info[name]['coverage']:.3f} of the target's responses",
+      flush=True,
+    )
   return info
 
 
@@ -275,25 +383,46 @@ def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> 
   """Stage 6: every method on the held-out prompts at T=0 and T=1, the report and summary.json."""
   from specjax.eval import report, specbench
   from specjax.models.hf import load_model, load_tokenizer
+
   tokenizer = load_tokenizer(target_dir)
   questions = _heldout_questions(config, data_dir)
   target, _ = load_model(target_dir, "float32")
   drafters = {name: load_model(path("drafters", name, "drafter"), "float32")[0] for name in ("general",) + langs}
-  common = dict(gamma=config.gamma, max_new_tokens=config.max_new_tokens, template=config.template,
-                batch_size=1, eos_id=stop_ids(target.config, tokenizer), prompt_bucket=config.prompt_bucket)
+  common = dict(
+    gamma=config.gamma,
+    max_new_tokens=config.max_new_tokens,
+    template=config.template,
+    batch_size=1,
+    eos_id=stop_ids(target.config, tokenizer),
+    prompt_bucket=config.prompt_bucket,
+  )
   sampled_questions = first_per_category(questions, config.sampled_prompts_per_language)
 
   def evaluate_stage():  # minutes at the mini paper's scale: kept, so a rerun goes straight to the report
     records, answers = specbench.evaluate(
-        target, tokenizer, drafters, questions, temperatures=(0.0,), seeds=(config.seed,),
-        runs=[("ar", None), ("pld", None), ("sps", "general")] + [("sps", lang) for lang in langs]
-        + [("sps", "auto")], **common)
+      target,
+      tokenizer,
+      drafters,
+      questions,
+      temperatures=(0.0,),
+      seeds=(config.seed,),
+      runs=[("ar", None), ("pld", None), ("sps", "general")] + [("sps", lang) for lang in langs] + [("sps", "auto")],
+      **common,
+    )
     sampled, sampled_answers = specbench.evaluate(
-        target, tokenizer, drafters, sampled_questions, temperatures=(1.0,), seeds=tuple(config.sampling_seeds),
-        runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")], **common)
+      target,
+      tokenizer,
+      drafters,
+      sampled_questions,
+      temperatures=(1.0,),
+      seeds=tuple(config.sampling_seeds),
+      runs=[("ar", None), ("pld", None), ("sps", "general"), ("sps", "auto")],
+      **common,
+    )
     os.makedirs(path("eval"), exist_ok=True)
     with open(path("eval", "records.json"), "w", encoding="utf-8") as f:
       json.dump({"records": records + sampled, "answers": answers + sampled_answers}, f, ensure_ascii=False)
+
   _stage("evaluate on held-out prompts", path("eval"), evaluate_stage)
   with open(path("eval", "records.json"), encoding="utf-8") as f:
     evaluated = json.load(f)
@@ -303,24 +432,36 @@ def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> 
   quality = specbench.bleu_chrf(greedy_target, references)
   elapsed = time.perf_counter() - started
   notes = [
-      f"Corpus: {_shown_path(data_dir)} (training split for every model, {len(questions)} held-out prompts for evaluation); "
-      f"languages {', '.join(langs)}; template {config.template}; γ={config.gamma}; "
-      f"max_new_tokens={config.max_new_tokens}; batch size 1.",
-      f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
-      f"{jax.devices()[0].platform}; pipeline time {elapsed / 60:.1f} min (stages resumed from earlier runs "
-      "are not counted).",
-      "Target quality on the held-out sentences (greedy): " + ", ".join(
-          f"{cat} BLEU {q['bleu']:.1f} / chrF {q['chrf']:.1f}" for cat, q in quality.items()),
-      _sizes_note(target, drafters["general"]),
+    f"Corpus: {_shown_path(data_dir)} (training split for every model, {len(questions)} held-out prompts for evaluation); "
+    f"languages {', '.join(langs)}; template {config.template}; γ={config.gamma}; "
+    f"max_new_tokens={config.max_new_tokens}; batch size 1.",
+    f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
+    f"{jax.devices()[0].platform}; pipeline time {elapsed / 60:.1f} min (stages resumed from earlier runs "
+    "are not counted).",
+    "Target quality on the held-out sentences (greedy): "
+    + ", ".join(f"{cat} BLEU {q['bleu']:.1f} / chrF {q['chrf']:.1f}" for cat, q in quality.items()),
+    _sizes_note(target, drafters["general"]),
   ]
   ablations = []
   if config.ablations:
+
     def finetune_config(lang, steps, start, acceptance_prompts=4, acceptance_gamma=None):
-      return _finetune_config(config, path, target_dir, lang, steps, start, acceptance_prompts, acceptance_gamma,
-                              draft_vocab=path("draft_vocab", lang) if config.draft_vocab_coverage else "")
+      return _finetune_config(
+        config,
+        path,
+        target_dir,
+        lang,
+        steps,
+        start,
+        acceptance_prompts,
+        acceptance_gamma,
+        draft_vocab=path("draft_vocab", lang) if config.draft_vocab_coverage else "",
+      )
+
     ablations = _ablations(config, langs[0], path, finetune_config, target, tokenizer, drafters, questions, common)
-  report_path = report.write_report(records, path("report"), "specjax demo: the recipe in miniature", notes=notes,
-                                    ablations=ablations)
+  report_path = report.write_report(
+    records, path("report"), "specjax demo: the recipe in miniature", notes=notes, ablations=ablations
+  )
   with open(path("report", "answers.jsonl"), "w", encoding="utf-8") as f:
     for a in answers:
       f.write(json.dumps(a, ensure_ascii=False) + "\n")
@@ -350,33 +491,62 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   runs = [(steps, f"run:{path('drafters', 'general')}", f"{lang}_steps{steps}") for steps in config.ablation_steps]
   runs.append((config.finetune_steps, path("drafter_init"), f"{lang}_scratch"))
   for steps, start, name in runs:
-    _stage(f"ablation: finetune {name}", path("ablations", name),
-           lambda steps=steps, start=start, name=name: train_job.run(
-               finetune_config(lang, steps, start, n, config.ablation_acceptance_gamma), path("ablations", name)))
+    _stage(
+      f"ablation: finetune {name}",
+      path("ablations", name),
+      lambda steps=steps, start=start, name=name: train_job.run(
+        finetune_config(lang, steps, start, n, config.ablation_acceptance_gamma), path("ablations", name)
+      ),
+    )
   tokens_points = []
   for steps, _, name in runs[:-1]:
     tau, tokens = tau_and_tokens(path("ablations", name))
     tokens_points.append({"x": tokens, "y": tau, "label": f"{lang}: pretrain + finetune"})
   scratch_tau, _ = tau_and_tokens(path("ablations", runs[-1][2]))
   pf_tau, _ = tau_and_tokens(path("ablations", runs[-2][2]))
-  pf_points = [{"x": 0, "y": scratch_tau, "label": "finetune only"}, {"x": 1, "y": pf_tau, "label": "pretrain + finetune"}]
+  pf_points = [
+    {"x": 0, "y": scratch_tau, "label": "finetune only"},
+    {"x": 1, "y": pf_tau, "label": "pretrain + finetune"},
+  ]
 
   own = [q for q in questions if q["category"] == f"{lang}en"]
   from specjax.eval.report import speedups
+
   gamma_points = []
   for gamma in config.ablation_gammas:
-    records, _ = specbench.evaluate(target, tokenizer, {lang: drafters[lang]}, own, temperatures=(0.0,),
-                                    seeds=(config.seed,), runs=[("ar", None), ("sps", lang)],
-                                    **{**common, "gamma": gamma}, progress=False)
+    records, _ = specbench.evaluate(
+      target,
+      tokenizer,
+      {lang: drafters[lang]},
+      own,
+      temperatures=(0.0,),
+      seeds=(config.seed,),
+      runs=[("ar", None), ("sps", lang)],
+      **{**common, "gamma": gamma},
+      progress=False,
+    )
     sps = [r for r in speedups(records) if r["method"] == "sps"][0]
     gamma_points += [{"x": gamma, "y": sps["speedup"], "label": "speedup"}, {"x": gamma, "y": sps["tau"], "label": "τ"}]
   g = config.ablation_acceptance_gamma
-  return [(f"τ against finetuning tokens ({lang}, T=0, γ={g})", tokens_points, "finetuning tokens (response tokens seen)",
-           "τ", True, True),
-          (f"Pretrain + finetune against finetune only ({lang}, T=0, γ={g}, {config.finetune_steps} steps each)",
-           pf_points,
-           "0 = finetune only, 1 = pretrain + finetune", "τ", False, False),
-          (f"γ ({lang}, T=0, specialized drafter)", gamma_points, "γ (drafts per round)", "speedup, τ", False, False)]
+  return [
+    (
+      f"τ against finetuning tokens ({lang}, T=0, γ={g})",
+      tokens_points,
+      "finetuning tokens (response tokens seen)",
+      "τ",
+      True,
+      True,
+    ),
+    (
+      f"Pretrain + finetune against finetune only ({lang}, T=0, γ={g}, {config.finetune_steps} steps each)",
+      pf_points,
+      "0 = finetune only, 1 = pretrain + finetune",
+      "τ",
+      False,
+      False,
+    ),
+    (f"γ ({lang}, T=0, specialized drafter)", gamma_points, "γ (drafts per round)", "speedup, τ", False, False),
+  ]
 
 
 def _summary(config, records, target, drafters, seconds) -> dict:
@@ -392,11 +562,20 @@ def _summary(config, records, target, drafters, seconds) -> dict:
       return {"general": "general", "auto": "routed"}[r["drafter"]]
     return "specialized" if r["drafter"] == r["language"] else None  # the matrix's other cells
 
-  out = {"target": {"name": config.target or "trained from scratch", "parameters": target.config.num_params},
-         "drafters": {name: {"parameters": d.config.num_params, "layers": d.config.num_layers,
-                             "draft_vocab_size": None if draft_token_ids(d) is None else len(draft_token_ids(d))}
-                      for name, d in drafters.items()},
-         "gamma": config.gamma, "max_new_tokens": config.max_new_tokens, "seconds": seconds}
+  out = {
+    "target": {"name": config.target or "trained from scratch", "parameters": target.config.num_params},
+    "drafters": {
+      name: {
+        "parameters": d.config.num_params,
+        "layers": d.config.num_layers,
+        "draft_vocab_size": None if draft_token_ids(d) is None else len(draft_token_ids(d)),
+      }
+      for name, d in drafters.items()
+    },
+    "gamma": config.gamma,
+    "max_new_tokens": config.max_new_tokens,
+    "seconds": seconds,
+  }
   cells: dict[tuple, list] = {}
   plain = [{**r, "speedup": 1.0} for r in records if r["method"] == "ar"]
   for row in plain + speedups(records):
@@ -406,12 +585,16 @@ def _summary(config, records, target, drafters, seconds) -> dict:
   for (key, method, lang), rows in sorted(cells.items()):  # T=1: the mean over seeds
     taus = [r["tau"] for r in rows if r["tau"] is not None]
     out.setdefault(key, {}).setdefault(method, {})[lang] = {
-        "speedup": float(np.mean([r["speedup"] for r in rows])), "tau": float(np.mean(taus)) if taus else None,
-        "seeds": len(rows)}
+      "speedup": float(np.mean([r["speedup"] for r in rows])),
+      "tau": float(np.mean(taus)) if taus else None,
+      "seeds": len(rows),
+    }
   return out
 
 
 def _sizes_note(target, drafter) -> str:
-  return (f"Target {target.config.num_params / 1e6:.2f}M parameters ({target.config.num_layers} layers, hidden "
-          f"{target.config.hidden_size}); drafters {drafter.config.num_params / 1e6:.2f}M ({drafter.config.num_layers} "
-          f"layers, hidden {drafter.config.hidden_size}).")
+  return (
+    f"Target {target.config.num_params / 1e6:.2f}M parameters ({target.config.num_layers} layers, hidden "
+    f"{target.config.hidden_size}); drafters {drafter.config.num_params / 1e6:.2f}M ({drafter.config.num_layers} "
+    f"layers, hidden {drafter.config.hidden_size})."
+  )

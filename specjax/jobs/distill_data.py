@@ -14,6 +14,7 @@ counts what is done and echoes the settings, which a restart must match. A recor
 is true when the response reached max_new_tokens (or the cache) before any stop id; training
 then appends no EOS to it.
 """
+
 from __future__ import annotations
 
 import glob
@@ -33,19 +34,35 @@ from specjax.errors import SpecjaxError
 from specjax.jobs import local_assets
 
 # The settings that decide every record's bytes: a restart with other values would mix outputs.
-ECHO = ("target", "tokenizer", "data_dir", "src", "tgt", "temperatures", "num_sources", "num_shards",
-        "max_new_tokens", "seed", "template", "dtype")
+ECHO = (
+  "target",
+  "tokenizer",
+  "data_dir",
+  "src",
+  "tgt",
+  "temperatures",
+  "num_sources",
+  "num_shards",
+  "max_new_tokens",
+  "seed",
+  "template",
+  "dtype",
+)
 
 
 def _check_config(config, target: str | None) -> None:
   """Mistakes that would otherwise surface only after the model loads."""
   if not target:
-    raise SpecjaxError("config field `target` is not set: give a Hugging Face checkpoint directory "
-                       "(--config.target=DIR) or preset:NAME, or use configs/distill_data.py:runlocal")
+    raise SpecjaxError(
+      "config field `target` is not set: give a Hugging Face checkpoint directory "
+      "(--config.target=DIR) or preset:NAME, or use configs/distill_data.py:runlocal"
+    )
   pair = (config.src, config.tgt)
   if "en" not in pair or pair[0] == pair[1] or not set(pair) - {"en"} <= set(LANGS):
-    raise SpecjaxError(f"config fields `src`={config.src!r}, `tgt`={config.tgt!r}: one must be 'en' and the "
-                       f"other one of {', '.join(LANGS)}")
+    raise SpecjaxError(
+      f"config fields `src`={config.src!r}, `tgt`={config.tgt!r}: one must be 'en' and the "
+      f"other one of {', '.join(LANGS)}"
+    )
   if not config.temperatures or any(t < 0 for t in config.temperatures):
     raise SpecjaxError(f"config field `temperatures`={tuple(config.temperatures)}: need at least one, all >= 0")
   if len(set(config.temperatures)) != len(config.temperatures):
@@ -64,15 +81,19 @@ def _sources(config, data_dir: str) -> list[str]:
   default data_dir) falls back to local_assets' sentences, so a smoke run works on a fresh
   machine. Any other data_dir must exist (specjax.validate checks it first)."""
   from specjax.validate import DISTILL_DEFAULT_DATA_DIR
+
   lang = config.tgt if config.src == "en" else config.src
   limit = config.num_sources or None
   if not os.path.isdir(data_dir) and not (config.local_assets and config.data_dir == DISTILL_DEFAULT_DATA_DIR):
-    raise SpecjaxError(f"config field `data_dir`={config.data_dir!r}: {os.path.abspath(data_dir)} does not exist "
-                       "or is not a directory")
+    raise SpecjaxError(
+      f"config field `data_dir`={config.data_dir!r}: {os.path.abspath(data_dir)} does not exist or is not a directory"
+    )
   if config.local_assets and not os.path.isdir(data_dir):
     if config.src == "en":
-      raise SpecjaxError(f"data_dir {data_dir!r} does not exist and local assets hold no English sentences: "
-                         "point `data_dir` at the shared data folder for en->X")
+      raise SpecjaxError(
+        f"data_dir {data_dir!r} does not exist and local assets hold no English sentences: "
+        "point `data_dir` at the shared data folder for en->X"
+      )
     console.warning("distill_data: %s is absent; using local_assets' %s sentences", data_dir, LANGUAGE_NAMES[lang])
     return [text for _, name, text in local_assets.SENTENCES if name == LANGUAGE_NAMES[lang]][:limit]
   pairs = load_pairs(data_dir, lang, "train", limit=limit)
@@ -86,15 +107,24 @@ def _plan(config, sources: list[str], tokenizer) -> list[dict]:
     prompt = translation_message(config.src, config.tgt, source)
     chat_prompt = apply_template(config.template, prompt, tokenizer=tokenizer)
     for t, temperature in enumerate(config.temperatures):
-      records.append({"record_id": source_id * len(config.temperatures) + t, "source_id": source_id,
-                      "source": source, "prompt": prompt, "chat_prompt": chat_prompt,
-                      "temperature": float(temperature), "src_lang": config.src, "tgt_lang": config.tgt})
+      records.append(
+        {
+          "record_id": source_id * len(config.temperatures) + t,
+          "source_id": source_id,
+          "source": source,
+          "prompt": prompt,
+          "chat_prompt": chat_prompt,
+          "temperature": float(temperature),
+          "src_lang": config.src,
+          "tgt_lang": config.tgt,
+        }
+      )
   return records
 
 
 def _shards(records: list[dict], num_shards: int) -> list[list[dict]]:
   n = len(records)
-  return [records[k * n // num_shards:(k + 1) * n // num_shards] for k in range(num_shards)]
+  return [records[k * n // num_shards : (k + 1) * n // num_shards] for k in range(num_shards)]
 
 
 def _write_atomic(path: str, lines: list[str]) -> None:
@@ -114,12 +144,16 @@ def _finished_shard(path: str, expected: list[dict]) -> int | None:
     return None
   got = list(read_shard(path))
   if len(got) != len(expected):
-    raise SpecjaxError(f"{path}: holds {len(got)} records but this job's shard has {len(expected)}; it comes "
-                       "from another run: use a new workdir or remove the data folder")
+    raise SpecjaxError(
+      f"{path}: holds {len(got)} records but this job's shard has {len(expected)}; it comes "
+      "from another run: use a new workdir or remove the data folder"
+    )
   for line, (g, e) in enumerate(zip(got, expected), 1):
     if (g["record_id"], g["source"], g["temperature"]) != (e["record_id"], e["source"], e["temperature"]):
-      raise SpecjaxError(f"{path}:{line}: record {g['record_id']} is not this job's record {e['record_id']} "
-                         "(other sources or temperatures): use a new workdir or remove the data folder")
+      raise SpecjaxError(
+        f"{path}:{line}: record {g['record_id']} is not this job's record {e['record_id']} "
+        "(other sources or temperatures): use a new workdir or remove the data folder"
+      )
   return sum(len(g["response_token_ids"]) for g in got)
 
 
@@ -133,17 +167,25 @@ def _check_manifest(path: str, echo: dict) -> None:
     raise SpecjaxError(f"{path}: unreadable manifest of an earlier run ({e}); remove it to start over") from None
   changed = sorted(k for k in echo if previous.get(k) != echo[k])
   if changed:
-    raise SpecjaxError(f"{path}: an earlier run in this workdir used other values of "
-                       + ", ".join(f"{k} ({previous.get(k)!r}, now {echo[k]!r})" for k in changed)
-                       + "; use a new workdir, or the earlier values to resume it")
+    raise SpecjaxError(
+      f"{path}: an earlier run in this workdir used other values of "
+      + ", ".join(f"{k} ({previous.get(k)!r}, now {echo[k]!r})" for k in changed)
+      + "; use a new workdir, or the earlier values to resume it"
+    )
 
 
 def _write_manifest(path: str, echo: dict, shards: list[dict | None], records_total: int) -> None:
   done = [s for s in shards if s is not None]
-  manifest = {"job": "distill_data", "records": sum(s["records"] for s in done),
-              "response_tokens": sum(s["response_tokens"] for s in done), "records_total": records_total,
-              "shards_done": len(done), "shards_total": len(shards),
-              "shards": [s for s in shards if s is not None], "config": echo}
+  manifest = {
+    "job": "distill_data",
+    "records": sum(s["records"] for s in done),
+    "response_tokens": sum(s["response_tokens"] for s in done),
+    "records_total": records_total,
+    "shards_done": len(done),
+    "shards_total": len(shards),
+    "shards": [s for s in shards if s is not None],
+    "config": echo,
+  }
   _write_atomic(path, [json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"])
 
 
@@ -183,18 +225,35 @@ def run(config, workdir: str) -> dict:
         _write_atomic(paths[k], [])
       done[k] = {"file": os.path.basename(paths[k]), "records": 0, "response_tokens": 0}
   if config.max_shards_this_run:
-    todo = todo[:config.max_shards_this_run]
+    todo = todo[: config.max_shards_this_run]
   if writer:
     _write_manifest(manifest_path, echo, done, len(records))
-  console.info("distill_data: %d records in %d shards; %d shards done, %d to do in this run", len(records),
-               len(shards), sum(d is not None for d in done), len(todo))
+  console.info(
+    "distill_data: %d records in %d shards; %d shards done, %d to do in this run",
+    len(records),
+    len(shards),
+    sum(d is not None for d in done),
+    len(todo),
+  )
   if todo:
-    _generate(config, target, tokenizer, shards, todo, paths, done, writer,
-              lambda: _write_manifest(manifest_path, echo, done, len(records)))
+    _generate(
+      config,
+      target,
+      tokenizer,
+      shards,
+      todo,
+      paths,
+      done,
+      writer,
+      lambda: _write_manifest(manifest_path, echo, done, len(records)),
+    )
   finished = [d for d in done if d is not None]
-  return {"records": sum(d["records"] for d in finished),
-          "response_tokens": sum(d["response_tokens"] for d in finished),
-          "shards_done": len(finished), "shards_total": len(shards)}
+  return {
+    "records": sum(d["records"] for d in finished),
+    "response_tokens": sum(d["response_tokens"] for d in finished),
+    "shards_done": len(finished),
+    "shards_total": len(shards),
+  }
 
 
 def _load_tokenizer(config, target: str, workdir: str):
@@ -206,8 +265,10 @@ def _load_tokenizer(config, target: str, workdir: str):
   check_checkpoint(target, "config field `target`")  # config.json read by specjax before transformers reads it
   tokenizer_dir = workdir_path(config, "tokenizer", workdir) or target
   if tokenizer_dir.startswith("preset:"):
-    raise SpecjaxError(f"target {tokenizer_dir} has random weights and no tokenizer: set config field "
-                       "`tokenizer` to a directory that holds one")
+    raise SpecjaxError(
+      f"target {tokenizer_dir} has random weights and no tokenizer: set config field "
+      "`tokenizer` to a directory that holds one"
+    )
   tokenizer = load_tokenizer(tokenizer_dir)
   if tokenizer.eos_token_id is None:
     raise SpecjaxError(f"{tokenizer_dir}: the tokenizer has no EOS token, so responses would never end")
@@ -224,8 +285,12 @@ def _generate(config, target, tokenizer, shards, todo, paths, done, writer, writ
   eos = stop_ids(model_config, tokenizer)
   decoder = Decoder(model, settings=DecodingSettings.from_config(config, method="ar"), mesh=mesh)
 
-  bar = tqdm(total=sum(len(shards[k]) for k in todo), unit="record", desc=f"distill {config.src}->{config.tgt}",
-             disable=not writer)
+  bar = tqdm(
+    total=sum(len(shards[k]) for k in todo),
+    unit="record",
+    desc=f"distill {config.src}->{config.tgt}",
+    disable=not writer,
+  )
   tokens_total, start = 0, time.perf_counter()
   for k in todo:
     shard = shards[k]
@@ -233,11 +298,15 @@ def _generate(config, target, tokenizer, shards, todo, paths, done, writer, writ
     for temperature in config.temperatures:  # one decode call per temperature: sampling mode is static
       rows = [r for r in shard if r["temperature"] == float(temperature)]
       for lo in range(0, len(rows), config.batch_size):
-        batch = rows[lo:lo + config.batch_size]
-        result = decoder.generate([encode_prompt(tokenizer, r["chat_prompt"]) for r in batch],
-                                  temperature=float(temperature), seed=config.seed,
-                                  row_ids=[r["record_id"] for r in batch], eos_id=eos,
-                                  names=[f"record {r['record_id']} (source {r['source_id']})" for r in batch])
+        batch = rows[lo : lo + config.batch_size]
+        result = decoder.generate(
+          [encode_prompt(tokenizer, r["chat_prompt"]) for r in batch],
+          temperature=float(temperature),
+          seed=config.seed,
+          row_ids=[r["record_id"] for r in batch],
+          eos_id=eos,
+          names=[f"record {r['record_id']} (source {r['source_id']})" for r in batch],
+        )
         for r, ids in zip(batch, result.new_tokens):
           responses[r["record_id"]] = [int(t) for t in ids]
           truncated[r["record_id"]] = not ids or int(ids[-1]) not in eos
@@ -247,14 +316,25 @@ def _generate(config, target, tokenizer, shards, todo, paths, done, writer, writ
     lines = []
     for r in shard:
       ids = responses[r["record_id"]]
-      out = {**r, "response": tokenizer.decode(ids, skip_special_tokens=True).strip(), "response_token_ids": ids,
-             "truncated": truncated[r["record_id"]]}
+      out = {
+        **r,
+        "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+        "response_token_ids": ids,
+        "truncated": truncated[r["record_id"]],
+      }
       lines.append(json.dumps({f: out[f] for f in FIELDS + OPTIONAL_FIELDS}, ensure_ascii=False) + "\n")
-    done[k] = {"file": os.path.basename(paths[k]), "records": len(shard),
-               "response_tokens": sum(len(responses[r["record_id"]]) for r in shard)}
+    done[k] = {
+      "file": os.path.basename(paths[k]),
+      "records": len(shard),
+      "response_tokens": sum(len(responses[r["record_id"]]) for r in shard),
+    }
     if writer:
       _write_atomic(paths[k], lines)
       write_manifest()
   bar.close()
-  console.info("distill_data: %d records, %d response tokens in %.1f s", sum(len(shards[k]) for k in todo),
-               tokens_total, time.perf_counter() - start)
+  console.info(
+    "distill_data: %d records, %d response tokens in %.1f s",
+    sum(len(shards[k]) for k in todo),
+    tokens_total,
+    time.perf_counter() - start,
+  )

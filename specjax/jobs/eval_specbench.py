@@ -10,6 +10,7 @@ skips the finished units and decodes the rest; a finished job's rerun loads no m
 seeded per (seed, question row), so the resumed answers equal an uninterrupted run's (timings and
 tstamp aside); a journal of other settings is refused, naming them.
 """
+
 from __future__ import annotations
 
 import glob
@@ -27,8 +28,16 @@ from specjax.decoding import engine
 from specjax.decoding.decoder import DecodingSettings
 from specjax.decoding.prompts import check_template, read_prompt_files
 from specjax.errors import SpecjaxError
-from specjax.eval.specbench import (DRAFTER_NAMES, ROUTED, bleu_chrf, evaluate, normalize_runs, read_reference_file,
-                                    unit_key, work_units)
+from specjax.eval.specbench import (
+  DRAFTER_NAMES,
+  ROUTED,
+  bleu_chrf,
+  evaluate,
+  normalize_runs,
+  read_reference_file,
+  unit_key,
+  work_units,
+)
 from specjax.jobs import local_assets
 from specjax.jobs.common import job_mesh, load_target_and_drafters
 from specjax.jobs.local_assets import LOCAL_PRESETS
@@ -39,7 +48,7 @@ NOT_ECHOED = ("compilation_cache", "references")
 
 
 def _named_paths(value, field: str, workdir: str) -> dict[str, str]:
-  """"name=path,name=path" or a ConfigDict/dict as {name: path}, with {workdir} replaced."""
+  """Parses "name=path,name=path" or a ConfigDict/dict as {name: path}, with {workdir} replaced."""
   if not value:
     return {}
   if isinstance(value, str):
@@ -84,8 +93,10 @@ def runs_from_config(config, drafter_names: Sequence[str]) -> list[tuple]:
       elif choice == ROUTED or choice in drafter_names:
         runs.append(("sps", choice))
       else:
-        raise SpecjaxError(f"config field `drafter`={choice!r}: expected {ROUTED!r}, 'all', or a drafter of "
-                           f"config field `drafters` ({', '.join(drafter_names) or 'none given'})")
+        raise SpecjaxError(
+          f"config field `drafter`={choice!r}: expected {ROUTED!r}, 'all', or a drafter of "
+          f"config field `drafters` ({', '.join(drafter_names) or 'none given'})"
+        )
     if config.cross_language:
       runs += [("sps", name, (0.0,)) for name in drafter_names if name in LANGS]
   return runs
@@ -94,8 +105,10 @@ def runs_from_config(config, drafter_names: Sequence[str]) -> list[tuple]:
 def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
   """Mistakes that would otherwise surface only after the models load."""
   if not paths["target"]:
-    raise SpecjaxError("config field `target` is not set: give a Hugging Face checkpoint directory "
-                       "(--config.target=DIR), or use configs/eval_specbench.py:runlocal")
+    raise SpecjaxError(
+      "config field `target` is not set: give a Hugging Face checkpoint directory "
+      "(--config.target=DIR), or use configs/eval_specbench.py:runlocal"
+    )
   if not paths["prompts"]:
     raise SpecjaxError("config field `prompts` is not set: give Spec-Bench question.jsonl paths or a glob")
   for name in drafter_paths:
@@ -103,11 +116,13 @@ def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
       raise SpecjaxError(f"config field `drafters`: drafter name {name!r}: expected one of {', '.join(DRAFTER_NAMES)}")
   check_template(config.template)
   if config.max_prompts_per_language < 0:
-    raise SpecjaxError(f"config field `max_prompts_per_language`={config.max_prompts_per_language}: "
-                       "must be >= 0 (0 = all)")
+    raise SpecjaxError(
+      f"config field `max_prompts_per_language`={config.max_prompts_per_language}: must be >= 0 (0 = all)"
+    )
   if config.drafter_sharding not in ("replicated", "sharded"):
-    raise SpecjaxError(f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' "
-                       "or 'sharded'")
+    raise SpecjaxError(
+      f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' or 'sharded'"
+    )
   if not tuple(config.temperatures) or any(float(t) < 0 for t in config.temperatures):
     raise SpecjaxError(f"config field `temperatures`={tuple(config.temperatures)}: need at least one, each >= 0")
   if not tuple(config.seeds):
@@ -117,11 +132,13 @@ def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
 def _select_questions(questions: list[dict], per_category: int) -> list[dict]:
   """The first `per_category` questions of each category (0 = all), in file order."""
   from specjax.train.acceptance import first_per_category
+
   return first_per_category(questions, per_category)
 
 
-def _read_references(reference_paths: dict[str, str], all_questions: list[dict],
-                     kept: list[dict]) -> dict[str, list[str]]:
+def _read_references(
+  reference_paths: dict[str, str], all_questions: list[dict], kept: list[dict]
+) -> dict[str, list[str]]:
   """Reference lines per category, checked against every question of that category, then cut to
   the questions kept (max_prompts_per_language keeps the first ones)."""
   out = {}
@@ -129,12 +146,15 @@ def _read_references(reference_paths: dict[str, str], all_questions: list[dict],
     lines = read_reference_file(path)
     total = sum(q["category"] == category for q in all_questions)
     if total == 0:
-      raise SpecjaxError(f"config field `references`: category {category!r} ({path}) has no questions; "
-                         f"categories: {', '.join(dict.fromkeys(q['category'] for q in all_questions))}")
+      raise SpecjaxError(
+        f"config field `references`: category {category!r} ({path}) has no questions; "
+        f"categories: {', '.join(dict.fromkeys(q['category'] for q in all_questions))}"
+      )
     if len(lines) != total:
-      raise SpecjaxError(f"config field `references`: {path}: {len(lines)} lines for {total} questions of "
-                         f"category {category!r}")
-    out[category] = lines[:sum(q["category"] == category for q in kept)]
+      raise SpecjaxError(
+        f"config field `references`: {path}: {len(lines)} lines for {total} questions of category {category!r}"
+      )
+    out[category] = lines[: sum(q["category"] == category for q in kept)]
   return out
 
 
@@ -159,8 +179,9 @@ def run(config, workdir: str) -> dict:
   references = _read_references(reference_paths, all_questions, questions)
   if config.local_assets:
     local_assets.ensure_checkpoints(
-        [(paths["target"], LOCAL_PRESETS["target"])] +
-        [(path, LOCAL_PRESETS["drafter"]) for path in drafter_paths.values() if not path.startswith("preset:")])
+      [(paths["target"], LOCAL_PRESETS["target"])]
+      + [(path, LOCAL_PRESETS["drafter"]) for path in drafter_paths.values() if not path.startswith("preset:")]
+    )
   if config.compilation_cache:
     # Drafters of one architecture then compile once: the programs differ only in weights.
     jax.config.update("jax_compilation_cache_dir", workdir_path(config, "compilation_cache", workdir))
@@ -171,12 +192,22 @@ def run(config, workdir: str) -> dict:
   writer = jax.process_index() == 0
   progress = _journal(config, workdir, questions, writer)  # an unwritable workdir fails here, before any load
   done = {tuple(u["key"]): u for u in progress.units}
-  units = work_units(questions, normalize_runs(runs, list(drafter_paths)), tuple(config.temperatures),
-                     tuple(config.seeds), tuple(config.greedy_seeds))
+  units = work_units(
+    questions,
+    normalize_runs(runs, list(drafter_paths)),
+    tuple(config.temperatures),
+    tuple(config.seeds),
+    tuple(config.greedy_seeds),
+  )
   todo = [u for u in units if unit_key(*u) not in done]
   if done:
-    console.info("eval_specbench: resuming %s: %d of %d units done, %d to decode", progress.path,
-                 len(units) - len(todo), len(units), len(todo))
+    console.info(
+      "eval_specbench: resuming %s: %d of %d units done, %d to decode",
+      progress.path,
+      len(units) - len(todo),
+      len(units),
+      len(todo),
+    )
   mesh = job_mesh(config)
   tokenizer = target = None
   drafters = {name: None for name in drafter_paths}
@@ -188,27 +219,49 @@ def run(config, workdir: str) -> dict:
     progress.append(unit, {file: unit["answers"]})
 
   records, answers = evaluate(
-      target, tokenizer, drafters, questions, runs=runs, temperatures=tuple(config.temperatures),
-      seeds=tuple(config.seeds), greedy_seeds=tuple(config.greedy_seeds), decoding=DecodingSettings.from_config(config),
-      template=config.template, system_prompt=config.system_prompt, mesh=mesh, done=done, on_unit=on_unit)
+    target,
+    tokenizer,
+    drafters,
+    questions,
+    runs=runs,
+    temperatures=tuple(config.temperatures),
+    seeds=tuple(config.seeds),
+    greedy_seeds=tuple(config.greedy_seeds),
+    decoding=DecodingSettings.from_config(config),
+    template=config.template,
+    system_prompt=config.system_prompt,
+    mesh=mesh,
+    done=done,
+    on_unit=on_unit,
+  )
 
   files: dict[str, list[dict]] = {}
   for answer in answers:
     files.setdefault(answers_file_name(answer), []).append(answer)
-  bleu = {name[:-len(".jsonl")]: bleu_chrf(group, references) for name, group in files.items()} if references else {}
+  bleu = {name[: -len(".jsonl")]: bleu_chrf(group, references) for name, group in files.items()} if references else {}
   device = jax.devices()[0]
-  hardware = {"device_kind": device.device_kind, "platform": device.platform,
-              "device_count": jax.device_count(), "process_count": jax.process_count()}
-  out = {"job": "eval_specbench", "records": records, "bleu": bleu, "hardware": hardware,
-         "config": config.to_dict()}
+  hardware = {
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "device_count": jax.device_count(),
+    "process_count": jax.process_count(),
+  }
+  out = {"job": "eval_specbench", "records": records, "bleu": bleu, "hardware": hardware, "config": config.to_dict()}
   if writer:
     target_name = os.path.basename(paths["target"].rstrip("/"))
     try:
-      _write(workdir, files, out, title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x "
-                                        f"{device.device_kind}", notes=_notes(config, drafter_paths, len(questions)))
+      _write(
+        workdir,
+        files,
+        out,
+        title=f"Multilingual Spec-Bench: {target_name} on {jax.device_count()} x {device.device_kind}",
+        notes=_notes(config, drafter_paths, len(questions)),
+      )
     except OSError as e:
-      raise SpecjaxError(f"{workdir}: writing the answers, metrics.json and report failed ({e.strerror or e}); "
-                         f"every unit is in {progress.path}: free space and rerun the same command") from None
+      raise SpecjaxError(
+        f"{workdir}: writing the answers, metrics.json and report failed ({e.strerror or e}); "
+        f"every unit is in {progress.path}: free space and rerun the same command"
+      ) from None
   console.info("eval_specbench: %d records, %d answer files; wrote %s", len(records), len(files), workdir)
   return out
 
@@ -235,25 +288,34 @@ def _journal(config, workdir: str, questions: list[dict], writer: bool) -> journ
           fileio.remove(stale)
     return files
 
-  progress = journal.Journal(workdir, {"config": _echo(config), "question_ids": [q["question_id"] for q in questions]},
-                             job="eval_specbench", kind="unit", required=("key", "record", "answers"),
-                             explain={"question_ids": "answered other questions (the prompt files changed)"},
-                             outputs=outputs, writer=writer)
+  progress = journal.Journal(
+    workdir,
+    {"config": _echo(config), "question_ids": [q["question_id"] for q in questions]},
+    job="eval_specbench",
+    kind="unit",
+    required=("key", "record", "answers"),
+    explain={"question_ids": "answered other questions (the prompt files changed)"},
+    outputs=outputs,
+    writer=writer,
+  )
   progress.check_processes_agree("units")
   return progress
 
 
 def _load(config, paths: dict, drafter_paths: dict[str, str], mesh):
   """(tokenizer, target, drafters by name), the target checked before its tokenizer loads."""
+
   def check_vocabulary(name, path, drafter, target):
     if drafter.config.vocab_size != target.config.vocab_size:
-      raise SpecjaxError(f"config field `drafters`: drafter {name!r} ({path}) has a vocabulary of "
-                         f"{drafter.config.vocab_size} tokens, the target ({paths['target']}) "
-                         f"{target.config.vocab_size}; a drafter must share the target's tokenizer")
+      raise SpecjaxError(
+        f"config field `drafters`: drafter {name!r} ({path}) has a vocabulary of "
+        f"{drafter.config.vocab_size} tokens, the target ({paths['target']}) "
+        f"{target.config.vocab_size}; a drafter must share the target's tokenizer"
+      )
 
-  tokenizer, target, _, drafters = load_target_and_drafters(config, paths["target"], drafter_paths, mesh,
-                                                            tokenizer_path=paths["tokenizer"],
-                                                            check_drafter=check_vocabulary)
+  tokenizer, target, _, drafters = load_target_and_drafters(
+    config, paths["target"], drafter_paths, mesh, tokenizer_path=paths["tokenizer"], check_drafter=check_vocabulary
+  )
   return tokenizer, target, drafters
 
 
@@ -261,14 +323,19 @@ def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[st
   """What the report needs to be reproduced: the command line and the settings behind it."""
   gamma = f"γ={config.gamma}" + (f" (dynamic, start {config.gamma_start})" if config.dynamic_gamma else "")
   drafters = ", ".join(f"{name} = {path}" for name, path in drafter_paths.items()) or "none"
-  return [f"Command: `python -m specjax.main {' '.join(sys.argv[1:])}`",
-          f"Drafters: {drafters}",
-          (f"{gamma}, max_new_tokens={config.max_new_tokens}, template {config.template}, dtype {config.dtype}, "
-           f"batch size {config.batch_size}, {num_questions} questions")]
+  return [
+    f"Command: `python -m specjax.main {' '.join(sys.argv[1:])}`",
+    f"Drafters: {drafters}",
+    (
+      f"{gamma}, max_new_tokens={config.max_new_tokens}, template {config.template}, dtype {config.dtype}, "
+      f"batch size {config.batch_size}, {num_questions} questions"
+    ),
+  ]
 
 
 def _write(workdir: str, files: dict[str, list[dict]], out: dict, title: str, notes: list[str]) -> None:
   from specjax.eval import report
+
   answers_dir = fileio.join(workdir, "answers")
   fileio.makedirs(answers_dir, exist_ok=True)
   for stale in fileio.glob(fileio.join(answers_dir, "specjax-*-T*-seed*.jsonl")):  # an earlier run's, here

@@ -14,6 +14,7 @@ command reads the journal, skips every finished batch and decodes the rest with 
 from other settings is an error naming them, not something mixed in. Writing is tried before the
 models load, so an unwritable workdir fails in a second, not after decoding.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,19 +44,23 @@ NOT_ECHOED = ("warmup",)
 def _check_config(config, paths: dict[str, str | None]) -> None:
   """Mistakes that would otherwise surface only after the models load."""
   if not paths["target"]:
-    raise SpecjaxError("config field `target` is not set: give a Hugging Face checkpoint directory "
-                       "(--config.target=DIR) or preset:NAME, or use configs/generate.py:runlocal")
+    raise SpecjaxError(
+      "config field `target` is not set: give a Hugging Face checkpoint directory "
+      "(--config.target=DIR) or preset:NAME, or use configs/generate.py:runlocal"
+    )
   if config.method not in engine.METHODS:
     raise SpecjaxError(f"config field `method`={config.method!r}: expected one of {', '.join(engine.METHODS)}")
   if config.method == "sps" and not paths["drafter"]:
-    raise SpecjaxError("method 'sps' needs a drafter: set config field `drafter` (--config.drafter=DIR), or use "
-                       "method=ar or method=pld")
+    raise SpecjaxError(
+      "method 'sps' needs a drafter: set config field `drafter` (--config.drafter=DIR), or use method=ar or method=pld"
+    )
   if not paths["prompts"]:
     raise SpecjaxError("config field `prompts` is not set: give a Spec-Bench question.jsonl path or glob")
   check_template(config.template)
   if config.drafter_sharding not in ("replicated", "sharded"):
-    raise SpecjaxError(f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' "
-                       "or 'sharded'")
+    raise SpecjaxError(
+      f"config field `drafter_sharding`={config.drafter_sharding!r}: expected 'replicated' or 'sharded'"
+    )
   if config.max_prompts < 0:
     raise SpecjaxError(f"config field `max_prompts`={config.max_prompts}: must be >= 0 (0 = all)")
 
@@ -80,15 +85,20 @@ def run(config, workdir: str) -> dict:
     local_assets.ensure_question_file(paths["prompts"])
   questions = read_prompt_files(paths["prompts"])  # before the models load: a bad file fails fast
   if config.max_prompts:
-    questions = questions[:config.max_prompts]
+    questions = questions[: config.max_prompts]
   writer = jax.process_index() == 0
   progress = Journal(workdir, _echo(config), [q["question_id"] for q in questions], writer)  # fails before decoding
   progress.check_processes_agree("batches")
   plan = _plan(questions, config.batch_size)
   todo = [b for b in plan if (b["turn"], b["lo"]) not in progress.batches]
   if progress.batches:
-    console.info("generate: resuming %s: %d of %d batches done, %d to decode", progress.path, len(plan) - len(todo),
-                 len(plan), len(todo))
+    console.info(
+      "generate: resuming %s: %d of %d batches done, %d to decode",
+      progress.path,
+      len(plan) - len(todo),
+      len(plan),
+      len(todo),
+    )
 
   answers, results, categories = [], [], []
   history = {i: [] for i in range(len(questions))}  # (user message, answer text) per earlier turn
@@ -96,13 +106,23 @@ def run(config, workdir: str) -> dict:
   decoder = tokenizer = None
   if todo:
     if config.local_assets:
-      local_assets.ensure_checkpoints([(paths[role], LOCAL_PRESETS[role]) for role in ("target", "drafter")
-                                       if paths[role] and not paths[role].startswith("preset:")])
+      local_assets.ensure_checkpoints(
+        [
+          (paths[role], LOCAL_PRESETS[role])
+          for role in ("target", "drafter")
+          if paths[role] and not paths[role].startswith("preset:")
+        ]
+      )
     tokenizer, decoder = _load(config, paths)
   sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed)
   seen_buckets = set()
-  bar = tqdm(total=sum(len(b["rows"]) for b in plan), initial=sum(len(b["rows"]) for b in plan if b not in todo),
-             unit="prompt", desc=f"generate ({config.method})", disable=not writer)
+  bar = tqdm(
+    total=sum(len(b["rows"]) for b in plan),
+    initial=sum(len(b["rows"]) for b in plan if b not in todo),
+    unit="prompt",
+    desc=f"generate ({config.method})",
+    disable=not writer,
+  )
   for turn in range(max(len(q["turns"]) for q in questions)):
     batches = [b for b in plan if b["turn"] == turn]
     active = [i for b in batches for i in b["rows"]]
@@ -111,18 +131,28 @@ def run(config, workdir: str) -> dict:
       done = progress.batches.get((turn, b["lo"]))
       if done is None:
         if prompts is None:  # this turn's prompts, from the earlier turns' answers (decoded or resumed)
-          texts = [apply_template(config.template, questions[i]["turns"][turn], history[i], config.system_prompt,
-                                  tokenizer)
-                   for i in active]
+          texts = [
+            apply_template(config.template, questions[i]["turns"][turn], history[i], config.system_prompt, tokenizer)
+            for i in active
+          ]
           prompts = [encode_prompt(tokenizer, text) for text in texts]
-          names = [f"{questions[i]['source']} (question {questions[i]['question_id']!r}, turn {turn + 1})"
-                   for i in active]
+          names = [
+            f"{questions[i]['source']} (question {questions[i]['question_id']!r}, turn {turn + 1})" for i in active
+          ]
           if config.warmup:  # every bucket of the turn, as an uninterrupted run compiles them
             compile_s += (warm := _warm_up(decoder, prompts, names, sampling, seen_buckets))
           else:
             warm = 0.0
-        done = _decode_batch(decoder, tokenizer, questions, b, prompts[b["lo"]:b["lo"] + len(b["rows"])],
-                             names[b["lo"]:b["lo"] + len(b["rows"])], sampling, warm)
+        done = _decode_batch(
+          decoder,
+          tokenizer,
+          questions,
+          b,
+          prompts[b["lo"] : b["lo"] + len(b["rows"])],
+          names[b["lo"] : b["lo"] + len(b["rows"])],
+          sampling,
+          warm,
+        )
         warm = 0.0
         progress.append(done)
         bar.update(len(b["rows"]))
@@ -135,19 +165,37 @@ def run(config, workdir: str) -> dict:
 
   order = {q["question_id"]: i for i, q in enumerate(questions)}
   answers.sort(key=lambda a: (order[a["question_id"]], a["turn"]))
-  out = {"job": "generate", "method": config.method, "prompts": len(questions), "generations": len(answers),
-         "compile_s": compile_s, "dtype": config.dtype, "exactness": exactness(config.method, config.dtype),
-         "hardware": {"device_kind": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-                      "device_count": jax.device_count(), "process_count": jax.process_count()},
-         **metrics.aggregate(results, categories),
-         "config": config.to_dict()}
+  out = {
+    "job": "generate",
+    "method": config.method,
+    "prompts": len(questions),
+    "generations": len(answers),
+    "compile_s": compile_s,
+    "dtype": config.dtype,
+    "exactness": exactness(config.method, config.dtype),
+    "hardware": {
+      "device_kind": jax.devices()[0].device_kind,
+      "platform": jax.devices()[0].platform,
+      "device_count": jax.device_count(),
+      "process_count": jax.process_count(),
+    },
+    **metrics.aggregate(results, categories),
+    "config": config.to_dict(),
+  }
   if writer:
     progress.finish(answers, out)
   rate = out["acceptance_rate"]
-  console.info("generate: %d answers, %d new tokens in %.2f s (%.1f tokens/s), tau %.3f, acceptance %s, "
-               "compile %.1f s; wrote %s", len(answers), out["new_tokens"], out["wall_s"],
-               out["tokens_per_second"] or 0.0, out["tau"], "n/a" if rate is None else f"{rate:.3f}",
-               compile_s, workdir)
+  console.info(
+    "generate: %d answers, %d new tokens in %.2f s (%.1f tokens/s), tau %.3f, acceptance %s, compile %.1f s; wrote %s",
+    len(answers),
+    out["new_tokens"],
+    out["wall_s"],
+    out["tokens_per_second"] or 0.0,
+    out["tau"],
+    "n/a" if rate is None else f"{rate:.3f}",
+    compile_s,
+    workdir,
+  )
   return out
 
 
@@ -156,8 +204,12 @@ def _load(config, paths):
     check_checkpoint(paths["drafter"], "config field `drafter`")  # both checked before either loads
   mesh = job_mesh(config)
   tokenizer, target, _, drafters = load_target_and_drafters(
-      config, paths["target"], {"drafter": paths["drafter"]} if config.method == "sps" else {}, mesh,
-      tokenizer_path=paths["tokenizer"])
+    config,
+    paths["target"],
+    {"drafter": paths["drafter"]} if config.method == "sps" else {},
+    mesh,
+    tokenizer_path=paths["tokenizer"],
+  )
   drafter = drafters.get("drafter")
   decoder = Decoder(target, drafter, DecodingSettings.from_config(config), mesh=mesh)
   return tokenizer, decoder
@@ -168,7 +220,7 @@ def _plan(questions: list[dict], batch_size: int) -> list[dict]:
   plan = []
   for turn in range(max(len(q["turns"]) for q in questions)):
     active = [i for i, q in enumerate(questions) if len(q["turns"]) > turn]
-    plan += [{"turn": turn, "lo": lo, "rows": active[lo:lo + batch_size]} for lo in range(0, len(active), batch_size)]
+    plan += [{"turn": turn, "lo": lo, "rows": active[lo : lo + batch_size]} for lo in range(0, len(active), batch_size)]
   return plan
 
 
@@ -180,12 +232,28 @@ def _decode_batch(decoder, tokenizer, questions, batch, prompts, names, sampling
   for k, (i, tau) in enumerate(zip(rows, metrics.row_tau(result))):
     tokens = result.new_tokens[k]
     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    answers.append({"question_id": questions[i]["question_id"], "category": questions[i]["category"],
-                    "turn": turn, "text": text, "token_ids": [int(t) for t in tokens],
-                    "new_tokens": len(tokens), "steps": int(result.steps[k]),
-                    "accepted": int(result.accepted[k]), "tau": tau, "wall_s": result.wall_s})
-  return {"turn": turn, "lo": batch["lo"], "rows": list(rows), "answers": answers, "result": result,
-          "compile_s": compile_s}
+    answers.append(
+      {
+        "question_id": questions[i]["question_id"],
+        "category": questions[i]["category"],
+        "turn": turn,
+        "text": text,
+        "token_ids": [int(t) for t in tokens],
+        "new_tokens": len(tokens),
+        "steps": int(result.steps[k]),
+        "accepted": int(result.accepted[k]),
+        "tau": tau,
+        "wall_s": result.wall_s,
+      }
+    )
+  return {
+    "turn": turn,
+    "lo": batch["lo"],
+    "rows": list(rows),
+    "answers": answers,
+    "result": result,
+    "compile_s": compile_s,
+  }
 
 
 def _echo(config) -> dict:
@@ -203,11 +271,16 @@ class Journal(journal.Journal):
 
   def __init__(self, workdir: str, echo: dict, question_ids: list, writer: bool = True):
     self.answers_path = fileio.join(workdir, ANSWERS)
-    super().__init__(workdir, {"config": echo, "question_ids": question_ids}, job="generate", kind="batch",
-                     required=("turn", "lo", "rows", "answers", "result"),
-                     explain={"question_ids": "answered other questions (the prompt files changed)"},
-                     outputs=lambda units: {self.answers_path: [a for u in units for a in u["answers"]]},
-                     writer=writer)
+    super().__init__(
+      workdir,
+      {"config": echo, "question_ids": question_ids},
+      job="generate",
+      kind="batch",
+      required=("turn", "lo", "rows", "answers", "result"),
+      explain={"question_ids": "answered other questions (the prompt files changed)"},
+      outputs=lambda units: {self.answers_path: [a for u in units for a in u["answers"]]},
+      writer=writer,
+    )
     self.batches: dict[tuple[int, int], dict] = {(u["turn"], u["lo"]): u for u in self.units}
 
   def append(self, batch: dict) -> None:
@@ -220,8 +293,10 @@ class Journal(journal.Journal):
     try:
       _write(self.workdir, answers, out)
     except OSError as e:
-      raise SpecjaxError(f"{self.workdir}: writing answers.jsonl and metrics.json failed ({e.strerror or e}); "
-                         f"the answers are in {self.path}: free space and rerun the same command") from None
+      raise SpecjaxError(
+        f"{self.workdir}: writing answers.jsonl and metrics.json failed ({e.strerror or e}); "
+        f"the answers are in {self.path}: free space and rerun the same command"
+      ) from None
 
 
 def exactness(method: str, dtype: str) -> str:
@@ -229,11 +304,15 @@ def exactness(method: str, dtype: str) -> str:
   if method == "ar":
     return "plain decoding"
   if dtype == "float32":
-    return ("greedy: token-identical to plain greedy decoding (float32); sampled: the target's distribution, "
-            "exactly (rejection sampling)")
-  return (f"greedy in {dtype}: equal to plain greedy decoding except at near-ties, which a {dtype} verification "
-          "of γ+1 tokens and a one-token step can round differently (float32 is token-identical); sampled: the "
-          "target's distribution, exactly (rejection sampling)")
+    return (
+      "greedy: token-identical to plain greedy decoding (float32); sampled: the target's distribution, "
+      "exactly (rejection sampling)"
+    )
+  return (
+    f"greedy in {dtype}: equal to plain greedy decoding except at near-ties, which a {dtype} verification "
+    "of γ+1 tokens and a one-token step can round differently (float32 is token-identical); sampled: the "
+    "target's distribution, exactly (rejection sampling)"
+  )
 
 
 def _write(workdir: str, answers: list[dict], out: dict) -> None:

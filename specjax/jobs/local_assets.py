@@ -4,6 +4,7 @@ them. A runlocal run then needs no network, no downloaded model and no data fold
 
 Every function is a no-op when its output exists, so a second run reuses what the first built.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,33 +20,40 @@ LOCAL_PRESETS = {"target": "tiny", "drafter": "tiny-drafter"}
 
 # Written for this file: everyday sentences, (language category, source language, text).
 SENTENCES = (
-    ("deen", "German", "Der Zug nach Hamburg fährt heute zehn Minuten später ab."),
-    ("deen", "German", "Meine Großmutter backt jeden Sonntag einen Apfelkuchen für die ganze Familie."),
-    ("fren", "French", "La bibliothèque du quartier ouvre ses portes à neuf heures le samedi."),
-    ("fren", "French", "Nous avons planté des tomates et du basilic dans le petit jardin derrière la maison."),
-    ("ruen", "Russian", "Вечером мы гуляли по набережной и смотрели на корабли."),
-    ("ruen", "Russian", "Этот музей открыли в прошлом году в старом здании фабрики."),
-    ("jaen", "Japanese", "駅の近くに新しいパン屋ができて、朝から人が並んでいます。"),
-    ("jaen", "Japanese", "週末は雨が降るそうなので、傘を忘れないでください。"),
-    ("zhen", "Chinese", "我们明天早上八点在学校门口集合，然后一起去爬山。"),
-    ("zhen", "Chinese", "这家小饭馆的饺子特别好吃，价格也很便宜。"),
+  ("deen", "German", "Der Zug nach Hamburg fährt heute zehn Minuten später ab."),
+  ("deen", "German", "Meine Großmutter backt jeden Sonntag einen Apfelkuchen für die ganze Familie."),
+  ("fren", "French", "La bibliothèque du quartier ouvre ses portes à neuf heures le samedi."),
+  ("fren", "French", "Nous avons planté des tomates et du basilic dans le petit jardin derrière la maison."),
+  ("ruen", "Russian", "Вечером мы гуляли по набережной и смотрели на корабли."),
+  ("ruen", "Russian", "Этот музей открыли в прошлом году в старом здании фабрики."),
+  ("jaen", "Japanese", "駅の近くに新しいパン屋ができて、朝から人が並んでいます。"),
+  ("jaen", "Japanese", "週末は雨が降るそうなので、傘を忘れないでください。"),
+  ("zhen", "Chinese", "我们明天早上八点在学校门口集合，然后一起去爬山。"),
+  ("zhen", "Chinese", "这家小饭馆的饺子特别好吃，价格也很便宜。"),
 )
 
 # Text the tokenizer should compress well: the chat templates' fixed parts.
 TEMPLATE_TEXT = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user's questions. USER: ASSISTANT: [INST] <<SYS>> <</SYS>> [/INST] "
-    "Translate German to English: Translate French to English: Translate Russian to English: "
-    "Translate Japanese to English: Translate Chinese to English: Please say it more briefly.")
+  "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+  "detailed, and polite answers to the user's questions. USER: ASSISTANT: [INST] <<SYS>> <</SYS>> [/INST] "
+  "Translate German to English: Translate French to English: Translate Russian to English: "
+  "Translate Japanese to English: Translate Chinese to English: Please say it more briefly."
+)
 
 
 def questions() -> list[dict]:
   """One translation question per sentence, then a two-turn question (turn 2 sees turn 1's answer)."""
-  out = [{"question_id": f"local_{category}_{i}", "category": category,
-          "turns": [f"Translate {language} to English:{text}"]}
-         for i, (category, language, text) in enumerate(SENTENCES)]
-  out.append({"question_id": "local_chat_0", "category": "chat",
-              "turns": [f"Translate German to English:{SENTENCES[0][2]}", "Please say it more briefly."]})
+  out = [
+    {"question_id": f"local_{category}_{i}", "category": category, "turns": [f"Translate {language} to English:{text}"]}
+    for i, (category, language, text) in enumerate(SENTENCES)
+  ]
+  out.append(
+    {
+      "question_id": "local_chat_0",
+      "category": "chat",
+      "turns": [f"Translate German to English:{SENTENCES[0][2]}", "Please say it more briefly."],
+    }
+  )
   return out
 
 
@@ -74,6 +82,7 @@ def ensure_checkpoints(paths_and_presets: list[tuple[str, str]], vocab_size: int
     return
   if any(exists):  # a checkpoint built earlier fixes the token ids
     from specjax.models.hf import load_tokenizer
+
     tokenizer = load_tokenizer(paths_and_presets[exists.index(True)][0])
   else:
     tokenizer = train_tokenizer([TEMPLATE_TEXT] + [text for _, _, text in SENTENCES], vocab_size)
@@ -86,6 +95,7 @@ def corpus_texts() -> list[str]:
   """Both sides of the embedded corpus's training split (specjax/assets/corpus), and the
   templates' fixed text: what a tokenizer for runlocal training and the demo is trained on."""
   from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs
+
   texts = [TEMPLATE_TEXT]
   for lang in LANGS:
     for x, en in load_pairs(EMBEDDED_CORPUS, lang, "train"):
@@ -97,6 +107,7 @@ def ensure_corpus_tokenizer(out_dir: str, vocab_size: int = 2048):
   """A byte-level BPE trained on the embedded corpus, saved at out_dir (kept when present)."""
   _single_process()
   from specjax.models.hf import load_tokenizer
+
   if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
     return load_tokenizer(out_dir)
   return train_tokenizer(corpus_texts(), vocab_size, out_dir)
@@ -106,6 +117,7 @@ def ensure_corpus_checkpoints(target_dir: str, preset: str = "tiny", vocab_size:
   """A random-weight target (runlocal training's stand-in) whose tokenizer covers the corpus."""
   if os.path.exists(os.path.join(target_dir, "config.json")):
     return
-  tokenizer = ensure_corpus_tokenizer(os.path.join(os.path.dirname(os.path.abspath(target_dir)), "tokenizer"),
-                                      vocab_size)
+  tokenizer = ensure_corpus_tokenizer(
+    os.path.join(os.path.dirname(os.path.abspath(target_dir)), "tokenizer"), vocab_size
+  )
   make_random_checkpoint(target_dir, preset, tokenizer=tokenizer, seed=seed)

@@ -11,6 +11,7 @@ a rerun of the same command resumes from the latest one with the same data posit
 losses continue those of an uninterrupted run. The finished drafter is exported as a Hugging
 Face checkpoint in WORKDIR/drafter.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,10 +66,18 @@ class _Preempted:
 
 def _register_data(config, workdir: str, tokenizer_dir: str) -> None:
   from specjax.data import tasks
-  tasks.register_tasks(workdir_path(config, "data_dir", workdir), tokenizer_dir, config.template,
-                       workdir_path(config, "selfdistill_dir", workdir), limit=config.data_limit or None,
-                       pretrain_source=config.pretrain_source, translate_source=config.translate_source,
-                       tfds_data_dir=config.get("tfds_data_dir"), shuffle_buffer_size=config.shuffle_buffer_size)
+
+  tasks.register_tasks(
+    workdir_path(config, "data_dir", workdir),
+    tokenizer_dir,
+    config.template,
+    workdir_path(config, "selfdistill_dir", workdir),
+    limit=config.data_limit or None,
+    pretrain_source=config.pretrain_source,
+    translate_source=config.translate_source,
+    tfds_data_dir=config.get("tfds_data_dir"),
+    shuffle_buffer_size=config.shuffle_buffer_size,
+  )
   tasks.check_selfdistill_for(config.mixture)
 
 
@@ -82,6 +91,7 @@ def _drafter_config(config, paths, vocab_size: int):
     return PRESETS[name].replace(vocab_size=vocab_size), None
   if spec.startswith("run:"):
     from specjax.models.config import LlamaConfig
+
     exported = fileio.join(spec[4:], "drafter", "config.json")
     run_config = fileio.join(spec[4:], "drafter_config.json")
     for path in (run_config, exported):
@@ -98,8 +108,10 @@ def _drafter_config(config, paths, vocab_size: int):
 def _build_drafter(config, paths, vocab_size: int, mesh):
   cfg, hf_model = _drafter_config(config, paths, vocab_size)
   if cfg.vocab_size != vocab_size:
-    raise SpecjaxError(f"config field `drafter`={paths['drafter']!r}: its vocabulary has {cfg.vocab_size} tokens, "
-                       f"the target's tokenizer {vocab_size}; a drafter must share the target's tokenizer")
+    raise SpecjaxError(
+      f"config field `drafter`={paths['drafter']!r}: its vocabulary has {cfg.vocab_size} tokens, "
+      f"the target's tokenizer {vocab_size}; a drafter must share the target's tokenizer"
+    )
   cfg = cfg.replace(dtype=config.dtype, param_dtype="float32")
   model = init_model(cfg, seed=config.seed)
   if hf_model is not None:
@@ -131,9 +143,11 @@ def _draft_vocab(config, workdir, paths, vocab_size: int, tokenizer) -> np.ndarr
     ids = load_draft_vocab(spec)
   elif os.path.isdir(spec):
     from specjax.data.selfdistill import read_records
+
     stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
-    ids = choose_token_ids((r["response_token_ids"] for r in read_records(spec)), vocab_size,
-                           config.draft_vocab_coverage, always=stops)
+    ids = choose_token_ids(
+      (r["response_token_ids"] for r in read_records(spec)), vocab_size, config.draft_vocab_coverage, always=stops
+    )
   else:
     raise SpecjaxError(f"config field `draft_vocab`={spec!r}: no such file or directory")
   if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab_size:
@@ -149,8 +163,12 @@ def _check_resume(config, workdir: str, step: int | None = None, meta: dict | No
     if found is None:
       return None
     step, meta = found
-  check_settings(f"{checkpoint_dir(workdir)}/{step}", meta.get("settings"), run_settings(config),
-                 allow=bool(config.get("allow_resume_with_changes")))
+  check_settings(
+    f"{checkpoint_dir(workdir)}/{step}",
+    meta.get("settings"),
+    run_settings(config),
+    allow=bool(config.get("allow_resume_with_changes")),
+  )
   return step
 
 
@@ -164,11 +182,14 @@ def run(config, workdir: str) -> dict:
   paths = {f: workdir_path(config, f, workdir) for f in ("drafter", "target", "tokenizer")}
   if config.get("local_assets"):
     from specjax.jobs import local_assets
+
     local_assets.ensure_corpus_checkpoints(paths["target"])
   tokenizer_dir = paths["tokenizer"] or paths["target"]
   if not tokenizer_dir or tokenizer_dir.startswith("preset:"):
-    raise SpecjaxError("config field `tokenizer` must name a directory holding the target's tokenizer "
-                       "(defaults to `target` when that is a checkpoint directory)")
+    raise SpecjaxError(
+      "config field `tokenizer` must name a directory holding the target's tokenizer "
+      "(defaults to `target` when that is a checkpoint directory)"
+    )
   checked = _check_resume(config, workdir)
   check_checkpoint(paths["target"], "config field `target`")  # read by specjax before transformers reads it
   if not paths["drafter"].startswith(("preset:", "run:")):
@@ -193,14 +214,22 @@ def run(config, workdir: str) -> dict:
   A, L = settings.grad_accumulation, settings.sequence_length
   batch_shapes = {k: (A, settings.batch_size // A, L) for k in BATCH_FEATURES}
   device_ids_W = None if draft_ids_W is None else jax.numpy.asarray(draft_ids_W)
-  step_fn, state_sh = jit_train_step(make_train_step(graphdef, target_graphdef if spec.with_target else None, tx,
-                                                     schedule, spec, device_ids_W),
-                                     state, target_params if spec.with_target else None, batch_shapes, mesh)
+  step_fn, state_sh = jit_train_step(
+    make_train_step(graphdef, target_graphdef if spec.with_target else None, tx, schedule, spec, device_ids_W),
+    state,
+    target_params if spec.with_target else None,
+    batch_shapes,
+    mesh,
+  )
   state = jax.device_put(state, state_sh)
 
-  checkpointer = Checkpointer(checkpoint_dir(workdir), save_every=settings.checkpoint_every,
-                              keep=settings.checkpoints_to_keep, async_save=settings.async_checkpointing,
-                              settings=run_settings(config))
+  checkpointer = Checkpointer(
+    checkpoint_dir(workdir),
+    save_every=settings.checkpoint_every,
+    keep=settings.checkpoints_to_keep,
+    async_save=settings.async_checkpointing,
+    settings=run_settings(config),
+  )
   start = 0
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(state, shardings=state_sh)
@@ -214,17 +243,36 @@ def run(config, workdir: str) -> dict:
       json.dump(drafter_cfg.to_hf_dict(), f, indent=2)
 
   writer = MetricWriter(workdir, resume_step=start, tensorboard=settings.tensorboard)
-  evaluator = Evaluator(config, workdir, mesh, graphdef, state["params"], target, target_graphdef, target_params,
-                         tokenizer, spec, draft_ids_W)
+  evaluator = Evaluator(
+    config,
+    workdir,
+    mesh,
+    graphdef,
+    state["params"],
+    target,
+    target_graphdef,
+    target_params,
+    tokenizer,
+    spec,
+    draft_ids_W,
+  )
   batches = Batches(config, settings.mixture, "train", mesh, start)
   last = {}
   try:
     if start == 0 and settings.eval_every and settings.eval_at_start:
       last = evaluator(0, state["params"], writer)
-    live = _Run(start=start, steps=steps, state=state, step_fn=step_fn,
-                target_params=target_params if spec.with_target else None, batches=batches,
-                checkpointer=checkpointer, writer=writer, evaluator=evaluator,
-                export=_Export(graphdef, drafter_cfg, tokenizer, draft_ids_W, workdir))
+    live = _Run(
+      start=start,
+      steps=steps,
+      state=state,
+      step_fn=step_fn,
+      target_params=target_params if spec.with_target else None,
+      batches=batches,
+      checkpointer=checkpointer,
+      writer=writer,
+      evaluator=evaluator,
+      export=_Export(graphdef, drafter_cfg, tokenizer, draft_ids_W, workdir),
+    )
     last = _loop(settings, live, last)
   finally:
     batches.close()
@@ -239,6 +287,7 @@ class _Run:
   train state (donated to each step), the jitted step and its target parameters (None without a
   distillation loss), the data, the checkpoints, the metric writer, the evaluation and what the
   finished drafter is exported with."""
+
   start: int  # the step this run resumes from (0: a fresh run)
   steps: int  # the run's steps in all (total_steps(config))
   state: dict
@@ -254,6 +303,7 @@ class _Run:
 @dataclasses.dataclass(frozen=True)
 class _Export:
   """What the finished drafter is written with: WORKDIR/drafter (a Hugging Face checkpoint)."""
+
   graphdef: object
   drafter_cfg: object  # its LlamaConfig
   tokenizer: object
@@ -280,10 +330,12 @@ def _loop(settings: TrainerSettings, live: _Run, last: dict) -> dict:
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     if not _finite(m):
       kept = checkpointer.latest_step()
-      raise SpecjaxError(f"step {step_no}: the loss or gradient is not finite (loss {m['loss']}, grad norm "
-                         f"{m['grad_norm']}); stopped. The last good checkpoint is "
-                         f"{'step ' + str(kept) if kept is not None else 'none (no step finished)'} in "
-                         f"{checkpointer.directory}; lower learning_rate or check the data")
+      raise SpecjaxError(
+        f"step {step_no}: the loss or gradient is not finite (loss {m['loss']}, grad norm "
+        f"{m['grad_norm']}); stopped. The last good checkpoint is "
+        f"{'step ' + str(kept) if kept is not None else 'none (no step finished)'} in "
+        f"{checkpointer.directory}; lower learning_rate or check the data"
+      )
     window["metrics"].append(m)
     return m
 
@@ -316,8 +368,13 @@ def _loop(settings: TrainerSettings, live: _Run, last: dict) -> dict:
       pending = (step, device_metrics)
       bar.update(1)
       final = step == stop_at
-      if step % settings.log_every == 0 or final or checkpointer.due(step) or preempted.flag or (
-          settings.eval_every and step % settings.eval_every == 0):
+      if (
+        step % settings.log_every == 0
+        or final
+        or checkpointer.due(step)
+        or preempted.flag
+        or (settings.eval_every and step % settings.eval_every == 0)
+      ):
         fetch(pending)  # the state about to be logged, evaluated or saved is known to be finite
         pending = None
       if window["metrics"] and (step % settings.log_every == 0 or final):
@@ -337,11 +394,22 @@ def _loop(settings: TrainerSettings, live: _Run, last: dict) -> dict:
   finished = step >= steps
   out = live.export
   if finished and settings.export_hf:  # every process gathers the weights; process 0 writes them
-    save_hf_checkpoint(nnx.merge(out.graphdef, state["params"]), out.drafter_cfg.replace(dtype="float32"),
-                       os.path.join(out.workdir, "drafter"), tokenizer=out.tokenizer)
+    save_hf_checkpoint(
+      nnx.merge(out.graphdef, state["params"]),
+      out.drafter_cfg.replace(dtype="float32"),
+      os.path.join(out.workdir, "drafter"),
+      tokenizer=out.tokenizer,
+    )
     if out.draft_ids_W is not None and jax.process_index() == 0:
-      save_draft_vocab(os.path.join(out.workdir, "drafter"), out.draft_ids_W,
-                       {"coverage": settings.draft_vocab_coverage})
-  console.info("%s: stopped at step %d of %d (%s); last checkpoint step %s", settings.job, step, steps,
-               "finished" if finished else "interrupted", good_step)
+      save_draft_vocab(
+        os.path.join(out.workdir, "drafter"), out.draft_ids_W, {"coverage": settings.draft_vocab_coverage}
+      )
+  console.info(
+    "%s: stopped at step %d of %d (%s); last checkpoint step %s",
+    settings.job,
+    step,
+    steps,
+    "finished" if finished else "interrupted",
+    good_step,
+  )
   return {**last, "step": step, "finished": finished}

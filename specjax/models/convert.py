@@ -5,6 +5,7 @@ config.json, generation_config.json, model.safetensors and the tokenizer files (
 included), which load in specjax (`load_hf_checkpoint`) and in transformers' LlamaForCausalLM.
 Converting once saves every later run the dequantization and the GGUF metadata parse.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def convert(src: str, dst: str, dtype: str = "float32") -> None:
   """Writes the Hugging Face directory `dst` from the GGUF file `src`."""
   from specjax.models.gguf import load_gguf_checkpoint, load_gguf_tokenizer
   from specjax.models.hf import save_hf_checkpoint
+
   model, config = load_gguf_checkpoint(src, dtype=dtype)
   tokenizer = load_gguf_tokenizer(src)
   try:

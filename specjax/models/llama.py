@@ -6,6 +6,7 @@ E head_dim, Z any number of heads, V vocab, W a reduced draft vocabulary's token
 Parameter names follow Hugging Face's (`layers/3/self_attn/q_proj/kernel`), with kernels
 stored [in, out], so import and export are a transpose.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ class KVCache:
   step. On CPU the copies the other layouts caused cost more than attention itself (a decode
   step over a 4096-position cache: 27 ms before, 6 ms after, 18M-parameter model).
   """
+
   k_RSE: tuple[jax.Array, ...]
   v_RES: tuple[jax.Array, ...]
   lengths_B: jax.Array  # int32
@@ -41,9 +43,11 @@ class KVCache:
   def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
     dtype = dtype or jnp.dtype(config.dtype)
     rows, layers = batch * config.num_kv_heads, range(config.num_layers)
-    return cls(tuple(jnp.zeros((rows, max_len, config.head_dim), dtype) for _ in layers),
-               tuple(jnp.zeros((rows, config.head_dim, max_len), dtype) for _ in layers),
-               jnp.zeros((batch,), jnp.int32))
+    return cls(
+      tuple(jnp.zeros((rows, max_len, config.head_dim), dtype) for _ in layers),
+      tuple(jnp.zeros((rows, config.head_dim, max_len), dtype) for _ in layers),
+      jnp.zeros((batch,), jnp.int32),
+    )
 
   @property
   def max_len(self) -> int:
@@ -112,7 +116,7 @@ def write_rows(cache_R__: jax.Array, new_R__: jax.Array, start_B: jax.Array, axi
     for b in range(batch):
       index = [jnp.int32(b * rows_per), zero, zero]
       index[axis] = start_B[b].astype(jnp.int32)
-      cache_R__ = jax.lax.dynamic_update_slice(cache_R__, new_R__[b * rows_per:(b + 1) * rows_per], index)
+      cache_R__ = jax.lax.dynamic_update_slice(cache_R__, new_R__[b * rows_per : (b + 1) * rows_per], index)
     return cache_R__
   T = new_R__.shape[axis]
   rows_RT = jnp.broadcast_to(jnp.arange(cache_R__.shape[0])[:, None], (cache_R__.shape[0], T))
@@ -123,9 +127,15 @@ def write_rows(cache_R__: jax.Array, new_R__: jax.Array, start_B: jax.Array, axi
 
 
 def _dense(rngs: nnx.Rngs, d_in: int, d_out: int, config: LlamaConfig) -> nnx.Linear:
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(config.dtype),
-                    param_dtype=jnp.dtype(config.param_dtype),
-                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+  return nnx.Linear(
+    d_in,
+    d_out,
+    use_bias=False,
+    dtype=jnp.dtype(config.dtype),
+    param_dtype=jnp.dtype(config.param_dtype),
+    kernel_init=nnx.initializers.normal(0.02),
+    rngs=rngs,
+  )
 
 
 class RMSNorm(nnx.Module):
@@ -171,8 +181,9 @@ class Attention(nnx.Module):
       kv = (k_RSE, v_RES, start_B)
     S = k_RSE.shape[1]
     q_RME = q_BTCQE.transpose(0, 2, 3, 1, 4).reshape(B * C, Q * T, E)
-    scores_RMS = jnp.einsum("rme,rse->rms", q_RME, k_RSE.astype(q_RME.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores_RMS = jnp.einsum(
+      "rme,rse->rms", q_RME, k_RSE.astype(q_RME.dtype), preferred_element_type=jnp.float32
+    ) / math.sqrt(E)
     mask_RMS = jnp.broadcast_to(mask_BTS[:, None, None], (B, C, Q, T, S)).reshape(B * C, Q * T, S)
     scores_RMS = jnp.where(mask_RMS, scores_RMS, jnp.finfo(jnp.float32).min)
     probs_RMS = jax.nn.softmax(scores_RMS, axis=-1).astype(x_BTD.dtype)
@@ -213,13 +224,17 @@ class Llama(nnx.Module):
 
   def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
     self.config = config
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=jnp.dtype(config.dtype),
-                                  param_dtype=jnp.dtype(config.param_dtype),
-                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.embed_tokens = nnx.Embed(
+      config.vocab_size,
+      config.hidden_size,
+      dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
+      embedding_init=nnx.initializers.normal(0.02),
+      rngs=rngs,
+    )
     self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
-    self.lm_head = None if config.tie_word_embeddings else _dense(rngs, config.hidden_size, config.vocab_size,
-                                                                   config)
+    self.lm_head = None if config.tie_word_embeddings else _dense(rngs, config.hidden_size, config.vocab_size, config)
 
   def hidden_states(self, tokens_BT, cache: KVCache | None = None, positions_BT=None, segment_ids_BT=None):
     """Final-norm hidden states [B, T, D] and the updated cache (None without one).

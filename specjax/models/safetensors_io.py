@@ -4,6 +4,7 @@ The safetensors package's numpy backend has no bfloat16; the format is simple (a
 header length, a JSON header, raw little-endian data), so we map it with numpy + ml_dtypes.
 Mapping means a tensor's bytes are read only when (and where) a device asks for its shard.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,16 @@ import numpy as np
 from specjax.errors import SpecjaxError
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(bool),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
@@ -39,8 +47,10 @@ def read_header(path: str) -> tuple[dict, int]:
         raise SpecjaxError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
       (n,) = struct.unpack("<Q", raw_len)
       if 8 + n > size:
-        raise SpecjaxError(f"{path}: truncated: its header says {n} header bytes, the file has {size} bytes in all "
-                           "(an interrupted download or copy?); fetch the file again")
+        raise SpecjaxError(
+          f"{path}: truncated: its header says {n} header bytes, the file has {size} bytes in all "
+          "(an interrupted download or copy?); fetch the file again"
+        )
       header = json.loads(f.read(n))
   except FileNotFoundError:
     raise SpecjaxError(f"{path}: weight file not found") from None
@@ -56,15 +66,19 @@ def read_header(path: str) -> tuple[dict, int]:
     _check_entry(path, name, info)
     end = max(end, info["data_offsets"][1])
   if 8 + n + end > size:
-    raise SpecjaxError(f"{path}: truncated: its header's tensors end at byte {8 + n + end}, the file has {size} "
-                       f"bytes (an interrupted download or copy?); fetch the file again")
+    raise SpecjaxError(
+      f"{path}: truncated: its header's tensors end at byte {8 + n + end}, the file has {size} "
+      f"bytes (an interrupted download or copy?); fetch the file again"
+    )
   return header, 8 + n
 
 
 def _check_entry(path: str, name: str, info) -> None:
   """One header entry: {"dtype": ..., "shape": [...], "data_offsets": [begin, end]}, consistent."""
+
   def bad(why):
     return SpecjaxError(f"{path}: tensor {name!r}: malformed header entry ({why})")
+
   if not isinstance(info, dict):
     raise bad("not an object")
   dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -79,8 +93,10 @@ def _check_entry(path: str, name: str, info) -> None:
     raise bad(f"data_offsets {offsets!r}")
   nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
   if offsets[1] - offsets[0] != nbytes:
-    raise SpecjaxError(f"{path}: tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {list(shape)} "
-                       f"of {dtype} ({nbytes} expected)")
+    raise SpecjaxError(
+      f"{path}: tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {list(shape)} "
+      f"of {dtype} ({nbytes} expected)"
+    )
 
 
 def open_tensors(path: str) -> dict[str, np.ndarray]:
@@ -89,8 +105,9 @@ def open_tensors(path: str) -> dict[str, np.ndarray]:
   out = {}
   for name, info in header.items():
     begin, _ = info["data_offsets"]
-    out[name] = np.memmap(path, dtype=_DTYPES[info["dtype"]], mode="r", offset=start + begin,
-                          shape=tuple(info["shape"]))
+    out[name] = np.memmap(
+      path, dtype=_DTYPES[info["dtype"]], mode="r", offset=start + begin, shape=tuple(info["shape"])
+    )
   return out
 
 

@@ -6,6 +6,7 @@ Teacher-forced accuracy says how often the drafter's argmax equals the data's ne
 speculative decoding pays for is agreement with the target on the drafter's own prefixes, so
 both are reported, apart (`eval/` and `accept/`).
 """
+
 from __future__ import annotations
 
 import jax
@@ -29,16 +30,17 @@ def heldout_questions(config, workdir: str) -> list[dict]:
   if not spec.startswith("heldout:"):
     return read_prompt_files(spec.replace("{workdir}", workdir))
   from specjax.data.parallel import load_pairs, translation_message
+
   langs = [lang.strip() for lang in spec.split(":", 1)[1].split(",") if lang.strip()]
   if not langs:
-    raise SpecjaxError(f"config field `acceptance.prompts`={spec!r}: name languages after heldout:, e.g. "
-                       "heldout:de,fr")
+    raise SpecjaxError(f"config field `acceptance.prompts`={spec!r}: name languages after heldout:, e.g. heldout:de,fr")
   data_dir = workdir_path(config, "data_dir", workdir)
   out = []
   for lang in langs:
     for i, (x, _) in enumerate(load_pairs(data_dir, lang, "eval", acceptance.prompts_per_language)):
-      out.append({"question_id": f"heldout_{lang}en_{i}", "category": f"{lang}en",
-                  "turns": [translation_message(lang, "en", x)]})
+      out.append(
+        {"question_id": f"heldout_{lang}en_{i}", "category": f"{lang}en", "turns": [translation_message(lang, "en", x)]}
+      )
   return out
 
 
@@ -65,7 +67,9 @@ class AcceptanceEval:
       questions = first_per_category(questions, acceptance.prompts_per_language)
     if not questions:
       raise SpecjaxError(f"config field `acceptance.prompts`={acceptance.prompts!r}: no prompts")
-    self.prompts = [encode_prompt(tokenizer, apply_template(config.template, q["turns"][0], tokenizer=tokenizer)) for q in questions]
+    self.prompts = [
+      encode_prompt(tokenizer, apply_template(config.template, q["turns"][0], tokenizer=tokenizer)) for q in questions
+    ]
     self.categories = [q["category"] for q in questions]
     self.temperatures = tuple(acceptance.temperatures)
     self.seed = config.seed
@@ -88,8 +92,7 @@ class AcceptanceEval:
     record = {}
     try:
       for temperature in self.temperatures:
-        result = self.decoder.generate(self.prompts, temperature=temperature, seed=self.seed + step,
-                                       eos_id=self.eos_id)
+        result = self.decoder.generate(self.prompts, temperature=temperature, seed=self.seed + step, eos_id=self.eos_id)
         m = metrics.compute(result, self.categories)
         key = f"accept/T{temperature:g}"
         record[f"{key}/tau"] = m["tau"]

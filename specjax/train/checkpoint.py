@@ -20,6 +20,7 @@ A save that cannot write (a full disk, a quota, a read-only directory) ends in o
 naming the step's directory and the reason; orbax's background threads log the same failure at
 ERROR with a traceback each (a dozen and more per save), which are kept off the console.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,13 +42,19 @@ SIZES_FILE = "specjax_files.json"  # {relative path: bytes} of a finished step's
 _JSON_REQUIRED = ("meta/metadata",)
 _JSON_OPTIONAL = ("_CHECKPOINT_METADATA", "state/_METADATA")
 # TensorStore / OCDBT errors of a damaged file (as opposed to a restore target that does not fit).
-_DAMAGE = re.compile(r"OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|Error reading|Error opening|corrupt|"
-                     r"checksum|No such file|does not exist|Unexpected end|truncated", re.IGNORECASE)
+_DAMAGE = re.compile(
+  r"OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|Error reading|Error opening|corrupt|"
+  r"checksum|No such file|does not exist|Unexpected end|truncated",
+  re.IGNORECASE,
+)
 
 
 # A save that failed to write (as opposed to a bug): TensorStore's and the OS's words for it.
-_WRITE_FAILURE = re.compile(r"RESOURCE_EXHAUSTED|No space left|Disk quota|Read-only file system|Permission denied|"
-                            r"os_error_code|Failed writing|Failed to write|Errno 28|ENOSPC", re.IGNORECASE)
+_WRITE_FAILURE = re.compile(
+  r"RESOURCE_EXHAUSTED|No space left|Disk quota|Read-only file system|Permission denied|"
+  r"os_error_code|Failed writing|Failed to write|Errno 28|ENOSPC",
+  re.IGNORECASE,
+)
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -76,8 +83,11 @@ class _OrbaxWriteFailureFilter(logging.Filter):
   """Drops orbax's ERROR records (with their tracebacks) of a failed write: save() reports it once."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if console.verbose() or record.levelno < logging.ERROR or (
-        "orbax" not in (record.pathname or "") and record.name != "asyncio"):  # asyncio: a task never awaited
+    if (
+      console.verbose()
+      or record.levelno < logging.ERROR
+      or ("orbax" not in (record.pathname or "") and record.name != "asyncio")
+    ):  # asyncio: a task never awaited
       return True
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
     return not _WRITE_FAILURE.search(text)
@@ -124,8 +134,12 @@ def _files(step_dir: str) -> dict[str, int]:
 def record_sizes(directory: str, step: int) -> None:
   """Writes a finished step's file sizes beside its files (local directories, process 0)."""
   step_dir = _step_dir(directory, step)
-  if "://" in directory or jax.process_index() != 0 or not os.path.isdir(step_dir) or \
-      os.path.exists(os.path.join(step_dir, SIZES_FILE)):
+  if (
+    "://" in directory
+    or jax.process_index() != 0
+    or not os.path.isdir(step_dir)
+    or os.path.exists(os.path.join(step_dir, SIZES_FILE))
+  ):
     return
   sizes = _files(step_dir)
   tmp = os.path.join(step_dir, SIZES_FILE + ".tmp")
@@ -185,8 +199,9 @@ def newest_meta(directory: str) -> tuple[int, dict] | None:
   return None
 
 
-def check_settings(where: str, saved: dict | None, now: dict, *, allow: bool,
-                   field: str = "allow_resume_with_changes") -> None:
+def check_settings(
+  where: str, saved: dict | None, now: dict, *, allow: bool, field: str = "allow_resume_with_changes"
+) -> None:
   """Refuses a resume whose data settings differ from the checkpoint's (`saved`, None for a
   checkpoint that predates the record: nothing to compare), naming each difference; with
   `allow`, says so in one warning and goes on."""
@@ -197,12 +212,19 @@ def check_settings(where: str, saved: dict | None, now: dict, *, allow: bool,
     return
   diff = ", ".join(f"{k} {saved.get(k)!r} (now {now.get(k)!r})" for k in changed)
   if allow:
-    console.warning("resume: %s was made with other data settings: %s; resuming anyway (%s=True): the data "
-                    "position is counted in steps, so data may be re-read or skipped", where, diff, field)
+    console.warning(
+      "resume: %s was made with other data settings: %s; resuming anyway (%s=True): the data "
+      "position is counted in steps, so data may be re-read or skipped",
+      where,
+      diff,
+      field,
+    )
     return
-  raise SpecjaxError(f"{where}: the checkpoint was made with other data settings: {diff}; the data position is "
-                     "counted in steps, so resuming would re-read or skip data. Rerun with the checkpoint's values, "
-                     f"use a new workdir, or set --config.{field}=True to resume anyway")
+  raise SpecjaxError(
+    f"{where}: the checkpoint was made with other data settings: {diff}; the data position is "
+    "counted in steps, so resuming would re-read or skip data. Rerun with the checkpoint's values, "
+    f"use a new workdir, or set --config.{field}=True to resume anyway"
+  )
 
 
 def _restore_damage(e: BaseException) -> str | None:
@@ -231,8 +253,12 @@ def _orbax_unraisable(unraisable) -> bool:
   tb = unraisable.exc_traceback
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next
-  return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-          and tb is not None and "asyncio" in tb.tb_frame.f_code.co_filename)
+  return (
+    isinstance(unraisable.exc_value, RuntimeError)
+    and str(unraisable.exc_value) == "Event loop is closed"
+    and tb is not None
+    and "asyncio" in tb.tb_frame.f_code.co_filename
+  )
 
 
 def _install_unraisable_filter() -> None:
@@ -244,6 +270,7 @@ def _install_unraisable_filter() -> None:
   def hook(unraisable):
     if not _orbax_unraisable(unraisable):
       previous(unraisable)
+
   hook._specjax = True
   sys.unraisablehook = hook
 
@@ -288,23 +315,30 @@ def _newest_intact(directory: str, steps, restore_one, *, move_damaged: bool, wh
     if problem is None:
       if damaged:
         moved = [_move_aside(directory, s) for s, _ in damaged] if move_damaged else []
-        console.warning("%s: checkpoint %s damaged (%s)%s; resuming from step %d, the newest intact one", what,
-                        ", ".join(f"step {s}" for s, _ in damaged) + (" is" if len(damaged) == 1 else " are"),
-                        "; ".join(p for _, p in damaged),
-                        f"; moved to {os.path.dirname(moved[0])}" if moved else "", step)
+        console.warning(
+          "%s: checkpoint %s damaged (%s)%s; resuming from step %d, the newest intact one",
+          what,
+          ", ".join(f"step {s}" for s, _ in damaged) + (" is" if len(damaged) == 1 else " are"),
+          "; ".join(p for _, p in damaged),
+          f"; moved to {os.path.dirname(moved[0])}" if moved else "",
+          step,
+        )
       return step, out
     damaged.append((step, problem))
-  raise SpecjaxError(f"{what}: every checkpoint in {directory} is damaged: "
-                     + "; ".join(f"step {s} ({p})" for s, p in damaged)
-                     + "; remove the checkpoints folder to start over")
+  raise SpecjaxError(
+    f"{what}: every checkpoint in {directory} is damaged: "
+    + "; ".join(f"step {s} ({p})" for s, p in damaged)
+    + "; remove the checkpoints folder to start over"
+  )
 
 
 def _move_aside(directory: str, step: int) -> str:
   """checkpoints/N -> checkpoints.damaged/N (process 0; local): a damaged step is kept for a look,
   out of orbax's way (its step number would otherwise block the next save of that step)."""
   src = _step_dir(directory, step)
-  aside = os.path.join(os.path.dirname(os.path.normpath(directory)), os.path.basename(os.path.normpath(directory))
-                       + ".damaged")
+  aside = os.path.join(
+    os.path.dirname(os.path.normpath(directory)), os.path.basename(os.path.normpath(directory)) + ".damaged"
+  )
   dst = os.path.join(aside, str(step))
   if "://" in directory or jax.process_index() != 0 or not os.path.exists(src):
     return dst
@@ -318,8 +352,9 @@ def _move_aside(directory: str, step: int) -> str:
 
 
 class Checkpointer:
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
-               settings: dict | None = None):
+  def __init__(
+    self, directory: str, *, save_every: int, keep: int, async_save: bool = True, settings: dict | None = None
+  ):
     """settings: the run's data settings, recorded in every step's JSON record (meta["settings"])."""
     if save_every < 1:
       raise SpecjaxError(f"config field `checkpoint_every`={save_every}: must be >= 1")
@@ -334,8 +369,9 @@ class Checkpointer:
     _install_write_failure_filter()
     _install_unraisable_filter()
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                        create=True))
+      directory,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -350,8 +386,9 @@ class Checkpointer:
     if self.settings is not None:
       meta = {**meta, "settings": self.settings}
     with self._reporting(step):  # a failure of the previous save may surface here
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+      )
     self._saving = step
     self._record_finished(but=step)
 
@@ -365,9 +402,11 @@ class Checkpointer:
       if reason is None:
         raise
       step = self._saving if self._saving is not None else step
-      raise SpecjaxError(f"{self.directory}/{step}: saving the checkpoint failed ({reason}); free space (or make the "
-                         "directory writable) and rerun the same command: it resumes from the newest intact "
-                         "checkpoint") from None
+      raise SpecjaxError(
+        f"{self.directory}/{step}: saving the checkpoint failed ({reason}); free space (or make the "
+        "directory writable) and rerun the same command: it resumes from the newest intact "
+        "checkpoint"
+      ) from None
 
   def _record_finished(self, but: int | None = None) -> None:
     """File sizes of the finished steps that have none yet (orbax finishes one save before the next)."""
@@ -385,13 +424,16 @@ class Checkpointer:
 
     def restore_one(s):
       try:
-        return self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                               meta=ocp.args.JsonRestore()))
+        return self.manager.restore(
+          s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+        )
       except Exception as e:  # noqa: BLE001 (orbax wraps a mismatch in a bare Exception at times)
         if _restore_damage(e) is not None:
           raise
-        raise SpecjaxError(f"{self.directory}/{s}: the checkpoint does not match this config's model and "
-                           f"optimizer ({str(e).splitlines()[0][:300]})") from None
+        raise SpecjaxError(
+          f"{self.directory}/{s}: the checkpoint does not match this config's model and "
+          f"optimizer ({str(e).splitlines()[0][:300]})"
+        ) from None
 
     _, out = _newest_intact(self.directory, steps, restore_one, move_damaged=step is None, what="resume")
     if step is None:
@@ -428,19 +470,30 @@ def restore_params(path: str, params_like, shardings=None):
 
   def restore_one(step):
     try:
-      return manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(item={"params": abstract}, restore_args=jax.tree.map(
-              lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None)), {"params": abstract}),
-              partial_restore=True)))
+      return manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item={"params": abstract},
+            restore_args=jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None)), {"params": abstract}
+            ),
+            partial_restore=True,
+          )
+        ),
+      )
     except Exception as e:  # noqa: BLE001 (orbax wraps a mismatch in a bare Exception at times)
       if _restore_damage(e) is not None:
         raise
-      raise SpecjaxError(f"init={path!r}: its checkpoint at step {step} does not match the drafter config "
-                         f"({str(e).splitlines()[0][:300]})") from None
+      raise SpecjaxError(
+        f"init={path!r}: its checkpoint at step {step} does not match the drafter config "
+        f"({str(e).splitlines()[0][:300]})"
+      ) from None
 
   try:  # another run's checkpoints: damaged ones are reported and skipped, never moved
-    step, restored = _newest_intact(_absolute(directory), manager.all_steps(), restore_one, move_damaged=False,
-                                    what=f"init={path!r}")
+    step, restored = _newest_intact(
+      _absolute(directory), manager.all_steps(), restore_one, move_damaged=False, what=f"init={path!r}"
+    )
   finally:
     manager.close()
   return restored["state"]["params"], step

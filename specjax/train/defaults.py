@@ -4,6 +4,7 @@ variant. The fields, their defaults and their documentation are specjax.train.se
 TrainerSettings (one default per field, defined there once); this module only lays them out
 as a ConfigDict: the `acceptance` group nested (config.acceptance.gamma, ...), with its old flat
 names (acceptance_gamma, ...) as aliases of the same fields for one release."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ def shrink_for_cpu(c: ml_collections.ConfigDict, *, steps: int) -> None:
   """runlocal: the embedded corpus, a random tiny target built into the workdir, a tiny drafter;
   about a minute on a CPU."""
   from specjax.data.parallel import EMBEDDED_CORPUS
+
   c.local_assets = True
   c.data_dir = EMBEDDED_CORPUS
   c.target = "{workdir}/local_assets/target"

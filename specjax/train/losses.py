@@ -8,6 +8,7 @@ Divergences are computed from the full softmax of both models, as DistillSpec do
 KL(p_target || q_drafter) and total variation 0.5 * sum |p - q|. Total variation is what
 speculative decoding pays for: one step's acceptance probability is 1 - TV(p, q).
 """
+
 from __future__ import annotations
 
 import jax

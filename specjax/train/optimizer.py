@@ -1,5 +1,6 @@
 """AdamW with linear warmup and cosine decay, and gradient clipping (the paper's finetuning
 defaults: learning rate 2e-5, warmup 3% of the steps, weight decay 0)."""
+
 from __future__ import annotations
 
 import jax
@@ -18,8 +19,12 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
   if warmup == 0:
     return optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1), alpha=config.final_lr_fraction)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
-      end_value=config.learning_rate * config.final_lr_fraction)
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=config.learning_rate * config.final_lr_fraction,
+  )
 
 
 def _decay_mask(params):
@@ -32,6 +37,14 @@ def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformati
   parts = []
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                           weight_decay=config.weight_decay, mask=_decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=config.adam_b1,
+      b2=config.adam_b2,
+      eps=config.adam_eps,
+      weight_decay=config.weight_decay,
+      mask=_decay_mask,
+    )
+  )
   return optax.chain(*parts), schedule

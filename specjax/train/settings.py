@@ -13,6 +13,7 @@ config that has only the flat names, and refuses one whose flat and nested value
 
 Nothing here imports JAX: the config files import this module.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,13 +30,16 @@ def _read(config, name: str, prefix: str):
   """config's value of group field `name`: `config.GROUP.name`, else its flat alias
   `config.GROUP_name`, else _ABSENT; SpecjaxError when the config holds both and they differ."""
   group = prefix.rstrip("_")
-  nested = config[group][name] if group in config and hasattr(config[group], "keys") and \
-      name in config[group] else _ABSENT
+  nested = (
+    config[group][name] if group in config and hasattr(config[group], "keys") and name in config[group] else _ABSENT
+  )
   flat = config[prefix + name] if prefix + name in config else _ABSENT
   if nested is not _ABSENT and flat is not _ABSENT and _comparable(nested) != _comparable(flat):
-    raise SpecjaxError(f"config fields `{group}.{name}`={_comparable(nested)!r} and `{prefix}{name}`="
-                       f"{_comparable(flat)!r} differ: `{prefix}{name}` is the old name of `{group}.{name}` "
-                       "(kept for one release); set one of them")
+    raise SpecjaxError(
+      f"config fields `{group}.{name}`={_comparable(nested)!r} and `{prefix}{name}`="
+      f"{_comparable(flat)!r} differ: `{prefix}{name}` is the old name of `{group}.{name}` "
+      "(kept for one release); set one of them"
+    )
   return nested if nested is not _ABSENT else flat
 
 
@@ -47,6 +51,7 @@ def _comparable(value):
 class AcceptanceSettings:
   """The acceptance evaluation during training (`accept/...`): the real speculative loop runs the
   drafter being trained against the target on these prompts at each evaluation temperature."""
+
   # "heldout:de,fr,..." (the eval split's sentences as translation prompts) or Spec-Bench
   # question.jsonl files; "" = no acceptance evaluation.
   prompts: str = "heldout:de,fr,ja,ru,zh"
@@ -78,6 +83,7 @@ class AcceptanceSettings:
   def decoding(self):
     """The DecodingSettings the acceptance evaluation's Decoder runs (drafter-model speculative)."""
     from specjax.decoding.decoder import DecodingSettings  # imports JAX
+
     fields = {k: getattr(self, k) for k in ("gamma", "max_new_tokens", "batch_size", "prompt_bucket")}
     return DecodingSettings(method="sps", **{k: v for k, v in fields.items() if v is not None}).checked()
 
@@ -85,6 +91,7 @@ class AcceptanceSettings:
 @dataclasses.dataclass(frozen=True)
 class TrainerSettings:
   """How the `pretrain` and `finetune` jobs train, built once from the config (`from_config`)."""
+
   job: str  # pretrain or finetune (set by specjax.train.defaults.trainer_config)
 
   # Models. drafter: preset:NAME (from scratch), a Hugging Face checkpoint directory, or
@@ -174,6 +181,7 @@ class TrainerSettings:
   def checked(self) -> "TrainerSettings":
     """Self, or one SpecjaxError naming the config field at fault."""
     from specjax.train import losses  # imports JAX
+
     if self.loss not in losses.LOSSES:
       raise SpecjaxError(f"config field `loss`={self.loss!r}: expected one of {', '.join(losses.LOSSES)}")
     if self.dtype not in DTYPES:
@@ -182,11 +190,15 @@ class TrainerSettings:
       if int(getattr(self, field)) < 1:
         raise SpecjaxError(f"config field `{field}`={getattr(self, field)}: must be >= 1")
     if self.batch_size % self.grad_accumulation:
-      raise SpecjaxError(f"config fields `batch_size`={self.batch_size} and `grad_accumulation`="
-                         f"{self.grad_accumulation}: the batch must split into equal micro-batches")
+      raise SpecjaxError(
+        f"config fields `batch_size`={self.batch_size} and `grad_accumulation`="
+        f"{self.grad_accumulation}: the batch must split into equal micro-batches"
+      )
     if not self.drafter:
-      raise SpecjaxError("config field `drafter` is empty: give preset:NAME (from scratch), a Hugging Face "
-                         "checkpoint directory, or run:DIR (a specjax training run)")
+      raise SpecjaxError(
+        "config field `drafter` is empty: give preset:NAME (from scratch), a Hugging Face "
+        "checkpoint directory, or run:DIR (a specjax training run)"
+      )
     if self.loss != "cross_entropy" and not self.target:
       raise SpecjaxError(f"config field `loss`={self.loss!r} distils from the target: set config field `target`")
     return self

@@ -7,6 +7,7 @@ The state is a plain pytree: the drafter's `params` (an nnx.State of its Params)
 losses and their gradients, and divides once by the batch's loss-weight total, so accumulating
 A micro-batches gives the same update as one batch A times larger.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,12 @@ from specjax.train import losses
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
-  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-          "rng": jax.random.PRNGKey(seed)}
+  return {
+    "params": params,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+    "rng": jax.random.PRNGKey(seed),
+  }
 
 
 def state_shardings(state, mesh) -> Any:
@@ -42,6 +47,7 @@ def batch_shardings(batch_shapes: dict[str, tuple[int, ...]], mesh) -> dict[str,
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
   """What the step computes; static under jit."""
+
   loss: str = "cross_entropy"  # losses.LOSSES
   with_target: bool = False  # the target's logits are computed (distillation losses)
 
@@ -64,8 +70,11 @@ def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: S
   else:
     h_bLD, _ = model.hidden_states(tokens_bL, **kwargs)
     logits_bLV = jnp.dot(h_bLD, model.head_DW(draft_ids_W).astype(h_bLD.dtype)).astype(jnp.float32)
-    index_V = jnp.full((model.config.vocab_size,), -1, jnp.int32).at[draft_ids_W].set(
-        jnp.arange(draft_ids_W.shape[0], dtype=jnp.int32))
+    index_V = (
+      jnp.full((model.config.vocab_size,), -1, jnp.int32)
+      .at[draft_ids_W]
+      .set(jnp.arange(draft_ids_W.shape[0], dtype=jnp.int32))
+    )
     index_bL = index_V[targets_bL]
     weights_bL = weights_bL * (index_bL >= 0)
     targets_bL = jnp.maximum(index_bL, 0)
@@ -78,16 +87,25 @@ def _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec: S
   per_token_bL = losses.token_losses(spec.loss, logits_bLV, targets_bL, target_logits_bLV)
   ce_bL = per_token_bL if spec.loss == "cross_entropy" else losses.cross_entropy(logits_bLV, targets_bL)
   correct_bL = (jnp.argmax(logits_bLV, axis=-1) == targets_bL).astype(jnp.float32)
-  aux = {"cross_entropy": jnp.sum(ce_bL * weights_bL), "correct": jnp.sum(correct_bL * weights_bL),
-         "weight": jnp.sum(weights_bL)}
+  aux = {
+    "cross_entropy": jnp.sum(ce_bL * weights_bL),
+    "correct": jnp.sum(correct_bL * weights_bL),
+    "weight": jnp.sum(weights_bL),
+  }
   if target_logits_bLV is not None:  # how often the target's greedy choice is the drafter's
     agree_bL = (jnp.argmax(logits_bLV, -1) == jnp.argmax(target_logits_bLV, -1)).astype(jnp.float32)
     aux["target_agreement"] = jnp.sum(agree_bL * weights_bL)
   return jnp.sum(per_token_bL * weights_bL), aux
 
 
-def make_train_step(graphdef, target_graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    spec: StepSpec, draft_ids_W=None) -> Callable:
+def make_train_step(
+  graphdef,
+  target_graphdef,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  spec: StepSpec,
+  draft_ids_W=None,
+) -> Callable:
   """(state, target_params, batch) -> (state, metrics); batch arrays are [A, b, L].
   draft_ids_W: train a reduced-vocabulary drafter over these tokens (see _micro_sums)."""
   grad_fn = jax.value_and_grad(functools.partial(_micro_sums, draft_ids_W=draft_ids_W), has_aux=True)
@@ -98,31 +116,40 @@ def make_train_step(graphdef, target_graphdef, tx: optax.GradientTransformation,
     def accumulate(carry, micro):
       (loss_sum, aux), grads = grad_fn(params, target_params, micro, graphdef, target_graphdef, spec)
       acc_grads, acc_loss, acc_aux = carry
-      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum,
-              jax.tree.map(jnp.add, acc_aux, aux)), None
+      return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum, jax.tree.map(jnp.add, acc_aux, aux)), None
 
-    aux_zero = jax.eval_shape(lambda: _micro_sums(params, target_params, jax.tree.map(lambda a: a[0], batch_ABL),
-                                                  graphdef, target_graphdef, spec, draft_ids_W)[1])
-    zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_zero))
+    aux_zero = jax.eval_shape(
+      lambda: _micro_sums(
+        params, target_params, jax.tree.map(lambda a: a[0], batch_ABL), graphdef, target_graphdef, spec, draft_ids_W
+      )[1]
+    )
+    zero = (
+      jax.tree.map(jnp.zeros_like, params),
+      jnp.zeros((), jnp.float32),
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_zero),
+    )
     (grad_sums, loss_sum, aux), _ = jax.lax.scan(accumulate, zero, batch_ABL)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {
-        "loss": loss_sum / weight,
-        "cross_entropy": aux["cross_entropy"] / weight,
-        "token_accuracy": aux["correct"] / weight,
-        "loss_tokens": aux["weight"],
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(new_params),
-        "learning_rate": schedule(state["step"]),
+      "loss": loss_sum / weight,
+      "cross_entropy": aux["cross_entropy"] / weight,
+      "token_accuracy": aux["correct"] / weight,
+      "loss_tokens": aux["weight"],
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(new_params),
+      "learning_rate": schedule(state["step"]),
     }
     if "target_agreement" in aux:
       metrics["target_agreement"] = aux["target_agreement"] / weight
-    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
-                 "rng": jax.random.fold_in(state["rng"], state["step"])}
+    new_state = {
+      "params": new_params,
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+      "rng": jax.random.fold_in(state["rng"], state["step"]),
+    }
     return new_state, metrics
 
   return train_step
@@ -130,15 +157,19 @@ def make_train_step(graphdef, target_graphdef, tx: optax.GradientTransformation,
 
 def make_eval_step(graphdef, target_graphdef, spec: StepSpec, draft_ids_W=None) -> Callable:
   """Teacher-forced loss and accuracy sums on held-out batches [A, b, L] (no update)."""
+
   def eval_step(params, target_params, batch_ABL):
     def one(carry, micro):
       loss_sum, aux = _micro_sums(params, target_params, micro, graphdef, target_graphdef, spec, draft_ids_W)
       return jax.tree.map(jnp.add, carry, {"loss": loss_sum, **aux}), None
+
     first = jax.tree.map(lambda a: a[0], batch_ABL)
-    shapes = jax.eval_shape(lambda: _micro_sums(params, target_params, first, graphdef, target_graphdef, spec,
-                                                draft_ids_W))
+    shapes = jax.eval_shape(
+      lambda: _micro_sums(params, target_params, first, graphdef, target_graphdef, spec, draft_ids_W)
+    )
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), {"loss": shapes[0], **shapes[1]})
     return jax.lax.scan(one, zero, batch_ABL)[0]
+
   return eval_step
 
 
@@ -147,5 +178,9 @@ def jit_train_step(train_step, state, target_params, batch_shapes, mesh):
   state_sh = state_shardings(state, mesh)
   target_sh = None if target_params is None else shd.state_shardings(target_params, mesh)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(state_sh, target_sh, batch_shardings(batch_shapes, mesh)),
-                 out_shardings=(state_sh, replicated), donate_argnums=(0,)), state_sh
+  return jax.jit(
+    train_step,
+    in_shardings=(state_sh, target_sh, batch_shardings(batch_shapes, mesh)),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,),
+  ), state_sh

@@ -7,6 +7,7 @@ Batches: the next packed batch of the seqio mixture from this process's data sha
 data an uninterrupted run would. Evaluator: the drafter scored teacher-forced on held-out data
 (`eval/...`) and, with the real speculative loop, against the target (`accept/...`).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def _data_shards(config) -> tuple[list[int], int]:
     raise SpecjaxError(f"config field `data_shards`={num}: must be a multiple of the {n_proc} processes")
   per = num // n_proc
   if config.batch_size % num or (config.batch_size // num) % config.grad_accumulation:
-    raise SpecjaxError(f"config field `batch_size`={config.batch_size}: must split into {num} data shards of a "
-                       f"multiple of grad_accumulation={config.grad_accumulation} rows each")
+    raise SpecjaxError(
+      f"config field `batch_size`={config.batch_size}: must split into {num} data shards of a "
+      f"multiple of grad_accumulation={config.grad_accumulation} rows each"
+    )
   return list(range(pid * per, (pid + 1) * per)), num
 
 
@@ -51,14 +54,18 @@ def _check_nonempty(name: str, split: str, sequence_length: int, shard_info) -> 
   example): check that every task of `name` yields one at this length before training."""
   import seqio
   from specjax.data import tasks
+
   provider = seqio.get_mixture_or_task(name)
   for task in getattr(provider, "tasks", [provider]):
-    probe = tasks.get_tf_dataset(task.name, sequence_length, split=split, shard_info=shard_info, batch_size=None,
-                                 num_epochs=1, shuffle=False)
+    probe = tasks.get_tf_dataset(
+      task.name, sequence_length, split=split, shard_info=shard_info, batch_size=None, num_epochs=1, shuffle=False
+    )
     if not any(True for _ in probe.take(1)):
-      raise SpecjaxError(f"task {task.name!r} of {name!r} ({split}) yields no example at sequence_length="
-                         f"{sequence_length}: prompts longer than half of it are dropped; raise sequence_length "
-                         "or check data_dir / selfdistill_dir")
+      raise SpecjaxError(
+        f"task {task.name!r} of {name!r} ({split}) yields no example at sequence_length="
+        f"{sequence_length}: prompts longer than half of it are dropped; raise sequence_length "
+        "or check data_dir / selfdistill_dir"
+      )
 
 
 class Batches:
@@ -67,14 +74,25 @@ class Batches:
   def __init__(self, config, name: str, split: str, mesh, start_step: int, *, num_epochs=None, shuffle=True):
     import seqio
     from specjax.data import tasks
+
     shards, num = _data_shards(config)
     self.per_shard = config.batch_size // num
     if num_epochs is None:
       _check_nonempty(name, split, config.sequence_length, seqio.ShardInfo(index=shards[0], num_shards=num))
-    self.iterators = [tasks.get_dataset(name, config.sequence_length, split=split, seed=config.seed,
-                                        shard_info=seqio.ShardInfo(index=i, num_shards=num), start_step=start_step,
-                                        batch_size=self.per_shard, num_epochs=num_epochs, shuffle=shuffle)
-                      for i in shards]
+    self.iterators = [
+      tasks.get_dataset(
+        name,
+        config.sequence_length,
+        split=split,
+        seed=config.seed,
+        shard_info=seqio.ShardInfo(index=i, num_shards=num),
+        start_step=start_step,
+        batch_size=self.per_shard,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+      )
+      for i in shards
+    ]
     A, L = config.grad_accumulation, config.sequence_length
     self.global_shape = (A, config.batch_size // A, L)
     self.sharding = shd.logical_sharding(self.global_shape, (None, "batch", "length"), mesh)
@@ -100,9 +118,22 @@ class Batches:
 
 # The fields that decide which examples a step reads (the data position is a step count): a
 # resume with other values would re-read or skip data, so it is refused unless the user asks.
-DATA_SETTINGS = ("batch_size", "sequence_length", "grad_accumulation", "mixture", "data_dir", "selfdistill_dir",
-                 "template", "pretrain_source", "translate_source", "tfds_data_dir", "data_limit",
-                 "shuffle_buffer_size", "seed", "tokenizer")
+DATA_SETTINGS = (
+  "batch_size",
+  "sequence_length",
+  "grad_accumulation",
+  "mixture",
+  "data_dir",
+  "selfdistill_dir",
+  "template",
+  "pretrain_source",
+  "translate_source",
+  "tfds_data_dir",
+  "data_limit",
+  "shuffle_buffer_size",
+  "seed",
+  "tokenizer",
+)
 
 
 def run_settings(config) -> dict:
@@ -116,15 +147,34 @@ class Evaluator:
   """Teacher-forced loss/accuracy on held-out batches (`eval/`) and speculative acceptance
   against the target (`accept/`), both on the current drafter parameters."""
 
-  def __init__(self, config, workdir, mesh, graphdef, params, target, target_graphdef, target_params,
-               tokenizer, spec, draft_ids_W=None):
+  def __init__(
+    self,
+    config,
+    workdir,
+    mesh,
+    graphdef,
+    params,
+    target,
+    target_graphdef,
+    target_params,
+    tokenizer,
+    spec,
+    draft_ids_W=None,
+  ):
     self.config, self.mesh, self.graphdef = config, mesh, graphdef
     self.target_params = target_params if spec.with_target else None
-    self.eval_step = jax.jit(make_eval_step(graphdef, target_graphdef if spec.with_target else None, spec,
-                                            None if draft_ids_W is None else jax.numpy.asarray(draft_ids_W)))
+    self.eval_step = jax.jit(
+      make_eval_step(
+        graphdef,
+        target_graphdef if spec.with_target else None,
+        spec,
+        None if draft_ids_W is None else jax.numpy.asarray(draft_ids_W),
+      )
+    )
     self.has_heldout = False
     if config.eval_every and config.eval_batches:
       import seqio
+
       provider = seqio.get_mixture_or_task(config.mixture)
       self.has_heldout = "eval" in provider.splits
     self.acceptance = None
@@ -148,8 +198,13 @@ class Evaluator:
         batches.close()
       if sums is not None:
         w = max(float(sums["weight"]), 1.0)
-        record.update({"eval/loss": float(sums["loss"]) / w, "eval/cross_entropy": float(sums["cross_entropy"]) / w,
-                       "eval/token_accuracy": float(sums["correct"]) / w})
+        record.update(
+          {
+            "eval/loss": float(sums["loss"]) / w,
+            "eval/cross_entropy": float(sums["cross_entropy"]) / w,
+            "eval/token_accuracy": float(sums["correct"]) / w,
+          }
+        )
     if self.acceptance is not None:
       record.update(self.acceptance(step, params))
     if record:

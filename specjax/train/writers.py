@@ -6,6 +6,7 @@ the real speculative loop against the target), so teacher-forced accuracy is nev
 for acceptance. A resumed run first drops lines past its checkpoint, so the file holds each
 step once.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ class MetricWriter:
     self._truncate_after(resume_step)
     if tensorboard:
       from flax.metrics import tensorboard as flax_tb  # TensorFlow's event writer
+
       self._tb = flax_tb.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def _truncate_after(self, step: int) -> None:
@@ -113,4 +115,3 @@ def read_jsonl(path: str) -> list[dict]:
       raise SpecjaxError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
     out.append(record)
   return out
-
