@@ -6,7 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Multilingual speculative decoding with specialized drafters, in JAX/Flax NNX.",
     packages=setuptools.find_packages(include=["specjax", "specjax.*"]),
-    package_data={"specjax": ["assets/corpus/*/*"]},  # the embedded corpus that `make demo` trains on
+    # the embedded corpus that `make demo` trains on; the C++ source of the few-row CPU kernels
+    package_data={"specjax": ["assets/corpus/*/*", "models/kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         # The design card's packages.

@@ -90,6 +90,9 @@ class DecodingSettings:
   max_position_embeddings continues with plain steps (γ=0), so outputs stay the target's.
   prompt_bucket: prompts are padded to a multiple of it (one compile per bucket).
   ngram_max, ngram_min: the n-gram sizes prompt lookup matches, longest first.
+  cpu_kernels: on XLA:CPU without a mesh, multiply float32 rows (up to 8: a plain step, a
+  verification, a draft step) through specjax.models.rows_matmul, which reads the weights once
+  for all rows; elsewhere, or False, XLA's dot.
   """
 
   method: str = "sps"  # "ar" plain, "sps" drafter model, "pld" prompt lookup
@@ -102,6 +105,7 @@ class DecodingSettings:
   prompt_bucket: int = 64
   ngram_max: int = 3
   ngram_min: int = 1
+  cpu_kernels: bool = True
 
   @classmethod
   def from_config(cls, config, prefix: str = "", **overrides) -> "DecodingSettings":
@@ -219,6 +223,7 @@ class Decoder:
       ngram_max=st.ngram_max,
       ngram_min=st.ngram_min,
       draft_positions=draft_positions if draft_positions < buffer_len else 0,
+      cpu_kernels=st.cpu_kernels and self.mesh is None and jax.default_backend() == "cpu",
     )
 
   def _bucket(self, prompt_len: int, spec: engine.LoopSpec) -> int:

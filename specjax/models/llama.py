@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from specjax.models import rows_matmul
 from specjax.models.config import LlamaConfig
 
 
@@ -138,6 +139,14 @@ def _dense(rngs: nnx.Rngs, d_in: int, d_out: int, config: LlamaConfig) -> nnx.Li
   )
 
 
+def _project(linear: nnx.Linear, x_BTI):
+  """linear(x), through specjax's few-row CPU kernel while the decoding loop enables it."""
+  w_IO = linear.kernel[...]
+  if rows_matmul.applies(x_BTI, w_IO):
+    return rows_matmul.dense(x_BTI, w_IO)
+  return linear(x_BTI)
+
+
 class RMSNorm(nnx.Module):
   def __init__(self, dim: int, eps: float, config: LlamaConfig):
     self.weight = nnx.Param(jnp.ones((dim,), jnp.dtype(config.param_dtype)))
@@ -167,9 +176,9 @@ class Attention(nnx.Module):
     B, T, _ = x_BTD.shape
     C, E = cfg.num_kv_heads, cfg.head_dim
     Q = cfg.num_heads // C
-    q_BTCQE = apply_rope(self.q_proj(x_BTD).reshape(B, T, C * Q, E), cos_BTE, sin_BTE).reshape(B, T, C, Q, E)
-    k_BTCE = apply_rope(self.k_proj(x_BTD).reshape(B, T, C, E), cos_BTE, sin_BTE)
-    v_BTCE = self.v_proj(x_BTD).reshape(B, T, C, E)
+    q_BTCQE = apply_rope(_project(self.q_proj, x_BTD).reshape(B, T, C * Q, E), cos_BTE, sin_BTE).reshape(B, T, C, Q, E)
+    k_BTCE = apply_rope(_project(self.k_proj, x_BTD).reshape(B, T, C, E), cos_BTE, sin_BTE)
+    v_BTCE = _project(self.v_proj, x_BTD).reshape(B, T, C, E)
     new_k_RTE = k_BTCE.transpose(0, 2, 1, 3).reshape(B * C, T, E)
     new_v_RET = v_BTCE.transpose(0, 2, 3, 1).reshape(B * C, E, T)
     if kv is None:
@@ -189,7 +198,7 @@ class Attention(nnx.Module):
     probs_RMS = jax.nn.softmax(scores_RMS, axis=-1).astype(x_BTD.dtype)
     out_RME = jnp.einsum("rms,res->rme", probs_RMS, v_RES.astype(x_BTD.dtype))
     out_BTCQE = out_RME.reshape(B, C, Q, T, E).transpose(0, 3, 1, 2, 4)
-    return self.o_proj(out_BTCQE.reshape(B, T, C * Q * E)), kv
+    return _project(self.o_proj, out_BTCQE.reshape(B, T, C * Q * E)), kv
 
 
 class MLP(nnx.Module):
@@ -200,7 +209,7 @@ class MLP(nnx.Module):
     self.down_proj = _dense(rngs, f, d, config)
 
   def __call__(self, x_BTD):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+    return _project(self.down_proj, jax.nn.silu(_project(self.gate_proj, x_BTD)) * _project(self.up_proj, x_BTD))
 
 
 class DecoderLayer(nnx.Module):
@@ -277,8 +286,11 @@ class Llama(nnx.Module):
 
   def logits(self, h_BTD) -> jax.Array:
     if self.lm_head is None:
+      embedding_VD = self.embed_tokens.embedding[...]
+      if rows_matmul.applies(h_BTD, embedding_VD):
+        return rows_matmul.attend(h_BTD, embedding_VD)
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
-    return self.lm_head(h_BTD).astype(jnp.float32)
+    return _project(self.lm_head, h_BTD).astype(jnp.float32)
 
   def __call__(self, tokens_BT, cache: KVCache | None = None, positions_BT=None, segment_ids_BT=None):
     h_BTD, new_cache = self.hidden_states(tokens_BT, cache, positions_BT, segment_ids_BT)

@@ -1,0 +1,243 @@
+// Few-row matrix products for XLA:CPU, as jax.ffi custom calls (specjax.models.rows_matmul).
+//
+// Decoding multiplies 1-8 rows by each weight matrix. XLA:CPU sends one row to Eigen's
+// matrix-vector path and 2-8 rows to a GEMM that reads the weights at about half the memory
+// system's rate. These kernels stream each weight matrix once, contiguously, whatever the
+// number of rows, so verifying γ+1 tokens reads the same bytes as one decode step.
+//
+// Both kernels sum every output element in an order that depends only on the weight's shape
+// and the thread count, never on the number of rows: one row and eight rows give bit-identical
+// results, which keeps speculative (γ+1 rows) and plain (one row) decoding token-identical.
+//
+//   specjax_rows_matmul    y[M, O] = x[M, I] @ w[I, O]     (a Linear kernel, [in, out])
+//   specjax_rows_matmul_t  y[M, O] = x[M, I] @ w[O, I]^T   (a tied embedding, [vocab, hidden])
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#include <immintrin.h>
+
+#ifndef __AVX512F__
+#error "specjax's rows_matmul kernels need AVX-512 (x86-64); XLA's own dot is used instead"
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Split [0, n) into `parts` ranges whose boundaries are multiples of `align`.
+int64_t Boundary(int64_t n, int64_t parts, int64_t part, int64_t align) {
+  if (part >= parts) return n;
+  int64_t b = (n * part / parts) / align * align;
+  return std::min(b, n);
+}
+
+// y[M, O] = x[:, i0:i1] @ w[i0:i1, :]. Eight rows of w at a time, walked along O in 16-float
+// vectors: the eight streams are contiguous, each vector of w is loaded once and multiplied
+// into M register accumulators (M <= 8, a template argument so they stay in registers).
+template <int M>
+void AccumulateRowsM(const float* x, const float* w, float* y, int64_t I, int64_t O, int64_t i0, int64_t i1) {
+  std::memset(y, 0, sizeof(float) * M * O);
+  constexpr int kRows = 8;
+  int64_t i = i0;
+  for (; i + kRows <= i1; i += kRows) {
+    const float* wi = w + i * O;
+    int64_t o = 0;
+    for (; o + 16 <= O; o += 16) {
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_loadu_ps(y + m * O + o);
+      for (int k = 0; k < kRows; ++k) {
+        const __m512 wv = _mm512_loadu_ps(wi + k * O + o);
+        for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * I + i + k]), wv, acc[m]);
+      }
+      for (int m = 0; m < M; ++m) _mm512_storeu_ps(y + m * O + o, acc[m]);
+    }
+    for (; o < O; ++o) {
+      for (int m = 0; m < M; ++m) {
+        float a = y[m * O + o];
+        for (int k = 0; k < kRows; ++k) a = std::fma(x[m * I + i + k], wi[k * O + o], a);
+        y[m * O + o] = a;
+      }
+    }
+  }
+  for (; i < i1; ++i) {
+    for (int m = 0; m < M; ++m)
+      for (int64_t o = 0; o < O; ++o) y[m * O + o] = std::fma(x[m * I + i], w[i * O + o], y[m * O + o]);
+  }
+}
+
+void AccumulateRows(const float* x, const float* w, float* y, int64_t M, int64_t I, int64_t O, int64_t i0,
+                    int64_t i1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {  // blocks of 8 rows; each row's sums are the same in any block
+    const int64_t mb = std::min<int64_t>(8, M - m0);
+    const float* xb = x + m0 * I;
+    float* yb = y + m0 * O;
+    switch (mb) {
+      case 1: AccumulateRowsM<1>(xb, w, yb, I, O, i0, i1); break;
+      case 2: AccumulateRowsM<2>(xb, w, yb, I, O, i0, i1); break;
+      case 3: AccumulateRowsM<3>(xb, w, yb, I, O, i0, i1); break;
+      case 4: AccumulateRowsM<4>(xb, w, yb, I, O, i0, i1); break;
+      case 5: AccumulateRowsM<5>(xb, w, yb, I, O, i0, i1); break;
+      case 6: AccumulateRowsM<6>(xb, w, yb, I, O, i0, i1); break;
+      case 7: AccumulateRowsM<7>(xb, w, yb, I, O, i0, i1); break;
+      default: AccumulateRowsM<8>(xb, w, yb, I, O, i0, i1); break;
+    }
+  }
+}
+
+// y[:, o0:o1] = x[M, I] @ w[o0:o1, :]^T. Two rows of w (contiguous, length I) at a time, each
+// 16-float vector of them loaded once and multiplied into 2·M register accumulators; x (M·I
+// floats) stays in L1. Every y element sums its 16 lanes, then the tail, in the same order.
+template <int M>
+void DotRowsM(const float* x, const float* w, float* y, int64_t ldy, int64_t I, int64_t o0, int64_t o1) {
+  const int64_t I16 = I / 16 * 16;
+  auto finish = [&](const __m512& acc, const float* xm, const float* wo) {
+    float s = _mm512_reduce_add_ps(acc);
+    for (int64_t i = I16; i < I; ++i) s = std::fma(xm[i], wo[i], s);
+    return s;
+  };
+  int64_t o = o0;
+  for (; o + 2 <= o1; o += 2) {
+    const float* w0 = w + o * I;
+    const float* w1 = w0 + I;
+    __m512 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < I16; i += 16) {
+      const __m512 v0 = _mm512_loadu_ps(w0 + i), v1 = _mm512_loadu_ps(w1 + i);
+      for (int m = 0; m < M; ++m) {
+        const __m512 xv = _mm512_loadu_ps(x + m * I + i);
+        a0[m] = _mm512_fmadd_ps(xv, v0, a0[m]);
+        a1[m] = _mm512_fmadd_ps(xv, v1, a1[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      y[m * ldy + o] = finish(a0[m], x + m * I, w0);
+      y[m * ldy + o + 1] = finish(a1[m], x + m * I, w1);
+    }
+  }
+  for (; o < o1; ++o) {
+    const float* w0 = w + o * I;
+    __m512 a0[M];
+    for (int m = 0; m < M; ++m) a0[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < I16; i += 16) {
+      const __m512 v0 = _mm512_loadu_ps(w0 + i);
+      for (int m = 0; m < M; ++m) a0[m] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * I + i), v0, a0[m]);
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + o] = finish(a0[m], x + m * I, w0);
+  }
+}
+
+void DotRows(const float* x, const float* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o0, int64_t o1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t mb = std::min<int64_t>(8, M - m0);
+    const float* xb = x + m0 * I;
+    float* yb = y + m0 * O;
+    switch (mb) {
+      case 1: DotRowsM<1>(xb, w, yb, O, I, o0, o1); break;
+      case 2: DotRowsM<2>(xb, w, yb, O, I, o0, o1); break;
+      case 3: DotRowsM<3>(xb, w, yb, O, I, o0, o1); break;
+      case 4: DotRowsM<4>(xb, w, yb, O, I, o0, o1); break;
+      case 5: DotRowsM<5>(xb, w, yb, O, I, o0, o1); break;
+      case 6: DotRowsM<6>(xb, w, yb, O, I, o0, o1); break;
+      case 7: DotRowsM<7>(xb, w, yb, O, I, o0, o1); break;
+      default: DotRowsM<8>(xb, w, yb, O, I, o0, o1); break;
+    }
+  }
+}
+
+// Runs work(part) for part in [0, parts) on the caller and XLA's intra-op threads. A part is
+// claimed by whoever gets to it first, so the caller never waits on a task still in a queue
+// (no deadlock when every pool thread is busy); late tasks find nothing left and return.
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t parts = 0;
+  std::function<void(int64_t)> work;
+  void Drain() {
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_acq_rel)) < parts;) {
+      work(p);
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> work) {
+  if (parts <= 1) {
+    if (parts == 1) work(0);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->parts = parts;
+  job->work = std::move(work);
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule([job] { job->Drain(); });
+  job->Drain();
+  while (job->done.load(std::memory_order_acquire) < parts) _mm_pause();
+  job->work = nullptr;  // late tasks only touch the counters
+}
+
+int64_t Parts(ffi::ThreadPool& pool, int64_t n, int64_t min_per_part) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::max<int64_t>(1, std::min(threads, n / min_per_part));
+}
+
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) return ffi::Error::InvalidArgument("rows_matmul: shapes");
+  const int64_t M = xd[0], I = xd[1], O = wd[1];
+  const int64_t parts = Parts(pool, I, 64);
+  std::vector<float> scratch((parts - 1) * M * O);
+  float* out = y->typed_data();
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  ParallelFor(pool, parts, [&](int64_t p) {
+    float* dst = p == 0 ? out : scratch.data() + (p - 1) * M * O;
+    AccumulateRows(xs, ws, dst, M, I, O, Boundary(I, parts, p, 4), Boundary(I, parts, p + 1, 4));
+  });
+  for (int64_t p = 1; p < parts; ++p) {  // fixed order: the sum does not depend on who ran what
+    const float* src = scratch.data() + (p - 1) * M * O;
+    for (int64_t k = 0; k < M * O; ++k) out[k] += src[k];
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsMatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) return ffi::Error::InvalidArgument("rows_matmul_t: shapes");
+  const int64_t M = xd[0], I = xd[1], O = wd[0];
+  const int64_t parts = Parts(pool, O, 256);
+  float* out = y->typed_data();
+  const float* xs = x.typed_data();
+  const float* ws = w.typed_data();
+  ParallelFor(pool, parts, [&](int64_t p) {
+    DotRows(xs, ws, out, M, I, O, Boundary(O, parts, p, 16), Boundary(O, parts, p + 1, 16));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(specjax_rows_matmul, RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(specjax_rows_matmul_t, RowsMatmulT,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

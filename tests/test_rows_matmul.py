@@ -1,0 +1,135 @@
+"""specjax's few-row CPU kernels (specjax.models.rows_matmul) against XLA's dot, and in decoding."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from specjax.decoding.decoder import Decoder
+from specjax.decoding.sampling import SamplingMode
+from specjax.models import LlamaConfig, init_model, rows_matmul
+from specjax.models.llama import KVCache
+
+pytestmark = pytest.mark.skipif(
+  not rows_matmul.available(), reason=f"rows_matmul kernels unavailable: {rows_matmul.unavailable_reason()}"
+)
+
+# (in, out): the real target's shapes, and odd ones that exercise every tail loop
+SHAPES = [(576, 192), (1536, 576), (37, 53), (8, 16), (3, 5), (130, 1000)]
+
+
+def _operands(I, O, M, seed=0):
+  rng = np.random.default_rng(seed)
+  return (
+    jnp.asarray(rng.standard_normal((M, I), np.float32)),
+    jnp.asarray(rng.standard_normal((I, O), np.float32) / np.sqrt(I)),
+  )
+
+
+@pytest.mark.parametrize("I,O", SHAPES)
+def test_dense_and_attend_equal_xla_dot(I, O):
+  for M in range(1, rows_matmul.MAX_ROWS + 1):
+    x_MI, w_IO = _operands(I, O, M)
+    with rows_matmul.enabled(True):
+      assert rows_matmul.applies(x_MI, w_IO)
+      y = jax.jit(rows_matmul.dense)(x_MI, w_IO)
+      y_t = jax.jit(rows_matmul.attend)(x_MI, w_IO.T.copy())
+    want = np.asarray(x_MI, np.float64) @ np.asarray(w_IO, np.float64)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y_t), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("I,O", SHAPES[:3])
+def test_a_row_gives_the_same_bits_in_any_number_of_rows(I, O):
+  """What keeps speculative output token-identical to plain output: a verification's rows
+  are summed exactly as a plain step's single row."""
+  x_MI, w_IO = _operands(I, O, rows_matmul.MAX_ROWS, seed=1)
+  w_OI = w_IO.T.copy()
+  with rows_matmul.enabled(True):
+    full, full_t = rows_matmul.dense(x_MI, w_IO), rows_matmul.attend(x_MI, w_OI)
+    for m in range(rows_matmul.MAX_ROWS):
+      for rows in (slice(m, m + 1), slice(0, m + 1)):
+        np.testing.assert_array_equal(np.asarray(rows_matmul.dense(x_MI[rows], w_IO)), np.asarray(full[rows]))
+        np.testing.assert_array_equal(np.asarray(rows_matmul.attend(x_MI[rows], w_OI)), np.asarray(full_t[rows]))
+
+
+def test_applies_only_inside_enabled_to_few_float32_rows():
+  x, w = _operands(16, 8, 4)
+  assert not rows_matmul.applies(x, w)
+  with rows_matmul.enabled(True):
+    assert rows_matmul.applies(x, w)
+    assert rows_matmul.applies(x.reshape(2, 2, 16), w)
+    assert not rows_matmul.applies(jnp.ones((rows_matmul.MAX_ROWS + 1, 16)), w)
+    assert not rows_matmul.applies(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    with rows_matmul.enabled(False):
+      assert not rows_matmul.applies(x, w)
+    assert rows_matmul.applies(x, w)
+  assert not rows_matmul.applies(x, w)
+
+
+def _tiny(tie: bool) -> LlamaConfig:
+  return LlamaConfig(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=136,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    tie_word_embeddings=tie,
+  )
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cached_forward_with_kernels_equals_xla(tie):
+  model = init_model(_tiny(tie), seed=3)
+  graph, state = nnx.split(model)
+  tokens_BT = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 3)), jnp.int32)
+
+  def forward(state, on):
+    with rows_matmul.enabled(on):
+      m = nnx.merge(graph, state)
+      cache = KVCache.zeros(m.config, 2, 16)
+      logits_BTV, _ = m(tokens_BT, cache)
+      return logits_BTV
+
+  text = jax.jit(forward, static_argnums=1).lower(state, True).as_text()
+  assert "specjax_rows_matmul" in text and ("specjax_rows_matmul_t" in text) == tie
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(forward, static_argnums=1)(state, True)),
+    np.asarray(jax.jit(forward, static_argnums=1)(state, False)),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_decoder_uses_kernels_on_one_cpu_device_and_matches_xla():
+  target, drafter = init_model(_tiny(True), seed=5), init_model(_tiny(True).replace(num_layers=1), seed=6)
+  prompts = [list(np.random.default_rng(i).integers(0, 300, 5 + 3 * i)) for i in range(3)]
+  outputs = {}
+  for method in ("ar", "sps", "pld"):
+    for on in (True, False):
+      d = Decoder(target, drafter, method=method, gamma=3, max_new_tokens=20, cpu_kernels=on)
+      text = d.lower(len(prompts[-1]), SamplingMode()).as_text()
+      assert ("specjax_rows_matmul" in text) == on
+      outputs[method, on] = d.generate(prompts).new_tokens
+  assert outputs["sps", True] == outputs["ar", True] == outputs["pld", True]
+  assert outputs["ar", True] == outputs["ar", False]
+
+
+def test_unavailable_falls_back_to_xla_with_a_reason():
+  code = (
+    "from specjax.models import rows_matmul; import jax.numpy as jnp\n"
+    "assert not rows_matmul.available(); print(rows_matmul.unavailable_reason())\n"
+    "with rows_matmul.enabled(True): assert not rows_matmul.applies(jnp.ones((1, 4)), jnp.ones((4, 4)))\n"
+  )
+  env = {**os.environ, "SPECJAX_CPU_KERNELS": "0"}
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert "SPECJAX_CPU_KERNELS=0" in done.stdout
