@@ -41,7 +41,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from specjax.decoding import Decoder  # noqa: E402
-from specjax.models import LlamaConfig, init_model, save_hf_checkpoint  # noqa: E402
+from specjax.models import LlamaConfig, init_model, rows_matmul, save_hf_checkpoint  # noqa: E402
 
 VOCAB = 8000
 
@@ -82,6 +82,7 @@ class Args:
   lang: str = "de"
   data_dir: str = ""
   batch_sizes: tuple = (1,)
+  sweep_gammas: tuple = ()
 
 
 def weight_bytes_per_token(config: LlamaConfig) -> int:
@@ -124,11 +125,27 @@ def gemv_bandwidth(nbytes: int, hidden: int, iters=10, repeats=5) -> float:
   return w.nbytes * iters / best
 
 
+def _as_the_loop_runs(fn):
+  """fn with specjax's few-row CPU kernels on where the decoding loop turns them on (XLA:CPU,
+  one device; `DecodingSettings.cpu_kernels`), so cost ratios time what decoding runs."""
+
+  def traced(*args):
+    with rows_matmul.enabled(jax.default_backend() == "cpu"):
+      return fn(*args)
+
+  return jax.jit(traced)
+
+
+def _cpu_kernels() -> bool:
+  """Whether decoding ran specjax's few-row CPU kernels (else XLA's dot)."""
+  return jax.default_backend() == "cpu" and rows_matmul.available()
+
+
 def forward_cost_ratio(model, width: int, repeats=20) -> float:
   """Time of a `width`-token cached forward over a 1-token one (the verify/step cost ratio)."""
   from specjax.models import KVCache
 
-  fwd = jax.jit(lambda m, t, c: m(t, c)[0])
+  fwd = _as_the_loop_runs(lambda m, t, c: m(t, c)[0])
   cache = KVCache.zeros(model.config, 1, 256).replace(lengths_B=jnp.array([100], jnp.int32))
   times = {}
   for w in (1, width):
@@ -150,8 +167,8 @@ def draft_cost_ratio(target, drafter, repeats=20) -> float:
   from specjax.models import KVCache
 
   forwards = {
-    "target": (target, jax.jit(lambda m, t, c, p: m(t, c, p)[0])),
-    "drafter": (drafter, jax.jit(lambda m, t, c, p: DraftModel.of(m).forward(t, c, p)[0])),
+    "target": (target, _as_the_loop_runs(lambda m, t, c, p: m(t, c, p)[0])),
+    "drafter": (drafter, _as_the_loop_runs(lambda m, t, c, p: DraftModel.of(m).forward(t, c, p)[0])),
   }
   times = {}
   for name, (model, fwd) in forwards.items():
@@ -282,6 +299,7 @@ def bench_size(name: str, args: Args, bandwidth: float, log) -> dict:
     "predicted_speedup": expected / (g * c + 1),
     "measured_speedup": ours_spec_tps / ours_ar_tps,
     "verify_cost_ratio": verify_cost,
+    "cpu_kernels": _cpu_kernels(),
     "predicted_speedup_with_verify_cost": expected / (g * c + verify_cost),
     "weight_bytes_per_token": wbytes,
     "copy_bandwidth_gbs": bandwidth / 1e9,
@@ -351,6 +369,28 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
       f"  batch {batch}: plain {tps['ar']:.1f} tok/s, prompt lookup {tps['pld'] / tps['ar']:.2f}x, "
       f"drafter {tps['sps'] / tps['ar']:.2f}x"
     )
+  # The same programs with XLA's dot instead of specjax's few-row CPU kernels, side by side.
+  xla = {}
+  for name in ("ar", "sps"):
+    decoder = Decoder(
+      target, drafter, method=name, gamma=g, batch_size=args.batch_sizes[0], cpu_kernels=False, **common
+    )
+    result, xla[name] = timed_generate(decoder, prompts, eos_id=stops)
+    assert result.new_tokens == results["ar"].new_tokens, f"{name} with XLA's dot differs from plain decoding"
+  log(f"  with XLA's dot: plain {xla['ar']:.1f} tok/s, drafter {xla['sps'] / xla['ar']:.2f}x")
+  sweep = {}
+  for gamma in args.sweep_gammas:  # batch 1, plain re-measured beside each γ
+    _, ar_tps = timed_generate(Decoder(target, method="ar", **common), prompts, eos_id=stops)
+    result, sps_tps = timed_generate(
+      Decoder(target, drafter, method="sps", gamma=gamma, **common), prompts, eos_id=stops
+    )
+    assert result.new_tokens == results["ar"].new_tokens, f"γ={gamma} differs from plain decoding"
+    sweep[str(gamma)] = {
+      "speedup": sps_tps / ar_tps,
+      "tau": 1.0 + float(result.accepted.sum() / result.steps.sum()),
+      "verify_cost_ratio": forward_cost_ratio(target, gamma + 1),
+    }
+    log(f"  γ={gamma}: drafter {sweep[str(gamma)]['speedup']:.2f}x, τ {sweep[str(gamma)]['tau']:.2f}")
   hf_target = LlamaForCausalLM.from_pretrained(
     _hf_dir(args.target, target, target_cfg, tokenizer), dtype=torch.float32
   ).eval()
@@ -400,8 +440,12 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
     "pld_tau": 1.0 + float(pld.accepted.sum() / pld.steps.sum()),
     "draft_cost_ratio": c,
     "verify_cost_ratio": v,
+    "cpu_kernels": _cpu_kernels(),
     "predicted_speedup_with_verify_cost": expected / (g * c + v),
     "per_batch_size": by_batch,
+    "xla_dot_ar_tps": xla["ar"],
+    "xla_dot_spec_speedup": xla["sps"] / xla["ar"],
+    "gamma_sweep": sweep,
     "weight_bytes_per_token": wbytes,
     "copy_bandwidth_gbs": bandwidth / 1e9,
     "gemv_bandwidth_gbs": gemv / 1e9,
@@ -438,6 +482,9 @@ def main(argv=None):
   parser.add_argument("--lang", default="de", help="with --target: the held-out sentences' language")
   parser.add_argument("--data-dir", default="", help="with --target: a corpus (default: the embedded one)")
   parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+  parser.add_argument(
+    "--sweep-gammas", nargs="*", type=int, default=[], help="with --target: drafter speedup and τ at each γ (batch 1)"
+  )
   args = Args(**vars(parser.parse_args(argv)))
   if args.target and not args.drafter:
     parser.error(
