@@ -41,7 +41,7 @@ from flax import nnx  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from specjax.decoding import Decoder  # noqa: E402
-from specjax.models import LlamaConfig, init_model, rows_matmul, save_hf_checkpoint  # noqa: E402
+from specjax.models import LlamaConfig, init_model, cpu_kernels, save_hf_checkpoint  # noqa: E402
 
 VOCAB = 8000
 
@@ -130,7 +130,7 @@ def _as_the_loop_runs(fn):
   one device; `DecodingSettings.cpu_kernels`), so cost ratios time what decoding runs."""
 
   def traced(*args):
-    with rows_matmul.enabled(jax.default_backend() == "cpu"):
+    with cpu_kernels.enabled(jax.default_backend() == "cpu"):
       return fn(*args)
 
   return jax.jit(traced)
@@ -138,7 +138,7 @@ def _as_the_loop_runs(fn):
 
 def _cpu_kernels() -> bool:
   """Whether decoding ran specjax's few-row CPU kernels (else XLA's dot)."""
-  return jax.default_backend() == "cpu" and rows_matmul.available()
+  return jax.default_backend() == "cpu" and cpu_kernels.available()
 
 
 def forward_cost_ratio(model, width: int, repeats=20) -> float:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from specjax.decoding import sampling as smp
-from specjax.models import rows_matmul
+from specjax.models import cpu_kernels
 from specjax.models.llama import KVCache
 
 METHODS = ("ar", "sps", "pld")
@@ -46,7 +46,7 @@ class LoopSpec:
   ngram_max: int
   ngram_min: int
   draft_positions: int = 0  # the drafter's max_position_embeddings when below buffer_len, else 0 (no cap)
-  cpu_kernels: bool = False  # few-row products through specjax.models.rows_matmul (XLA:CPU, one device)
+  cpu_kernels: bool = False  # few-row products through specjax.models.cpu_kernels (XLA:CPU, one device)
 
 
 @flax.struct.dataclass
@@ -215,8 +215,8 @@ def scoring_forward(model, ids_W=None):
 
   def forward(tokens_BT, cache, positions_BT):
     h_BTD, cache = model.hidden_states(tokens_BT, cache, positions_BT)
-    if rows_matmul.applies(h_BTD, head_DW):
-      return rows_matmul.dense(h_BTD, head_DW), cache
+    if cpu_kernels.applies(h_BTD, head_DW):
+      return cpu_kernels.dense(h_BTD, head_DW), cache
     return jnp.dot(h_BTD, head_DW.astype(h_BTD.dtype)).astype(jnp.float32), cache
 
   return forward
@@ -407,7 +407,7 @@ def decode_loop(
   target_graph, target_state, drafter_graph, drafter_state, x: Inputs, spec: LoopSpec, cache_sharding=None
 ) -> State:
   """The whole generation: prefill, then one `lax.while_loop` until every row is done."""
-  with rows_matmul.enabled(spec.cpu_kernels):
+  with cpu_kernels.enabled(spec.cpu_kernels):
     return _decode_loop(target_graph, target_state, drafter_graph, drafter_state, x, spec, cache_sharding)
 
 

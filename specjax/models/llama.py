@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specjax.models import rows_matmul
+from specjax.models import cpu_kernels
 from specjax.models.config import LlamaConfig
 
 
@@ -142,8 +142,8 @@ def _dense(rngs: nnx.Rngs, d_in: int, d_out: int, config: LlamaConfig) -> nnx.Li
 def _project(linear: nnx.Linear, x_BTI):
   """linear(x), through specjax's few-row CPU kernel while the decoding loop enables it."""
   w_IO = linear.kernel[...]
-  if rows_matmul.applies(x_BTI, w_IO):
-    return rows_matmul.dense(x_BTI, w_IO)
+  if cpu_kernels.applies(x_BTI, w_IO):
+    return cpu_kernels.dense(x_BTI, w_IO)
   return linear(x_BTI)
 
 
@@ -190,6 +190,12 @@ class Attention(nnx.Module):
       kv = (k_RSE, v_RES, start_B)
     S = k_RSE.shape[1]
     q_RME = q_BTCQE.transpose(0, 2, 3, 1, 4).reshape(B * C, Q * T, E)
+    if kv is not None and cpu_kernels.applies_to_attention(q_RME, k_RSE, v_RES):
+      # A cached forward's mask is a prefix (slot s holds position s): pass its length.
+      visible_BCQT = jnp.broadcast_to(jnp.sum(mask_BTS, axis=-1, dtype=jnp.int32)[:, None, None], (B, C, Q, T))
+      out_RME = cpu_kernels.attend_cache(q_RME, k_RSE, v_RES, visible_BCQT.reshape(B * C, Q * T), math.sqrt(E))
+      out_BTCQE = out_RME.reshape(B, C, Q, T, E).transpose(0, 3, 1, 2, 4)
+      return _project(self.o_proj, out_BTCQE.reshape(B, T, C * Q * E)), kv
     scores_RMS = jnp.einsum(
       "rme,rse->rms", q_RME, k_RSE.astype(q_RME.dtype), preferred_element_type=jnp.float32
     ) / math.sqrt(E)
@@ -287,8 +293,8 @@ class Llama(nnx.Module):
   def logits(self, h_BTD) -> jax.Array:
     if self.lm_head is None:
       embedding_VD = self.embed_tokens.embedding[...]
-      if rows_matmul.applies(h_BTD, embedding_VD):
-        return rows_matmul.attend(h_BTD, embedding_VD)
+      if cpu_kernels.applies(h_BTD, embedding_VD):
+        return cpu_kernels.attend(h_BTD, embedding_VD)
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
     return _project(self.lm_head, h_BTD).astype(jnp.float32)
 

@@ -1,18 +1,20 @@
-"""Few-row matrix products on XLA:CPU: specjax's own kernels, called through `jax.ffi`.
+"""Decoding's few-row products and cache attention on XLA:CPU: specjax's own kernels, through `jax.ffi`.
 
 Decoding multiplies a handful of rows (one for a plain step, γ+1 for a verification, up to 8
 per batch) by every weight matrix. XLA:CPU (jax 0.10) sends one row to Eigen's matrix-vector
 path and 2-8 rows to a GEMM: on the real 135M target that reads the weights at 20 GB/s for one
 row and 14 GB/s for four, so verifying 4 tokens cost 1.5 plain steps. The kernels in
-`kernels/rows_matmul.cc` stream each matrix once, contiguously, into register accumulators for
+`kernels/cpu_kernels.cc` stream each matrix once, contiguously, into register accumulators for
 all rows at once (AVX-512), so a 4-row product costs about 1.1 one-row products and a one-row
 product reads faster than XLA's. They sum each output element in an order that depends only
 on the weight's shape, never on the number of rows, so a verification's logits are bit for bit
-a plain step's.
+a plain step's. Attention over the KV cache goes through a kernel too: XLA runs each of its
+two small dots per layer for ~60 µs of overhead (3.7 ms of a 28 ms step of the real target);
+the kernel reads only the slots a query sees, computes each query row alone, and takes a few µs.
 
 They apply only where they win: XLA:CPU, one device (no mesh: a custom call is not
-partitioned), float32 rows and weights, at most `MAX_ROWS` rows. The decoding engine turns them
-on while it traces its loop (`enabled(True)`); training and prefill never use them. TPUs and GPUs
+partitioned), float32, at most `MAX_ROWS` rows for the products. The decoding engine turns them
+on while it traces its loop (`enabled(True)`); training never uses them. TPUs and GPUs
 multiply a few rows as fast as one, so they keep XLA's dot. The source is compiled once per
 machine with the system's C++ compiler (`$CXX`, else g++) into `$SPECJAX_KERNEL_CACHE` (default
 ~/.cache/specjax/kernels); without a compiler or AVX-512, `available()` is False,
@@ -34,10 +36,11 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 8  # above this the kernel would read the weights again per 8 rows; XLA's GEMM wins
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "rows_matmul.cc")
-_TARGETS = ("specjax_rows_matmul", "specjax_rows_matmul_t")
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
+_TARGETS = ("specjax_rows_matmul", "specjax_rows_matmul_t", "specjax_attend")
 _state = threading.local()
 _reason: list[str] = []
 
@@ -65,7 +68,7 @@ def _build() -> str:
   with open(SOURCE, "rb") as f:
     source = f.read()
   key = hashlib.sha256(source + jax.__version__.encode() + cxx.encode() + _cpu_flags().encode()).hexdigest()[:16]
-  out = os.path.join(_cache_dir(), f"rows_matmul-{key}.so")
+  out = os.path.join(_cache_dir(), f"cpu_kernels-{key}.so")
   if os.path.exists(out):
     return out
   os.makedirs(_cache_dir(), exist_ok=True)
@@ -138,3 +141,15 @@ def attend(x_BTD, w_VD):
   x_MD = x_BTD.reshape(-1, d)
   out = jax.ffi.ffi_call(_TARGETS[1], jax.ShapeDtypeStruct((x_MD.shape[0], w_VD.shape[0]), jnp.float32))
   return out(x_MD, w_VD).reshape(*lead, w_VD.shape[0])
+
+
+def applies_to_attention(q_RME, k_RSE, v_RES) -> bool:
+  """Whether `attend_cache` runs the kernel: inside `enabled`, everything float32."""
+  return getattr(_state, "on", False) and q_RME.dtype == k_RSE.dtype == v_RES.dtype == jnp.float32
+
+
+def attend_cache(q_RME, k_RSE, v_RES, visible_RM, divisor: float):
+  """softmax(q · k[:visible] / divisor) @ v[:visible] per query row: keys [R, S, E], values
+  [R, E, S], visible_RM int32 (a query at position p sees slots 0..p, visible = p + 1)."""
+  out = jax.ffi.ffi_call(_TARGETS[2], jax.ShapeDtypeStruct(q_RME.shape, jnp.float32))
+  return out(q_RME, k_RSE, v_RES, visible_RM.astype(jnp.int32), divisor=np.float32(divisor))

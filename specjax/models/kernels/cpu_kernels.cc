@@ -1,4 +1,4 @@
-// Few-row matrix products for XLA:CPU, as jax.ffi custom calls (specjax.models.rows_matmul).
+// Few-row matrix products for XLA:CPU, as jax.ffi custom calls (specjax.models.cpu_kernels).
 //
 // Decoding multiplies 1-8 rows by each weight matrix. XLA:CPU sends one row to Eigen's
 // matrix-vector path and 2-8 rows to a GEMM that reads the weights at about half the memory
@@ -11,6 +11,7 @@
 //
 //   specjax_rows_matmul    y[M, O] = x[M, I] @ w[I, O]     (a Linear kernel, [in, out])
 //   specjax_rows_matmul_t  y[M, O] = x[M, I] @ w[O, I]^T   (a tied embedding, [vocab, hidden])
+//   specjax_attend         attention of a few query rows over the KV cache's visible slots
 
 #include <algorithm>
 #include <atomic>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -26,7 +28,7 @@
 #include <immintrin.h>
 
 #ifndef __AVX512F__
-#error "specjax's rows_matmul kernels need AVX-512 (x86-64); XLA's own dot is used instead"
+#error "specjax's CPU kernels need AVX-512 (x86-64); XLA's own dot is used instead"
 #endif
 
 namespace ffi = xla::ffi;
@@ -226,6 +228,71 @@ ffi::Error RowsMatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+
+// out[r, m, :] = softmax_s(q[r, m, :] · k[r, s, :] / divisor, s < limit[r, m]) @ v[r, :, s]:
+// attention of decoding's few query rows over a [R, S, E] / [R, E, S] cache, reading only the
+// visible slots (a query at position p sees slots 0..p). Each (r, m) is computed alone, the
+// same way for any number of rows.
+inline float Dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+void AttendRow(const float* q, const float* k, const float* v, float* out, int64_t S, int64_t E, int64_t limit,
+               float divisor, float* p) {
+  limit = std::max<int64_t>(0, std::min(limit, S));
+  if (limit == 0) {  // nothing visible: XLA's softmax over an all-masked row is uniform
+    for (int64_t e = 0; e < E; ++e) {
+      float acc = 0;
+      for (int64_t s = 0; s < S; ++s) acc += v[e * S + s];
+      out[e] = acc / static_cast<float>(S);
+    }
+    return;
+  }
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < limit; ++s) {
+    p[s] = Dot(q, k + s * E, E) / divisor;
+    mx = std::max(mx, p[s]);
+  }
+  float sum = 0;
+  for (int64_t s = 0; s < limit; ++s) {
+    p[s] = std::exp(p[s] - mx);
+    sum += p[s];
+  }
+  for (int64_t s = 0; s < limit; ++s) p[s] /= sum;
+  for (int64_t e = 0; e < E; ++e) out[e] = Dot(p, v + e * S, limit);
+}
+
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                  ffi::Buffer<ffi::S32> limit, ffi::ResultBuffer<ffi::F32> out, float divisor) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), ld = limit.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || ld.size() != 2 || kd[0] != qd[0] || kd[2] != qd[2] ||
+      vd[0] != qd[0] || vd[1] != qd[2] || vd[2] != kd[1] || ld[0] != qd[0] || ld[1] != qd[1])
+    return ffi::Error::InvalidArgument("attend: shapes");
+  const int64_t R = qd[0], M = qd[1], E = qd[2], S = kd[1];
+  const float* qs = q.typed_data();
+  const float* ks = k.typed_data();
+  const float* vs = v.typed_data();
+  const int32_t* ls = limit.typed_data();
+  float* os = out->typed_data();
+  const int64_t rows = R * M;
+  const int64_t parts = rows >= 8 ? Parts(pool, rows, 4) : 1;
+  ParallelFor(pool, parts, [&](int64_t part) {
+    std::vector<float> p(S);
+    for (int64_t row = Boundary(rows, parts, part, 1); row < Boundary(rows, parts, part + 1, 1); ++row) {
+      const int64_t r = row / M;
+      AttendRow(qs + row * E, ks + r * S * E, vs + r * E * S, os + row * E, S, E, ls[row], divisor, p.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(specjax_rows_matmul, RowsMatmul,
@@ -241,3 +308,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(specjax_rows_matmul_t, RowsMatmulT,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(specjax_attend, Attend,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("divisor"));
