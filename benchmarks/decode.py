@@ -160,28 +160,35 @@ def forward_cost_ratio(model, width: int, repeats=20) -> float:
   return times[width] / times[1]
 
 
-def draft_cost_ratio(target, drafter, repeats=20) -> float:
-  """Time of one drafter step as the loop runs it (its reduced vocabulary, if it has one) over
-  one target step, both one-token cached forwards at the same position."""
+def draft_cost_ratio(target, drafter, steps=20, repeats=10) -> float:
+  """Time of one drafter step as the loop runs it (its reduced vocabulary, if it has one, with
+  the output columns gathered once before the loop) over one target step: both as a
+  `fori_loop` of `steps` one-token cached forwards inside one program, like the decoding loop."""
   from specjax.decoding.engine import DraftModel
   from specjax.models import KVCache
 
-  forwards = {
-    "target": (target, _as_the_loop_runs(lambda m, t, c, p: m(t, c, p)[0])),
-    "drafter": (drafter, _as_the_loop_runs(lambda m, t, c, p: DraftModel.of(m).forward(t, c, p)[0])),
-  }
-  times = {}
-  for name, (model, fwd) in forwards.items():
+  def looped(model, as_drafter: bool):
+    def run(m, cache):
+      forward = DraftModel.of(m).forward if as_drafter else m
+
+      def body(i, carry):
+        acc, cache = carry
+        scores, cache = forward(jnp.ones((1, 1), jnp.int32), cache, jnp.full((1, 1), 100, jnp.int32) + i)
+        return acc + scores[0, 0, 0], cache
+
+      return jax.lax.fori_loop(0, steps, body, (jnp.float32(0), cache))[0]
+
+    program = _as_the_loop_runs(run)
     cache = KVCache.zeros(model.config, 1, 256)
-    args = (jnp.ones((1, 1), jnp.int32), cache, jnp.full((1, 1), 100, jnp.int32))
-    fwd(model, *args).block_until_ready()
+    program(model, cache).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
       t = time.perf_counter()
-      fwd(model, *args).block_until_ready()
+      program(model, cache).block_until_ready()
       best = min(best, time.perf_counter() - t)
-    times[name] = best
-  return times["drafter"] / times["target"]
+    return best
+
+  return looped(drafter, True) / looped(target, False)
 
 
 def distill_drafter(target, drafter, prompts, max_new, steps, log):
