@@ -34,12 +34,12 @@ def _operands(I, O, M, seed=0):
 @pytest.mark.parametrize("I,O", SHAPES)
 def test_dense_and_attend_equal_xla_dot(I, O):
   for M in range(1, cpu_kernels.MAX_ROWS + 1):
-    x_MI, w_IO = _operands(I, O, M)
+    x_UI, w_IJ = _operands(I, O, M)
     with cpu_kernels.enabled(True):
-      assert cpu_kernels.applies(x_MI, w_IO)
-      y = jax.jit(cpu_kernels.dense)(x_MI, w_IO)
-      y_t = jax.jit(cpu_kernels.attend)(x_MI, w_IO.T.copy())
-    want = np.asarray(x_MI, np.float64) @ np.asarray(w_IO, np.float64)
+      assert cpu_kernels.applies(x_UI, w_IJ)
+      y = jax.jit(cpu_kernels.dense)(x_UI, w_IJ)
+      y_t = jax.jit(cpu_kernels.attend)(x_UI, w_IJ.T.copy())
+    want = np.asarray(x_UI, np.float64) @ np.asarray(w_IJ, np.float64)
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y_t), want, rtol=1e-5, atol=1e-5)
 
@@ -48,14 +48,14 @@ def test_dense_and_attend_equal_xla_dot(I, O):
 def test_a_row_gives_the_same_bits_in_any_number_of_rows(I, O):
   """What keeps speculative output token-identical to plain output: a verification's rows
   are summed exactly as a plain step's single row."""
-  x_MI, w_IO = _operands(I, O, cpu_kernels.MAX_ROWS, seed=1)
-  w_OI = w_IO.T.copy()
+  x_UI, w_IJ = _operands(I, O, cpu_kernels.MAX_ROWS, seed=1)
+  w_JI = w_IJ.T.copy()
   with cpu_kernels.enabled(True):
-    full, full_t = cpu_kernels.dense(x_MI, w_IO), cpu_kernels.attend(x_MI, w_OI)
+    full, full_t = cpu_kernels.dense(x_UI, w_IJ), cpu_kernels.attend(x_UI, w_JI)
     for m in range(cpu_kernels.MAX_ROWS):
       for rows in (slice(m, m + 1), slice(0, m + 1)):
-        np.testing.assert_array_equal(np.asarray(cpu_kernels.dense(x_MI[rows], w_IO)), np.asarray(full[rows]))
-        np.testing.assert_array_equal(np.asarray(cpu_kernels.attend(x_MI[rows], w_OI)), np.asarray(full_t[rows]))
+        np.testing.assert_array_equal(np.asarray(cpu_kernels.dense(x_UI[rows], w_IJ)), np.asarray(full[rows]))
+        np.testing.assert_array_equal(np.asarray(cpu_kernels.attend(x_UI[rows], w_JI)), np.asarray(full_t[rows]))
 
 
 def _attention_operands(R, M, S, E, seed=0):

@@ -118,29 +118,29 @@ def enabled(on: bool = True):
     _state.on = before
 
 
-def applies(x_BTI, w) -> bool:
+def applies(x_ZI, w) -> bool:
   """Whether `dense`/`attend` of these operands runs the kernel: inside `enabled`, float32, at
   most MAX_ROWS rows (all leading dimensions together)."""
   rows = 1
-  for n in x_BTI.shape[:-1]:
+  for n in x_ZI.shape[:-1]:
     rows *= n
-  return getattr(_state, "on", False) and rows <= MAX_ROWS and x_BTI.dtype == w.dtype == jnp.float32
+  return getattr(_state, "on", False) and rows <= MAX_ROWS and x_ZI.dtype == w.dtype == jnp.float32
 
 
-def dense(x_BTI, w_IO):
+def dense(x_ZI, w_IJ):
   """x @ w for a [in, out] kernel (callers check `applies` first)."""
-  lead, i = x_BTI.shape[:-1], x_BTI.shape[-1]
-  x_MI = x_BTI.reshape(-1, i)
-  out = jax.ffi.ffi_call(_TARGETS[0], jax.ShapeDtypeStruct((x_MI.shape[0], w_IO.shape[1]), jnp.float32))
-  return out(x_MI, w_IO).reshape(*lead, w_IO.shape[1])
+  lead, i = x_ZI.shape[:-1], x_ZI.shape[-1]
+  x_UI = x_ZI.reshape(-1, i)
+  out = jax.ffi.ffi_call(_TARGETS[0], jax.ShapeDtypeStruct((x_UI.shape[0], w_IJ.shape[1]), jnp.float32))
+  return out(x_UI, w_IJ).reshape(*lead, w_IJ.shape[1])
 
 
-def attend(x_BTD, w_VD):
+def attend(x_ZD, w_VD):
   """x @ w.T for a [vocab, hidden] embedding, a tied output layer (callers check `applies`)."""
-  lead, d = x_BTD.shape[:-1], x_BTD.shape[-1]
-  x_MD = x_BTD.reshape(-1, d)
-  out = jax.ffi.ffi_call(_TARGETS[1], jax.ShapeDtypeStruct((x_MD.shape[0], w_VD.shape[0]), jnp.float32))
-  return out(x_MD, w_VD).reshape(*lead, w_VD.shape[0])
+  lead, d = x_ZD.shape[:-1], x_ZD.shape[-1]
+  x_UD = x_ZD.reshape(-1, d)
+  out = jax.ffi.ffi_call(_TARGETS[1], jax.ShapeDtypeStruct((x_UD.shape[0], w_VD.shape[0]), jnp.float32))
+  return out(x_UD, w_VD).reshape(*lead, w_VD.shape[0])
 
 
 def applies_to_attention(q_RME, k_RSE, v_RES) -> bool:

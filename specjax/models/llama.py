@@ -139,12 +139,12 @@ def _dense(rngs: nnx.Rngs, d_in: int, d_out: int, config: LlamaConfig) -> nnx.Li
   )
 
 
-def _project(linear: nnx.Linear, x_BTI):
+def _project(linear: nnx.Linear, x_ZI):
   """linear(x), through specjax's few-row CPU kernel while the decoding loop enables it."""
-  w_IO = linear.kernel[...]
-  if cpu_kernels.applies(x_BTI, w_IO):
-    return cpu_kernels.dense(x_BTI, w_IO)
-  return linear(x_BTI)
+  w_IJ = linear.kernel[...]
+  if cpu_kernels.applies(x_ZI, w_IJ):
+    return cpu_kernels.dense(x_ZI, w_IJ)
+  return linear(x_ZI)
 
 
 class RMSNorm(nnx.Module):
