@@ -1,13 +1,17 @@
-// Few-row matrix products for XLA:CPU, as jax.ffi custom calls (specjax.models.cpu_kernels).
+// Decoding's few-row products and cache attention for XLA:CPU, as jax.ffi custom calls
+// (specjax.models.cpu_kernels).
 //
 // Decoding multiplies 1-8 rows by each weight matrix. XLA:CPU sends one row to Eigen's
-// matrix-vector path and 2-8 rows to a GEMM that reads the weights at about half the memory
-// system's rate. These kernels stream each weight matrix once, contiguously, whatever the
-// number of rows, so verifying γ+1 tokens reads the same bytes as one decode step.
+// matrix-vector path and 2-8 rows to a GEMM that reads the weights at about two thirds of the
+// one-row rate. The product kernels stream each weight matrix once, contiguously, whatever the
+// number of rows, so verifying γ+1 tokens reads the same bytes as one decode step. Attention's
+// two small dots per layer cost XLA more in dispatch than in bytes; the attention kernel reads
+// only the cache slots each query sees.
 //
-// Both kernels sum every output element in an order that depends only on the weight's shape
-// and the thread count, never on the number of rows: one row and eight rows give bit-identical
-// results, which keeps speculative (γ+1 rows) and plain (one row) decoding token-identical.
+// The product kernels sum every output element in an order that depends only on the weight's
+// shape and the thread count, and the attention kernel computes each query row alone, never
+// depending on the number of rows: one row and eight give bit-identical results, which keeps
+// speculative (γ+1 rows) and plain (one row) decoding token-identical.
 //
 //   specjax_rows_matmul    y[M, O] = x[M, I] @ w[I, O]     (a Linear kernel, [in, out])
 //   specjax_rows_matmul_t  y[M, O] = x[M, I] @ w[O, I]^T   (a tied embedding, [vocab, hidden])
