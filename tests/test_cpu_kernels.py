@@ -33,7 +33,7 @@ def _operands(I, O, M, seed=0):
 
 @pytest.mark.parametrize("I,O", SHAPES)
 def test_dense_and_attend_equal_xla_dot(I, O):
-  for M in range(1, cpu_kernels.MAX_ROWS + 1):
+  for M in [*range(1, 18), 31, cpu_kernels.MAX_ROWS]:  # every row count a block of 8 can leave
     x_UI, w_IJ = _operands(I, O, M)
     with cpu_kernels.enabled(True):
       assert cpu_kernels.applies(x_UI, w_IJ)
@@ -48,12 +48,12 @@ def test_dense_and_attend_equal_xla_dot(I, O):
 def test_a_row_gives_the_same_bits_in_any_number_of_rows(I, O):
   """What keeps speculative output token-identical to plain output: a verification's rows
   are summed exactly as a plain step's single row."""
-  x_UI, w_IJ = _operands(I, O, cpu_kernels.MAX_ROWS, seed=1)
+  x_UI, w_IJ = _operands(I, O, 20, seed=1)  # rows in three blocks of 8
   w_JI = w_IJ.T.copy()
   with cpu_kernels.enabled(True):
     full, full_t = cpu_kernels.dense(x_UI, w_IJ), cpu_kernels.attend(x_UI, w_JI)
-    for m in range(cpu_kernels.MAX_ROWS):
-      for rows in (slice(m, m + 1), slice(0, m + 1)):
+    for m in range(20):
+      for rows in (slice(m, m + 1), slice(0, m + 1), slice(m, 20)):
         np.testing.assert_array_equal(np.asarray(cpu_kernels.dense(x_UI[rows], w_IJ)), np.asarray(full[rows]))
         np.testing.assert_array_equal(np.asarray(cpu_kernels.attend(x_UI[rows], w_JI)), np.asarray(full_t[rows]))
 
@@ -84,7 +84,9 @@ def test_applies_only_inside_enabled_to_few_float32_rows():
   with cpu_kernels.enabled(True):
     assert cpu_kernels.applies(x, w)
     assert cpu_kernels.applies(x.reshape(2, 2, 16), w)
+    assert cpu_kernels.applies(jnp.ones((cpu_kernels.MAX_ROWS, 16)), w)
     assert not cpu_kernels.applies(jnp.ones((cpu_kernels.MAX_ROWS + 1, 16)), w)
+    assert not cpu_kernels.applies(jnp.ones((cpu_kernels.MAX_ROWS_TIED + 1, 16)), w, cpu_kernels.MAX_ROWS_TIED)
     assert not cpu_kernels.applies(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     with cpu_kernels.enabled(False):
       assert not cpu_kernels.applies(x, w)

@@ -90,8 +90,8 @@ class DecodingSettings:
   max_position_embeddings continues with plain steps (γ=0), so outputs stay the target's.
   prompt_bucket: prompts are padded to a multiple of it (one compile per bucket).
   ngram_max, ngram_min: the n-gram sizes prompt lookup matches, longest first.
-  cpu_kernels: on XLA:CPU without a mesh, run float32 products over up to 8 rows (a plain
-  step, a verification, a draft step) and attention over the cache through
+  cpu_kernels: on XLA:CPU without a mesh, run float32 products over up to 48 rows (a plain
+  step, a verification, a draft step; 8 for a tied output layer) and attention over the cache through
   specjax.models.cpu_kernels, which reads each weight once for all rows and each cache slot a
   query sees once; elsewhere, or False, XLA's ops.
   """

@@ -1,20 +1,22 @@
 """Decoding's few-row products and cache attention on XLA:CPU: specjax's own kernels, through `jax.ffi`.
 
-Decoding multiplies a handful of rows (one for a plain step, γ+1 for a verification, up to 8
-per batch) by every weight matrix. XLA:CPU (jax 0.10) sends one row to Eigen's matrix-vector
-path and 2-8 rows to a GEMM: on the real 135M target that reads the weights at 20 GB/s for one
-row and 14 GB/s for four, so verifying 4 tokens cost 1.5 plain steps. The kernels in
-`kernels/cpu_kernels.cc` stream each matrix once, contiguously, into register accumulators for
-all rows at once (AVX-512), so a 4-row product costs about 1.1 one-row products and a one-row
-product reads faster than XLA's. They sum each output element in an order that depends only
-on the weight's shape, never on the number of rows, so a verification's logits are bit for bit
-a plain step's. Attention over the KV cache goes through a kernel too: XLA runs each of its
-two small dots per layer for ~60 µs of overhead (3.7 ms of a 28 ms step of the real target);
-the kernel reads only the slots a query sees, computes each query row alone, and takes a few µs.
+Decoding multiplies a handful of rows (one for a plain step, γ+1 for a verification, times
+the batch) by every weight matrix. XLA:CPU (jax 0.10) sends one row to Eigen's matrix-vector
+path and more to a GEMM: on the real 135M target that reads the weights at 20 GB/s for one row
+and 14 GB/s for four, so verifying 4 tokens cost 1.5 plain steps. The kernels in
+`kernels/cpu_kernels.cc` stream each matrix once per 8 rows, contiguously and prefetched ahead,
+into register accumulators for all of them (AVX-512), so a 4-row product costs about 1.15
+one-row products and a one-row product reads faster than XLA's. They sum each output element
+in an order that depends only on the weight's shape, never on the number of rows, so a
+verification's logits are bit for bit a plain step's. Attention over the KV cache goes through
+a kernel too: XLA runs each of its two small dots per layer for ~60 µs of overhead (3.7 ms of
+a 28 ms step of the real target); the kernel reads only the slots a query sees, computes each
+query row alone, and takes a few µs.
 
 They apply only where they win: XLA:CPU, one device (no mesh: a custom call is not
-partitioned), float32, at most `MAX_ROWS` rows for the products. The decoding engine turns them
-on while it traces its loop (`enabled(True)`); training never uses them. TPUs and GPUs
+partitioned), float32, at most `MAX_ROWS` rows for the products (`MAX_ROWS_TIED` for a tied
+output layer). The decoding engine turns them on while it traces its loop (`enabled(True)`);
+training never uses them. TPUs and GPUs
 multiply a few rows as fast as one, so they keep XLA's dot. The source is compiled once per
 machine with the system's C++ compiler (`$CXX`, else g++) into `$SPECJAX_KERNEL_CACHE` (default
 ~/.cache/specjax/kernels); without a compiler or AVX-512, `available()` is False,
@@ -38,7 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_ROWS = 8  # above this the kernel would read the weights again per 8 rows; XLA's GEMM wins
+# Rows up to which a kernel beats XLA:CPU's GEMM (measured on the 135M target's shapes, 2 cores).
+# The products take rows in blocks of 8, each block one more pass over the weights: over the
+# target's 210 layer products 16 rows took 33 ms against XLA's 53, 32 rows 53 against 67, 48
+# rows 74 against 83, 64 rows 91 against 77. The tied output layer sums along its rows (16
+# products per 16-float vector), which is compute-bound past 8 rows: 38 ms against 32 at 16.
+MAX_ROWS = 48  # `dense`, a [in, out] kernel
+MAX_ROWS_TIED = 8  # `attend`, a [vocab, hidden] embedding
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "cpu_kernels.cc")
 _TARGETS = ("specjax_rows_matmul", "specjax_rows_matmul_t", "specjax_attend")
 _state = threading.local()
@@ -118,13 +126,13 @@ def enabled(on: bool = True):
     _state.on = before
 
 
-def applies(x_ZI, w) -> bool:
-  """Whether `dense`/`attend` of these operands runs the kernel: inside `enabled`, float32, at
-  most MAX_ROWS rows (all leading dimensions together)."""
+def applies(x_ZI, w, max_rows: int = MAX_ROWS) -> bool:
+  """Whether `dense` (or, with max_rows=MAX_ROWS_TIED, `attend`) of these operands runs the
+  kernel: inside `enabled`, float32, at most max_rows rows (all leading dimensions together)."""
   rows = 1
   for n in x_ZI.shape[:-1]:
     rows *= n
-  return getattr(_state, "on", False) and rows <= MAX_ROWS and x_ZI.dtype == w.dtype == jnp.float32
+  return getattr(_state, "on", False) and rows <= max_rows and x_ZI.dtype == w.dtype == jnp.float32
 
 
 def dense(x_ZI, w_IJ):

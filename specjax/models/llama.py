@@ -293,7 +293,7 @@ class Llama(nnx.Module):
   def logits(self, h_BTD) -> jax.Array:
     if self.lm_head is None:
       embedding_VD = self.embed_tokens.embedding[...]
-      if cpu_kernels.applies(h_BTD, embedding_VD):
+      if cpu_kernels.applies(h_BTD, embedding_VD, cpu_kernels.MAX_ROWS_TIED):
         return cpu_kernels.attend(h_BTD, embedding_VD)
       return self.embed_tokens.attend(h_BTD).astype(jnp.float32)
     return _project(self.lm_head, h_BTD).astype(jnp.float32)
