@@ -12,7 +12,8 @@ own chat template, stopping at its stop ids; our plain, prompt-lookup and drafte
 against transformers' plain `generate`, prompt lookup (`prompt_lookup_num_tokens`) and assisted
 generation with the same drafter (its full-vocabulary export), at each --batch-sizes (ours
 only: transformers' assisted generation takes one row), with verify_cost_ratio (a γ+1-token
-verification ÷ a plain step) and draft_cost_ratio (a draft step ÷ a plain step).
+verification ÷ a plain step) and draft_cost_ratio (a draft step ÷ a plain step). Ours also
+with `lookup_drafts` (prompt lookup's drafts first, the drafter's after them): spec_lookup_*.
 
 The targets have random weights; the drafter is distilled briefly on the target's own greedy
 continuations of the benchmark prompts (in-domain self-distillation, the paper's recipe in
@@ -361,6 +362,7 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
       "ar": Decoder(target, method="ar", batch_size=batch, **common),
       "pld": Decoder(target, method="pld", gamma=g, batch_size=batch, **common),
       "sps": Decoder(target, drafter, method="sps", gamma=g, batch_size=batch, **common),
+      "sps_lookup": Decoder(target, drafter, method="sps", gamma=g, batch_size=batch, lookup_drafts=True, **common),
     }
     tps = {}
     for name, decoder in decoders.items():
@@ -372,10 +374,11 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
       "ar_tps": tps["ar"],
       "pld_speedup": tps["pld"] / tps["ar"],
       "spec_speedup": tps["sps"] / tps["ar"],
+      "spec_lookup_speedup": tps["sps_lookup"] / tps["ar"],
     }
     log(
       f"  batch {batch}: plain {tps['ar']:.1f} tok/s, prompt lookup {tps['pld'] / tps['ar']:.2f}x, "
-      f"drafter {tps['sps'] / tps['ar']:.2f}x"
+      f"drafter {tps['sps'] / tps['ar']:.2f}x, drafter after lookup {tps['sps_lookup'] / tps['ar']:.2f}x"
     )
   # The same programs with XLA's dot instead of specjax's few-row CPU kernels, side by side.
   xla = {}
@@ -392,13 +395,23 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
     result, sps_tps = timed_generate(
       Decoder(target, drafter, method="sps", gamma=gamma, **common), prompts, eos_id=stops
     )
-    assert result.new_tokens == results["ar"].new_tokens, f"γ={gamma} differs from plain decoding"
+    looked, lookup_tps = timed_generate(
+      Decoder(target, drafter, method="sps", gamma=gamma, lookup_drafts=True, **common), prompts, eos_id=stops
+    )
+    for r in (result, looked):
+      assert r.new_tokens == results["ar"].new_tokens, f"γ={gamma} differs from plain decoding"
     sweep[str(gamma)] = {
       "speedup": sps_tps / ar_tps,
       "tau": 1.0 + float(result.accepted.sum() / result.steps.sum()),
+      "lookup_speedup": lookup_tps / ar_tps,
+      "lookup_tau": 1.0 + float(looked.accepted.sum() / looked.steps.sum()),
       "verify_cost_ratio": forward_cost_ratio(target, gamma + 1),
     }
-    log(f"  γ={gamma}: drafter {sweep[str(gamma)]['speedup']:.2f}x, τ {sweep[str(gamma)]['tau']:.2f}")
+    point = sweep[str(gamma)]
+    log(
+      f"  γ={gamma}: drafter {point['speedup']:.2f}x, τ {point['tau']:.2f}; "
+      f"after lookup {point['lookup_speedup']:.2f}x, τ {point['lookup_tau']:.2f}"
+    )
   hf_target = LlamaForCausalLM.from_pretrained(
     _hf_dir(args.target, target, target_cfg, tokenizer), dtype=torch.float32
   ).eval()
@@ -443,6 +456,10 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
     "pld_over_hf_pld": ours["pld"] / hf["pld"][1],
     "measured_speedup": ours["sps"] / ours["ar"],
     "pld_speedup": ours["pld"] / ours["ar"],
+    "ours_spec_lookup_tps": ours["sps_lookup"],
+    "spec_lookup_speedup": ours["sps_lookup"] / ours["ar"],
+    "spec_lookup_over_hf_assisted": ours["sps_lookup"] / hf["sps"][1],
+    "spec_lookup_tau": 1.0 + float(results["sps_lookup"].accepted.sum() / results["sps_lookup"].steps.sum()),
     "tau": tau,
     "alpha": alpha,
     "pld_tau": 1.0 + float(pld.accepted.sum() / pld.steps.sum()),
@@ -521,6 +538,9 @@ def main(argv=None):
       "spec_over_hf_assisted",
       "tau",
       "pld_tau",
+      "spec_lookup_speedup",
+      "spec_lookup_tau",
+      "spec_lookup_over_hf_assisted",
       "draft_cost_ratio",
       "verify_cost_ratio",
       "predicted_speedup_with_verify_cost",

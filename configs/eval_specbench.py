@@ -73,6 +73,7 @@ def get_config(arg=None):
   c.gamma = given(arg.gamma, 10)  # drafts per round; with dynamic_gamma the ceiling of the schedule
   c.dynamic_gamma = True  # transformers' schedule (start gamma_start, +2 / -1), as in the paper
   c.gamma_start = 5
+  c.lookup_drafts = False  # sps: prompt lookup's drafts first where an n-gram matches, then the drafter's
   c.max_new_tokens = 1024
   c.batch_size = 1
   c.max_cache_len = config_dict.placeholder(int)  # default: the target's max_position_embeddings

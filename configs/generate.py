@@ -57,6 +57,7 @@ def get_config(arg=None):
   c.gamma = given(arg.gamma, 10)  # drafts per round; with dynamic_gamma the ceiling of the schedule
   c.dynamic_gamma = True  # transformers' schedule, as in the paper: start gamma_start, +2 / -1
   c.gamma_start = 5
+  c.lookup_drafts = False  # sps: prompt lookup's drafts first where an n-gram matches, then the drafter's
   c.temperature = arg.temperature  # 0 = greedy
   c.top_k = 0  # 0 = off
   c.top_p = 1.0

@@ -130,6 +130,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
   "seeds": each(COUNT),
   "greedy_seeds": each(COUNT),
   "method": one_of("ar", "sps", "pld"),
+  "lookup_drafts": boolean,
   "dtype": one_of(*DTYPES),
   "target_dtype": one_of(*DTYPES),
   "template": _templates,

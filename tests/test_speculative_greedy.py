@@ -60,23 +60,28 @@ def test_plain_batching_does_not_change_greedy_output(target, prompts, reference
 
 
 @pytest.mark.parametrize(
-  "method,gamma,batch_size,dynamic",
+  "method,gamma,batch_size,dynamic,lookup",
   [
-    ("sps", 1, 8, False),
-    ("sps", 3, 1, False),
-    ("sps", 5, 8, False),
-    ("sps", 8, 8, True),
-    ("pld", 3, 8, False),
-    ("pld", 5, 1, False),
+    ("sps", 1, 8, False, False),
+    ("sps", 3, 1, False, False),
+    ("sps", 5, 8, False, False),
+    ("sps", 8, 8, True, False),
+    ("sps", 4, 8, False, True),
+    ("sps", 6, 1, True, True),
+    ("pld", 3, 8, False, False),
+    ("pld", 5, 1, False, False),
   ],
 )
-def test_greedy_speculative_equals_plain(target, drafter, prompts, reference, method, gamma, batch_size, dynamic):
+def test_greedy_speculative_equals_plain(
+  target, drafter, prompts, reference, method, gamma, batch_size, dynamic, lookup
+):
   decoder = Decoder(
     target,
     drafter if method == "sps" else None,
     method=method,
     gamma=gamma,
     dynamic_gamma=dynamic,
+    lookup_drafts=lookup,
     max_new_tokens=MAX_NEW,
     batch_size=batch_size,
   )
@@ -86,6 +91,9 @@ def test_greedy_speculative_equals_plain(target, drafter, prompts, reference, me
   # Partial acceptance actually happened (otherwise the test would prove little).
   hist = result.accept_hist.sum(0)
   assert hist[0] > 0 and hist[1:].sum() > 0, hist
+  if lookup:  # prompt lookup's drafts were used: the rounds differ from the drafter's alone
+    alone = Decoder(target, drafter, decoder.settings.replace(lookup_drafts=False)).generate(prompts, eos_id=NO_EOS)
+    assert (alone.accepted != result.accepted).any()
 
 
 def test_drafter_equal_to_target_accepts_everything(target, prompts):

@@ -43,20 +43,20 @@ def models():
   return _peaked_model(0, 32, 2, 15.0), _peaked_model(1, 16, 1, 15.0)
 
 
-def exact_joint(target, temperature, top_k, top_p):
+def exact_joint(target, temperature, top_k, top_p, prompt=PROMPT):
   """P(t1, t2 | prompt) under the processed target distribution: [V, V]."""
   mode = SamplingMode.from_values(temperature, top_k, top_p)
-  seqs = np.array([PROMPT + [a] for a in range(VOCAB)])
+  seqs = np.array([prompt + [a] for a in range(VOCAB)])
   logits = target(jnp.asarray(seqs))
-  p1 = processed_probs(logits[0, len(PROMPT) - 1], temperature, top_k, top_p, mode)
-  p2 = processed_probs(logits[:, len(PROMPT)], temperature, top_k, top_p, mode)
+  p1 = processed_probs(logits[0, len(prompt) - 1], temperature, top_k, top_p, mode)
+  p2 = processed_probs(logits[:, len(prompt)], temperature, top_k, top_p, mode)
   joint = np.asarray(p1, np.float64)[:, None] * np.asarray(p2, np.float64)
   return joint / joint.sum()
 
 
-def sample_pairs(decoder, temperature, top_k, top_p, seed=0):
+def sample_pairs(decoder, temperature, top_k, top_p, seed=0, prompt=PROMPT):
   result = decoder.generate(
-    [PROMPT] * SAMPLES,
+    [prompt] * SAMPLES,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
@@ -119,6 +119,22 @@ def test_prompt_lookup_sampling_matches_target(models):
   decoder = Decoder(target, method="pld", gamma=3, max_new_tokens=2, batch_size=SAMPLES // 4, ngram_min=1)
   counts, result = sample_pairs(decoder, 1.0, 0, 1.0)
   assert result.proposed.sum() > 0
+  assert chi2_pvalue(counts, joint) > 1e-3
+  assert chi2_pvalue(counts, shifted(joint, 0.02)) < 1e-3
+
+
+def test_lookup_then_drafter_sampling_matches_target(models):
+  """lookup_drafts: the first draft is prompt lookup's (the prompt's last token, 12, occurred
+  just before: one token to copy), the next ones the drafter's, in one round."""
+  target, drafter = models
+  prompt = [3, 7, 12, 12]
+  joint = exact_joint(target, 1.0, 0, 1.0, prompt)
+  decoder = Decoder(
+    target, drafter, method="sps", gamma=3, lookup_drafts=True, max_new_tokens=2, batch_size=SAMPLES // 4
+  )
+  counts, result = sample_pairs(decoder, 1.0, 0, 1.0, prompt=prompt)
+  acceptance = result.accepted.sum() / result.proposed.sum()
+  assert 0.05 < acceptance < 0.9, acceptance
   assert chi2_pvalue(counts, joint) > 1e-3
   assert chi2_pvalue(counts, shifted(joint, 0.02)) < 1e-3
 

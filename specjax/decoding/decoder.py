@@ -90,6 +90,10 @@ class DecodingSettings:
   max_position_embeddings continues with plain steps (γ=0), so outputs stay the target's.
   prompt_bucket: prompts are padded to a multiple of it (one compile per bucket).
   ngram_max, ngram_min: the n-gram sizes prompt lookup matches, longest first.
+  lookup_drafts ("sps"): a round's first drafts are prompt lookup's where an n-gram matches (as
+  many as it has, up to γ), the drafter's after them; the drafter reads the chosen drafts, so
+  a round costs what it costs without. Prompt lookup catches the copies a small drafter misses
+  (names, quoted source text); verification stays exact (greedy and sampled).
   cpu_kernels: on XLA:CPU without a mesh, run float32 products over up to 48 rows (a plain
   step, a verification, a draft step; 8 for a tied output layer) and attention over the cache through
   specjax.models.cpu_kernels, which reads each weight once for all rows and each cache slot a
@@ -107,6 +111,7 @@ class DecodingSettings:
   ngram_max: int = 3
   ngram_min: int = 1
   cpu_kernels: bool = True
+  lookup_drafts: bool = False
 
   @classmethod
   def from_config(cls, config, prefix: str = "", **overrides) -> "DecodingSettings":
@@ -131,6 +136,8 @@ class DecodingSettings:
       raise SpecjaxError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
     if self.batch_size < 1:
       raise SpecjaxError(f"batch_size={self.batch_size}: must be >= 1")
+    if not isinstance(self.lookup_drafts, bool):
+      raise SpecjaxError(f"lookup_drafts={self.lookup_drafts!r}: must be True or False")
     if not 1 <= self.ngram_min <= self.ngram_max:
       raise SpecjaxError(f"prompt lookup n-gram sizes min={self.ngram_min}, max={self.ngram_max}: need 1 <= min <= max")
     return self
@@ -225,6 +232,7 @@ class Decoder:
       ngram_min=st.ngram_min,
       draft_positions=draft_positions if draft_positions < buffer_len else 0,
       cpu_kernels=st.cpu_kernels and self.mesh is None and jax.default_backend() == "cpu",
+      lookup_drafts=st.lookup_drafts and st.method == "sps",
     )
 
   def _bucket(self, prompt_len: int, spec: engine.LoopSpec) -> int:

@@ -47,6 +47,7 @@ class LoopSpec:
   ngram_min: int
   draft_positions: int = 0  # the drafter's max_position_embeddings when below buffer_len, else 0 (no cap)
   cpu_kernels: bool = False  # few-row products through specjax.models.cpu_kernels (XLA:CPU, one device)
+  lookup_drafts: bool = False  # "sps": prompt lookup's drafts where an n-gram matches, the drafter's after
 
 
 @flax.struct.dataclass
@@ -249,8 +250,13 @@ class DraftModel:
     return jnp.zeros(q_BW.shape[:-1] + (self.vocab_size,), q_BW.dtype).at[..., self.ids_W].set(q_BW)
 
 
-def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, gamma_B):
-  """Drafts up to max(gamma_B) tokens with the drafter; returns (drafts_BG, q_BGV or None, cache, steps)."""
+def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, gamma_B, lookup=None):
+  """Drafts up to max(gamma_B) tokens with the drafter; returns (drafts_BG, q_BGV or None, cache, steps).
+
+  lookup: (drafts_BG, available_B) of prompt lookup, or None. Draft i < available_B is lookup's
+  (q one-hot: a deterministic proposal), the rest the drafter's; the drafter reads whichever
+  was chosen, so its cache holds the drafts verification sees. Which proposal is used depends
+  only on committed tokens, so verification stays exact (greedy and sampled)."""
   B, G, L_B = s.lengths_B.shape[0], spec.gamma, s.lengths_B
   # Catch-up and first draft in one two-token chunk at positions L-2, L-1: after a fully
   # accepted round the drafter has not seen the last draft; otherwise the first token rewrites
@@ -265,7 +271,15 @@ def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, 
   def choose(logits_BW, i):
     keys_B = smp.row_keys(x.seed, x.row_ids_B, L_B + i, smp.TAG_DRAFT)
     index_B, q_BW = smp.choose_tokens(logits_BW, keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
-    return drafter.tokens(index_B), drafter.full_probs(q_BW)
+    d_B, q_BV = drafter.tokens(index_B), drafter.full_probs(q_BW)
+    if lookup is None:
+      return d_B, q_BV
+    looked_B = jax.lax.dynamic_index_in_dim(lookup[0], i, axis=1, keepdims=False)
+    use_B = i < lookup[1]
+    d_B = jnp.where(use_B, looked_B, d_B)
+    if q_BV is not None:
+      q_BV = jnp.where(use_B[:, None], jax.nn.one_hot(d_B, q_BV.shape[-1], dtype=q_BV.dtype), q_BV)
+    return d_B, q_BV
 
   d_B, q_BV = choose(logits_BW, 0)
   drafts_BG = jnp.zeros((B, G), jnp.int32).at[:, 0].set(d_B)
@@ -378,7 +392,8 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
     room_B = jnp.minimum(room_B, spec.draft_positions + 1 - L_B)
   gamma_B = jnp.clip(schedule_B, 0, jnp.maximum(room_B, 0))
   if spec.method == "sps":
-    drafts_BG, q_BGV, dcache, steps = _draft_with_model(s, x, spec, drafter, gamma_B)
+    lookup = _draft_prompt_lookup(s, spec, gamma_B) if spec.lookup_drafts else None
+    drafts_BG, q_BGV, dcache, steps = _draft_with_model(s, x, spec, drafter, gamma_B, lookup)
     s = s.replace(drafter_cache=dcache, drafter_calls=s.drafter_calls + steps)
   else:
     drafts_BG, gamma_B = _draft_prompt_lookup(s, spec, gamma_B)

@@ -395,6 +395,7 @@ def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> 
     batch_size=1,
     eos_id=stop_ids(target.config, tokenizer),
     prompt_bucket=config.prompt_bucket,
+    lookup_drafts=config.lookup_drafts,
   )
   sampled_questions = first_per_category(questions, config.sampled_prompts_per_language)
 
@@ -434,7 +435,13 @@ def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> 
   notes = [
     f"Corpus: {_shown_path(data_dir)} (training split for every model, {len(questions)} held-out prompts for evaluation); "
     f"languages {', '.join(langs)}; template {config.template}; γ={config.gamma}; "
-    f"max_new_tokens={config.max_new_tokens}; batch size 1.",
+    f"max_new_tokens={config.max_new_tokens}; batch size 1."
+    + (
+      " Drafter runs (general, specialized, routed) take prompt lookup's drafts first where an n-gram"
+      " matches, the drafter's after them (lookup_drafts); the prompt-lookup row is lookup alone."
+      if config.lookup_drafts
+      else ""
+    ),
     f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
     f"{jax.devices()[0].platform}; pipeline time {elapsed / 60:.1f} min (stages resumed from earlier runs "
     "are not counted).",
@@ -573,6 +580,7 @@ def _summary(config, records, target, drafters, seconds) -> dict:
       for name, d in drafters.items()
     },
     "gamma": config.gamma,
+    "lookup_drafts": config.lookup_drafts,
     "max_new_tokens": config.max_new_tokens,
     "seconds": seconds,
   }

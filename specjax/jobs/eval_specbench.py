@@ -322,6 +322,8 @@ def _load(config, paths: dict, drafter_paths: dict[str, str], mesh):
 def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[str]:
   """What the report needs to be reproduced: the command line and the settings behind it."""
   gamma = f"γ={config.gamma}" + (f" (dynamic, start {config.gamma_start})" if config.dynamic_gamma else "")
+  if config.get("lookup_drafts"):
+    gamma += ", drafter runs take prompt lookup's drafts first where an n-gram matches (lookup_drafts)"
   drafters = ", ".join(f"{name} = {path}" for name, path in drafter_paths.items()) or "none"
   return [
     f"Command: `python -m specjax.main {' '.join(sys.argv[1:])}`",
