@@ -5,9 +5,8 @@
 // row to Eigen's matrix-vector path and more to a GEMM that reads the weights at about two
 // thirds of the one-row rate. The product kernels stream each weight matrix once per 8 rows,
 // contiguously and prefetched ahead, so verifying γ+1 <= 8 tokens reads the same bytes as one
-// decode step. Attention's
-// two small dots per layer cost XLA more in dispatch than in bytes; the attention kernel reads
-// only the cache slots each query sees.
+// decode step. Attention's two small dots per layer cost XLA more in dispatch than in bytes;
+// the attention kernel reads only the cache slots each query sees.
 //
 // The product kernels sum every output element in an order that depends only on the weight's
 // shape and the thread count, and the attention kernel computes each query row alone, never
@@ -26,6 +25,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -50,8 +50,28 @@ int64_t Boundary(int64_t n, int64_t parts, int64_t part, int64_t align) {
 // How many rows of w ahead of those being read each step asks the cache for. The hardware
 // prefetcher alone leaves a few-row product waiting on memory between its FMAs: with it, the
 // 135M target's 210 layer products over 4 rows took 18.2 ms instead of 20.3, over 8 rows 20.4
-// instead of 34.1, and the tied output layer over 4 rows 2.3 instead of 5.0 (in cache).
+// instead of 34.1, and the tied output layer over 4 rows 2.3 instead of 5.0 (in cache). A
+// prefetch is a hint: one past the matrix's last row reads nothing and cannot fault.
 constexpr int64_t kPrefetchRows = 8;
+
+// Calls f(std::integral_constant<int, mb>{}, m0) for each block of mb <= 8 of the M rows, m0
+// its first row: the block size is a template argument, so a kernel's accumulators stay in
+// registers. Each row's sums are the same in any block.
+template <typename F>
+void ForRowBlocks(int64_t M, F f) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: f(std::integral_constant<int, 1>{}, m0); break;
+      case 2: f(std::integral_constant<int, 2>{}, m0); break;
+      case 3: f(std::integral_constant<int, 3>{}, m0); break;
+      case 4: f(std::integral_constant<int, 4>{}, m0); break;
+      case 5: f(std::integral_constant<int, 5>{}, m0); break;
+      case 6: f(std::integral_constant<int, 6>{}, m0); break;
+      case 7: f(std::integral_constant<int, 7>{}, m0); break;
+      default: f(std::integral_constant<int, 8>{}, m0); break;
+    }
+  }
+}
 
 // y[M, O] = x[:, i0:i1] @ w[i0:i1, :]. Eight rows of w at a time, walked along O in 16-float
 // vectors: the eight streams are contiguous, each vector of w is loaded once and multiplied
@@ -90,21 +110,9 @@ void AccumulateRowsM(const float* x, const float* w, float* y, int64_t I, int64_
 
 void AccumulateRows(const float* x, const float* w, float* y, int64_t M, int64_t I, int64_t O, int64_t i0,
                     int64_t i1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {  // blocks of 8 rows; each row's sums are the same in any block
-    const int64_t mb = std::min<int64_t>(8, M - m0);
-    const float* xb = x + m0 * I;
-    float* yb = y + m0 * O;
-    switch (mb) {
-      case 1: AccumulateRowsM<1>(xb, w, yb, I, O, i0, i1); break;
-      case 2: AccumulateRowsM<2>(xb, w, yb, I, O, i0, i1); break;
-      case 3: AccumulateRowsM<3>(xb, w, yb, I, O, i0, i1); break;
-      case 4: AccumulateRowsM<4>(xb, w, yb, I, O, i0, i1); break;
-      case 5: AccumulateRowsM<5>(xb, w, yb, I, O, i0, i1); break;
-      case 6: AccumulateRowsM<6>(xb, w, yb, I, O, i0, i1); break;
-      case 7: AccumulateRowsM<7>(xb, w, yb, I, O, i0, i1); break;
-      default: AccumulateRowsM<8>(xb, w, yb, I, O, i0, i1); break;
-    }
-  }
+  ForRowBlocks(M, [&](auto mb, int64_t m0) {
+    AccumulateRowsM<decltype(mb)::value>(x + m0 * I, w, y + m0 * O, I, O, i0, i1);
+  });
 }
 
 // Sixteen sums at once: lane t of the result is acc[kLaneOf[t]] summed over its 16 lanes, with
@@ -176,21 +184,7 @@ void DotRowsM(const float* x, const float* w, float* y, int64_t ldy, int64_t I, 
 }
 
 void DotRows(const float* x, const float* w, float* y, int64_t M, int64_t I, int64_t O, int64_t o0, int64_t o1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t mb = std::min<int64_t>(8, M - m0);
-    const float* xb = x + m0 * I;
-    float* yb = y + m0 * O;
-    switch (mb) {
-      case 1: DotRowsM<1>(xb, w, yb, O, I, o0, o1); break;
-      case 2: DotRowsM<2>(xb, w, yb, O, I, o0, o1); break;
-      case 3: DotRowsM<3>(xb, w, yb, O, I, o0, o1); break;
-      case 4: DotRowsM<4>(xb, w, yb, O, I, o0, o1); break;
-      case 5: DotRowsM<5>(xb, w, yb, O, I, o0, o1); break;
-      case 6: DotRowsM<6>(xb, w, yb, O, I, o0, o1); break;
-      case 7: DotRowsM<7>(xb, w, yb, O, I, o0, o1); break;
-      default: DotRowsM<8>(xb, w, yb, O, I, o0, o1); break;
-    }
-  }
+  ForRowBlocks(M, [&](auto mb, int64_t m0) { DotRowsM<decltype(mb)::value>(x + m0 * I, w, y + m0 * O, O, I, o0, o1); });
 }
 
 // Runs work(part) for part in [0, parts) on the caller and XLA's intra-op threads. A part is
