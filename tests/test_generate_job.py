@@ -314,6 +314,60 @@ def test_speculative_output_equals_plain_output(plain_run, tmp_path, method, dev
   assert m["method"] == method and m["proposed_drafts"] > 0 and m["hardware"]["device_count"] == devices
 
 
+def _generate_config(arg: str):
+  sys.path.insert(0, REPO)
+  try:
+    from configs import generate
+  finally:
+    sys.path.remove(REPO)
+  return generate.get_config(arg)
+
+
+def test_generate_is_the_harness_single_run_case(plain_run, tmp_path):
+  """The generate job and the evaluation harness decode through one multi-turn protocol
+  (specjax.decoding.conversations): the same run gives the same answers, turn by turn, from
+  both, though they batch the questions differently (generate in file order, the harness per
+  category): greedy plain decoding (the fixture's run) and sampled speculative decoding."""
+  from specjax.decoding.decoder import DecodingSettings
+  from specjax.eval.specbench import evaluate
+  from specjax.models.hf import load_model, target_tokenizer
+
+  assets = plain_run[0] / "local_assets"
+  args = [f"--config.target={assets}/target", f"--config.drafter={assets}/drafter"]
+  args += [f"--config.prompts={assets}/question.jsonl", "--config.top_k=0"]
+  proc = _cli(tmp_path, "--config", "configs/generate.py:runlocal,method=sps,temperature=1.0,seed=3", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "answers.jsonl", encoding="utf-8") as f:
+    sampled = [json.loads(line) for line in f]
+  questions = read_questions(str(assets / "question.jsonl"))
+  assert len({q["category"] for q in questions}) > 1  # the harness's batches differ from generate's
+  tokenizer = target_tokenizer(None, str(assets / "target"))
+  target, _ = load_model(str(assets / "target"), "float32")
+  drafter, _ = load_model(str(assets / "drafter"), "float32")
+  for arg, drafters, temperature, seed, expected in [
+    ("runlocal,method=ar", {}, 0.0, 0, plain_run[1]),
+    ("runlocal,method=sps,temperature=1.0,seed=3", {"de": drafter}, 1.0, 3, sampled),
+  ]:
+    config = _generate_config(arg)
+    _, answers = evaluate(
+      target,
+      tokenizer,
+      drafters,
+      questions,
+      runs=[(config.method, "de" if drafters else None)],
+      temperatures=(temperature,),
+      seeds=(seed,),
+      greedy_seeds=(seed,),
+      decoding=DecodingSettings.from_config(config),
+      template=config.template,
+      system_prompt=config.system_prompt,
+      progress=False,
+    )
+    harness = {(a["question_id"], turn): ids for a in answers for turn, ids in enumerate(a["choices"][0]["token_ids"])}
+    assert harness == {(a["question_id"], a["turn"]): a["token_ids"] for a in expected}, arg
+    assert sum(len(ids) for ids in harness.values()) > len(harness)  # answers, not empty turns
+
+
 def test_cli_reports_bad_prompt_line(tmp_path):
   bad = _write(tmp_path / "broken_question.jsonl", _question("a") + "\n" + _question("b") + "\n{not json\n")
   proc = _cli(tmp_path / "work", "--config", "configs/generate.py:runlocal", f"--config.prompts={bad}")

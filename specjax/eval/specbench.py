@@ -29,7 +29,8 @@ from specjax import console
 from specjax.data.parallel import LANGS
 from specjax.decoding import engine, metrics
 from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
-from specjax.decoding.prompts import apply_template, check_template, encode_prompt
+from specjax.decoding.conversations import Conversations, warm_up
+from specjax.decoding.prompts import check_template
 from specjax.errors import SpecjaxError
 from specjax.models.llama import Llama
 
@@ -77,12 +78,6 @@ def normalize_runs(runs: Sequence, drafter_names: Sequence[str]) -> list[Run]:
       temperatures = None if old is None or temperatures is None else tuple(dict.fromkeys(old + temperatures))
     out[key] = Run(method, drafter, temperatures)
   return list(out.values())
-
-
-def _accept_lengths(hist_H) -> list[int]:
-  """A row's accepted lengths (accepted drafts + 1) per verification round, from its histogram:
-  the same multiset Spec-Bench's answer files hold, in ascending order instead of decoding order."""
-  return [n + 1 for n, count in enumerate(hist_H) for _ in range(int(count))]
 
 
 def _answer_id(model_id: str, temperature: float, seed: int, question_id) -> str:
@@ -142,76 +137,46 @@ class _Evaluation:
       key: Decoder(target, drafters[key[1]] if key[1] else None, decoding, method=key[0], mesh=mesh)
       for key in dict.fromkeys(needed)
     }
-    self.compiled: set[tuple] = set()  # (decoder key, sampling?, prompt bucket)
+    self.compiled: set[tuple] = set()  # the programs warm_up compiled
     self.compile_s = 0.0
 
   def decoder_key(self, run: Run, question_index: int) -> tuple:
     return ("sps", self.routed[question_index]) if run.drafter == ROUTED else (run.method, run.drafter)
 
-  def warm_up(self, key: tuple, batches: list[list[list[int]]], names: list[str], temperature: float) -> None:
-    """Compiles the program each batch will run (its longest prompt's bucket) unless done."""
-    decoder = self.decoders[key]
-    start = time.perf_counter()
-    for prompts, name in zip(batches, names):
-      longest = max(prompts, key=len)
-      program = (key, temperature > 0, -(-len(longest) // decoder.prompt_bucket))
-      if program not in self.compiled:
-        self.compiled.add(program)
-        decoder.generate([longest], names=[name], temperature=temperature, max_new_tokens=1, eos_id=self.eos_id)
-    self.compile_s += time.perf_counter() - start
-
   def decode(self, run: Run, indices: list[int], temperature: float, seed: int) -> tuple[list, float, dict]:
     """Every turn of the questions at `indices` (turn t+1's prompt holds turn t's answer).
 
-    Returns (DecodeResults, seconds inside the generate calls, per question: the answer's turns).
+    Returns (DecodeResults, seconds inside the generate calls, per question: its TurnAnswers and
+    each one's share of its batch's seconds).
     """
-    turns = {i: [] for i in indices}  # per turn: (text, token ids, steps, wall seconds, accept lengths)
-    history = {i: [] for i in indices}
+    conversations = Conversations(self.questions, self.tokenizer, self.template, self.system_prompt)
+    turns = {i: [] for i in indices}  # per turn: (TurnAnswer, wall seconds)
     results, wall_s = [], 0.0
+    sampling = dict(temperature=temperature, seed=seed, eos_id=self.eos_id)
     for turn in range(max(len(self.questions[i]["turns"]) for i in indices)):
       groups: dict[tuple, list[int]] = {}
-      for i in indices:
-        if len(self.questions[i]["turns"]) > turn:
-          groups.setdefault(self.decoder_key(run, i), []).append(i)
+      for i in conversations.rows_with_turn(indices, turn):
+        groups.setdefault(self.decoder_key(run, i), []).append(i)
       for key, rows in groups.items():
-        prompts = [
-          encode_prompt(
-            self.tokenizer,
-            apply_template(
-              self.template, self.questions[i]["turns"][turn], history[i], self.system_prompt, self.tokenizer
-            ),
-          )
-          for i in rows
-        ]
-        names = [
-          f"{self.questions[i].get('source', '?')} (question {self.questions[i]['question_id']!r}, turn {turn + 1})"
-          for i in rows
-        ]
+        decoder = self.decoders[key]
+        prompts, names = conversations.prompts(rows, turn)
         starts = range(0, len(rows), self.batch_size)
-        self.warm_up(
-          key, [prompts[lo : lo + self.batch_size] for lo in starts], [names[lo] for lo in starts], temperature
+        self.compile_s += warm_up(
+          decoder,
+          [prompts[lo : lo + self.batch_size] for lo in starts],
+          [names[lo] for lo in starts],
+          self.compiled,
+          **sampling,
         )
         for lo in starts:
-          batch = rows[lo : lo + self.batch_size]
-          start = time.perf_counter()
-          result = self.decoders[key].generate(
-            prompts[lo : lo + len(batch)],
-            temperature=temperature,
-            seed=seed,
-            eos_id=self.eos_id,
-            row_ids=[i + turn * len(self.questions) for i in batch],
-            names=names[lo : lo + len(batch)],
+          batch = slice(lo, lo + self.batch_size)
+          result, answers, elapsed = conversations.decode(
+            decoder, rows[batch], turn, prompts[batch], names[batch], **sampling
           )
-          elapsed = time.perf_counter() - start
           wall_s += elapsed
           results.append(result)
-          for k, i in enumerate(batch):
-            tokens = [int(t) for t in result.new_tokens[k]]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            history[i].append((self.questions[i]["turns"][turn], text))
-            turns[i].append(
-              (text, tokens, int(result.steps[k]), elapsed / len(batch), _accept_lengths(result.accept_hist[k]))
-            )
+          for i, answer in zip(rows[batch], answers):
+            turns[i].append((answer, elapsed / len(answers)))
     return results, wall_s, turns
 
 
@@ -318,7 +283,7 @@ def evaluate(
     )
     for i in indices:
       q = questions[i]
-      texts, token_ids, steps, walls, accept_lengths = (list(column) for column in zip(*turns[i]))
+      answered = [answer for answer, _ in turns[i]]
       answer = {
         "question_id": q["question_id"],
         "category": category,
@@ -327,12 +292,12 @@ def evaluate(
         "choices": [
           {
             "index": 0,
-            "turns": texts,
-            "decoding_steps": steps,
-            "new_tokens": [len(t) for t in token_ids],
-            "wall_time": walls,
-            "accept_lengths": [n for turn in accept_lengths for n in turn],
-            "token_ids": token_ids,
+            "turns": [a.text for a in answered],
+            "decoding_steps": [a.steps for a in answered],
+            "new_tokens": [len(a.token_ids) for a in answered],
+            "wall_time": [wall for _, wall in turns[i]],
+            "accept_lengths": [n for a in answered for n in a.accept_lengths],
+            "token_ids": [a.token_ids for a in answered],
           }
         ],
         "tstamp": time.time(),

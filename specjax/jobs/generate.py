@@ -1,9 +1,12 @@
 """The `generate` job: Spec-Bench prompts through a target (and drafter), answers and metrics out.
 
-Spec-Bench's protocol, batched: each question's turns are rendered with the chat template, turn
-2's prompt holding turn 1 and the model's answer to it; all questions' turn t are decoded before
-turn t+1. One `Decoder` serves every call, so each prompt-length bucket compiles once, and a
-warm-up call per new bucket keeps compile time out of tokens/s (it is reported apart).
+Spec-Bench's multi-turn protocol is specjax.decoding.conversations', as in the evaluation harness
+(specjax.eval.specbench, which decodes through the same `Conversations`): this job is its
+single-run case, one method at one sampling setting over every question in file order, batched
+as given, with its answers flat per turn. All questions' turn t are decoded before turn t+1. One
+`Decoder` serves every call, so each prompt-length bucket compiles once, and a warm-up call per
+new program keeps compile time out of tokens/s (it is reported apart). Generation stops at the
+stop ids every decoding job uses (`stop_ids`: the checkpoint's EOS list and the tokenizer's).
 
 Nothing computed is thrown away: each finished batch's answers are appended to
 WORKDIR/answers.jsonl at once (flushed to disk), and the batch (answers, decode counters) to
@@ -18,8 +21,6 @@ models load, so an unwritable workdir fails in a second, not after decoding.
 from __future__ import annotations
 
 import json
-import math
-import time
 
 import jax
 from tqdm import tqdm
@@ -27,8 +28,9 @@ from tqdm import tqdm
 from specjax import console, fileio, journal
 from specjax.config_utils import workdir_path
 from specjax.decoding import engine, metrics
-from specjax.decoding.decoder import Decoder, DecodingSettings
-from specjax.decoding.prompts import apply_template, check_template, encode_prompt, read_prompt_files
+from specjax.decoding.conversations import Conversations, warm_up
+from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
+from specjax.decoding.prompts import check_template, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.jobs import local_assets
 from specjax.jobs.common import job_mesh, load_target_and_drafters
@@ -65,17 +67,6 @@ def _check_config(config, paths: dict[str, str | None]) -> None:
     raise SpecjaxError(f"config field `max_prompts`={config.max_prompts}: must be >= 0 (0 = all)")
 
 
-def _warm_up(decoder: Decoder, prompts: list[list[int]], names: list[str], sampling: dict, seen: set) -> float:
-  """Compiles the program of every prompt-length bucket not seen yet; returns the seconds spent."""
-  start = time.perf_counter()
-  for ids, name in zip(prompts, names):
-    bucket = math.ceil(len(ids) / decoder.prompt_bucket)
-    if bucket not in seen:
-      seen.add(bucket)
-      decoder.generate([ids], names=[name], max_new_tokens=1, **sampling)
-  return time.perf_counter() - start
-
-
 def run(config, workdir: str) -> dict:
   """Runs the job (resuming a killed run of the same command); returns the metrics that it
   writes to WORKDIR/metrics.json."""
@@ -101,7 +92,6 @@ def run(config, workdir: str) -> dict:
     )
 
   answers, results, categories = [], [], []
-  history = {i: [] for i in range(len(questions))}  # (user message, answer text) per earlier turn
   compile_s = sum(b["compile_s"] for b in progress.batches.values())
   decoder = tokenizer = None
   if todo:
@@ -114,8 +104,11 @@ def run(config, workdir: str) -> dict:
         ]
       )
     tokenizer, decoder = _load(config, paths)
+  conversations = Conversations(questions, tokenizer, config.template, config.system_prompt)
   sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed)
-  seen_buckets = set()
+  if decoder is not None:
+    sampling["eos_id"] = stop_ids(decoder.target_config, tokenizer)
+  compiled = set()
   bar = tqdm(
     total=sum(len(b["rows"]) for b in plan),
     initial=sum(len(b["rows"]) for b in plan if b not in todo),
@@ -125,42 +118,33 @@ def run(config, workdir: str) -> dict:
   )
   for turn in range(max(len(q["turns"]) for q in questions)):
     batches = [b for b in plan if b["turn"] == turn]
-    active = [i for b in batches for i in b["rows"]]
-    prompts = names = None
+    warm = 0.0
+    if any((turn, b["lo"]) not in progress.batches for b in batches):
+      # Every prompt of the turn, rendered before any of its answers is recorded; b["lo"] indexes them.
+      prompts, names = conversations.prompts([i for b in batches for i in b["rows"]], turn)
+      if config.warmup:  # the program of every batch of the turn, as an uninterrupted run compiles them
+        starts = [b["lo"] for b in batches]
+        warm = warm_up(
+          decoder,
+          [prompts[lo : lo + config.batch_size] for lo in starts],
+          [names[lo] for lo in starts],
+          compiled,
+          **sampling,
+        )
+        compile_s += warm
     for b in batches:
       done = progress.batches.get((turn, b["lo"]))
       if done is None:
-        if prompts is None:  # this turn's prompts, from the earlier turns' answers (decoded or resumed)
-          texts = [
-            apply_template(config.template, questions[i]["turns"][turn], history[i], config.system_prompt, tokenizer)
-            for i in active
-          ]
-          prompts = [encode_prompt(tokenizer, text) for text in texts]
-          names = [
-            f"{questions[i]['source']} (question {questions[i]['question_id']!r}, turn {turn + 1})" for i in active
-          ]
-          if config.warmup:  # every bucket of the turn, as an uninterrupted run compiles them
-            compile_s += (warm := _warm_up(decoder, prompts, names, sampling, seen_buckets))
-          else:
-            warm = 0.0
-        done = _decode_batch(
-          decoder,
-          tokenizer,
-          questions,
-          b,
-          prompts[b["lo"] : b["lo"] + len(b["rows"])],
-          names[b["lo"] : b["lo"] + len(b["rows"])],
-          sampling,
-          warm,
-        )
-        warm = 0.0
+        rows = slice(b["lo"], b["lo"] + len(b["rows"]))
+        done = _decode_batch(decoder, conversations, questions, b, prompts[rows], names[rows], sampling, warm)
+        warm = 0.0  # the turn's compile time is journaled with its first decoded batch
         progress.append(done)
         bar.update(len(b["rows"]))
+      else:
+        conversations.record(b["rows"], turn, [answer["text"] for answer in done["answers"]])
       results.append(done["result"])
       categories.append([questions[i]["category"] for i in b["rows"]])
-      for i, answer in zip(b["rows"], done["answers"]):
-        history[i].append((questions[i]["turns"][turn], answer["text"]))
-        answers.append(answer)
+      answers += done["answers"]
   bar.close()
 
   order = {q["question_id"]: i for i, q in enumerate(questions)}
@@ -224,28 +208,24 @@ def _plan(questions: list[dict], batch_size: int) -> list[dict]:
   return plan
 
 
-def _decode_batch(decoder, tokenizer, questions, batch, prompts, names, sampling, compile_s) -> dict:
+def _decode_batch(decoder, conversations, questions, batch, prompts, names, sampling, compile_s) -> dict:
   turn, rows = batch["turn"], batch["rows"]
-  n = len(questions)
-  result = decoder.generate(prompts, names=names, row_ids=[i + turn * n for i in rows], **sampling)
-  answers = []
-  for k, (i, tau) in enumerate(zip(rows, metrics.row_tau(result))):
-    tokens = result.new_tokens[k]
-    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    answers.append(
-      {
-        "question_id": questions[i]["question_id"],
-        "category": questions[i]["category"],
-        "turn": turn,
-        "text": text,
-        "token_ids": [int(t) for t in tokens],
-        "new_tokens": len(tokens),
-        "steps": int(result.steps[k]),
-        "accepted": int(result.accepted[k]),
-        "tau": tau,
-        "wall_s": result.wall_s,
-      }
-    )
+  result, turn_answers, _ = conversations.decode(decoder, rows, turn, prompts, names, **sampling)
+  answers = [
+    {
+      "question_id": questions[i]["question_id"],
+      "category": questions[i]["category"],
+      "turn": turn,
+      "text": a.text,
+      "token_ids": a.token_ids,
+      "new_tokens": len(a.token_ids),
+      "steps": a.steps,
+      "accepted": a.accepted,
+      "tau": a.tau,
+      "wall_s": result.wall_s,
+    }
+    for i, a in zip(rows, turn_answers)
+  ]
   return {
     "turn": turn,
     "lo": batch["lo"],
