@@ -44,8 +44,18 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from specjax import sharding as shd
+from specjax.decoding import engine
+from specjax.decoding import sampling as smp
+from specjax.decoding.decoder import Decoder, DecodingSettings
+from specjax.decoding.engine import METHODS
+from specjax.decoding.sampling import SamplingMode
 from specjax.errors import SpecjaxError
-from specjax.models.config import PRESETS, LlamaConfig, get_preset
+from specjax.models.config import DTYPES, PRESETS, LlamaConfig, get_preset
+from specjax.models.llama import abstract_model
+from specjax.train import step as train_step
+from specjax.train.defaults import trainer_config
+from specjax.train.losses import LOSSES
+from specjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
 
@@ -227,7 +237,6 @@ def resolve_model(flag: str, value: str) -> LlamaConfig:
 
 def _abstract_params(config: LlamaConfig):
   """(graphdef, params as ShapeDtypeStructs): the model's structure, no memory."""
-  from specjax.models.llama import abstract_model
 
   graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
   if jax.tree.leaves(rest):
@@ -301,9 +310,6 @@ def _compile(name: str, lowered_fn, capacity: int | None) -> ProgramReport:
 
 def train_program(args, mesh, target_cfg: LlamaConfig, drafter_cfg: LlamaConfig) -> ProgramReport:
   """The trainer's jitted step: float32 drafter and Adam state by the rules table, state donated."""
-  from specjax.train import step as train_step
-  from specjax.train.defaults import trainer_config
-  from specjax.train.optimizer import make_optimizer
 
   graphdef, params = _abstract_params(drafter_cfg.replace(dtype=args.dtype, param_dtype="float32"))
   tx, schedule = make_optimizer(trainer_config("pretrain"), total_steps=1000)
@@ -346,9 +352,6 @@ def _decode_setup(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg:
   """The Decoder the generate job builds, over abstract models placed as the job places them
   (target by the rules table, drafter replicated or sharded), for one call of `batch` prompts
   of `prompt_len` tokens: its `lower` is exactly the program such a call runs."""
-  from specjax.decoding.decoder import Decoder, DecodingSettings
-  from specjax.decoding.sampling import SamplingMode
-  from specjax.models.llama import abstract_model
 
   mode = SamplingMode(greedy=True) if args.sampling == "greedy" else SamplingMode(False, True, True)
   target_cfg = target_cfg.replace(dtype=args.dtype, param_dtype=args.dtype)
@@ -508,8 +511,6 @@ def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: Llam
   """One round of the decoding loop compiled alone (state donated, as the loop's carry is
   updated in place), with the decode program's shardings: XLA's bytes accessed per device
   against the bytes its weights and KV caches need, and the tokens/s that implies per chip."""
-  from specjax.decoding import engine
-  from specjax.decoding import sampling as smp
 
   d = _decode_setup(args, mesh, method, target_cfg, drafter_cfg)
   spec, G = d.spec, d.spec.gamma
@@ -702,9 +703,6 @@ def _parse_mesh(value: str) -> tuple[int, ...]:
 
 
 def _check_args(args) -> None:
-  from specjax.decoding.engine import METHODS
-  from specjax.models.config import DTYPES
-  from specjax.train.losses import LOSSES
 
   args.what = [w.strip() for w in args.what.split(",") if w.strip()]
   if getattr(args, "roofline", False) and "roofline" not in args.what:

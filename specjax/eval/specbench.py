@@ -32,6 +32,7 @@ from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
 from specjax.decoding.conversations import Conversations, warm_up
 from specjax.decoding.prompts import check_template
 from specjax.errors import SpecjaxError
+from specjax.eval.routing import language_of_category, route
 from specjax.models.llama import Llama
 
 DRAFTER_NAMES = ("general",) + LANGS  # what a drafter may be called: its language, or general
@@ -116,8 +117,6 @@ class _Evaluation:
     self.batch_size = decoding.batch_size
     self.routed: dict[int, str] = {}
     if any(run.drafter == ROUTED for run in runs):
-      from specjax.eval.routing import route
-
       for i, q in enumerate(questions):
         name = route(q, available=list(drafters))
         if name not in drafters:
@@ -217,7 +216,6 @@ def evaluate(
   they are, not decoded (target and drafters may be None when every unit is done). on_unit: called
   with each unit decoded here ({"key", "record", "answers", "compile_s"}), e.g. to journal it.
   """
-  from specjax.eval.routing import language_of_category
 
   decoding = (decoding or DecodingSettings()).replace(**decoding_fields)
   runs = normalize_runs(runs, list(drafters))

@@ -30,14 +30,27 @@ import platform
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs, translation_message
+from specjax.data.selfdistill import read_records
 from specjax.decoding.decoder import stop_ids
 from specjax.errors import SpecjaxError
+from specjax.eval import report, specbench
+from specjax.eval.report import speedups
+from specjax.jobs import distill_data
+from specjax.jobs import train as train_job
+from specjax.jobs.local_assets import TEMPLATE_TEXT
 from specjax.models.config import LlamaConfig
+from specjax.models.derive import drafter_from_target
+from specjax.models.draft_vocab import choose_token_ids, coverage_of, draft_token_ids, save_draft_vocab
+from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
+from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
 from specjax.train.acceptance import first_per_category
+from specjax.train.defaults import trainer_config
+from specjax.train.writers import read_metrics
 
 
 def _model_config(fields) -> LlamaConfig:
@@ -67,7 +80,6 @@ def _stage(name: str, path: str, fn):
 
 
 def _trainer_config(config, job: str, **fields):
-  from specjax.train.defaults import trainer_config
 
   c = trainer_config(job)
   c.update(
@@ -93,7 +105,6 @@ def _trainer_config(config, job: str, **fields):
 
 def _distill_config(config, lang: str, target_dir: str, data_dir: str):
   """configs/distill_data.py's fields for one language of the demo."""
-  import ml_collections
 
   return ml_collections.ConfigDict(
     dict(
@@ -147,9 +158,6 @@ def _heldout_questions(config, data_dir: str) -> list[dict]:
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns the evaluation records and the report's path."""
-  from specjax.models.hf import load_tokenizer
-  from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
-  from specjax.jobs import train as train_job
 
   if jax.process_count() > 1:
     raise SpecjaxError("the demo runs in one process (its models are small); drop SPECJAX_DISTRIBUTED")
@@ -176,7 +184,6 @@ def run(config, workdir: str) -> dict:
     for lang in langs:
       for x, en in load_pairs(data_dir, lang, "train"):
         texts += [x, en]
-    from specjax.jobs.local_assets import TEMPLATE_TEXT
 
     tok = train_tokenizer([TEMPLATE_TEXT] + texts, config.vocab_size, path("tokenizer"))
     return {"vocab_size": len(tok)}
@@ -208,7 +215,6 @@ def run(config, workdir: str) -> dict:
   target_dir = path("target_train", "drafter")
 
   # 3. Self-distillation data, one distill_data workdir per language.
-  from specjax.jobs import distill_data
 
   for lang in langs:
 
@@ -283,10 +289,6 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
   """Stages 1-5 for a real checkpoint: import it, distil, choose each language's vocabulary,
   build the general drafter from the target's own embeddings and lowest layers, pretrain it on the
   corpus's text, finetune one per language on the target's outputs."""
-  from specjax.jobs import distill_data
-  from specjax.models.derive import drafter_from_target
-  from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
-  from specjax.jobs import train as train_job
 
   target_dir = path("target")
 
@@ -354,9 +356,6 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
 def _choose_vocabularies(config, langs, path, target_dir) -> dict:
   """Each language's reduced vocabulary from the target's responses in it; the general drafter's
   from all of them. Returns each one's size and how much of its responses it covers."""
-  from specjax.data.selfdistill import read_records
-  from specjax.models.config import LlamaConfig
-  from specjax.models.draft_vocab import choose_token_ids, coverage_of, save_draft_vocab
 
   target_config = LlamaConfig.from_hf_json(os.path.join(target_dir, "config.json"))
   stops = target_config.stop_token_ids
@@ -381,8 +380,6 @@ def _choose_vocabularies(config, langs, path, target_dir) -> dict:
 
 def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> dict:
   """Stage 6: every method on the held-out prompts at T=0 and T=1, the report and summary.json."""
-  from specjax.eval import report, specbench
-  from specjax.models.hf import load_model, load_tokenizer
 
   tokenizer = load_tokenizer(target_dir)
   questions = _heldout_questions(config, data_dir)
@@ -485,9 +482,6 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   """The paper's ablations at demo scale, on one language: τ against finetuning tokens (log x,
   fitted line; P+F runs of increasing length), pretrain+finetune against finetune only (same
   steps from random weights), and speedup and τ against γ. Returns write_report's ablations."""
-  from specjax.eval import specbench
-  from specjax.jobs import train as train_job
-  from specjax.train.writers import read_metrics
 
   def tau_and_tokens(run_dir):
     records = read_metrics(run_dir)
@@ -517,7 +511,6 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
   ]
 
   own = [q for q in questions if q["category"] == f"{lang}en"]
-  from specjax.eval.report import speedups
 
   gamma_points = []
   for gamma in config.ablation_gammas:
@@ -559,8 +552,6 @@ def _ablations(config, lang, path, finetune_config, target, tokenizer, drafters,
 def _summary(config, records, target, drafters, seconds) -> dict:
   """report/summary.json: per temperature, method and language, speedup over plain decoding and τ.
   Methods: plain, pld, general, specialized (each language's own drafter), routed (auto)."""
-  from specjax.eval.report import speedups
-  from specjax.models.draft_vocab import draft_token_ids
 
   def method_of(r):
     if r["method"] != "sps":

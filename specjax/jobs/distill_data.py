@@ -29,9 +29,13 @@ from specjax import console
 from specjax.config_utils import workdir_path
 from specjax.data.parallel import LANGS, LANGUAGE_NAMES, load_pairs, translation_message
 from specjax.data.selfdistill import FIELDS, OPTIONAL_FIELDS, read_shard, shard_name
+from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
 from specjax.decoding.prompts import apply_template, check_template, encode_prompt
 from specjax.errors import SpecjaxError
 from specjax.jobs import local_assets
+from specjax.jobs.common import job_mesh, load_target_and_drafters
+from specjax.models.hf import check_checkpoint, load_tokenizer
+from specjax.validate import DISTILL_DEFAULT_DATA_DIR
 
 # The settings that decide every record's bytes: a restart with other values would mix outputs.
 ECHO = (
@@ -80,7 +84,6 @@ def _sources(config, data_dir: str) -> list[str]:
   """Training sentences in the source language; runlocal without the shared data folder (its
   default data_dir) falls back to local_assets' sentences, so a smoke run works on a fresh
   machine. Any other data_dir must exist (specjax.validate checks it first)."""
-  from specjax.validate import DISTILL_DEFAULT_DATA_DIR
 
   lang = config.tgt if config.src == "en" else config.src
   limit = config.num_sources or None
@@ -258,7 +261,6 @@ def run(config, workdir: str) -> dict:
 
 def _load_tokenizer(config, target: str, workdir: str):
   """The target's tokenizer (or config field `tokenizer`'s); runlocal builds its checkpoint first."""
-  from specjax.models.hf import check_checkpoint, load_tokenizer
 
   if config.local_assets and not target.startswith("preset:"):
     local_assets.ensure_checkpoints([(target, "tiny")])
@@ -277,8 +279,6 @@ def _load_tokenizer(config, target: str, workdir: str):
 
 def _generate(config, target, tokenizer, shards, todo, paths, done, writer, write_manifest) -> None:
   """Loads the target and fills the shards in `todo`, writing each as soon as it is complete."""
-  from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
-  from specjax.jobs.common import job_mesh, load_target_and_drafters
 
   mesh = job_mesh(config)
   _, model, model_config, _ = load_target_and_drafters(config, target, {}, mesh, with_tokenizer=False)

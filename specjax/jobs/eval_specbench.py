@@ -28,6 +28,7 @@ from specjax.decoding import engine
 from specjax.decoding.decoder import DecodingSettings
 from specjax.decoding.prompts import check_template, read_prompt_files
 from specjax.errors import SpecjaxError
+from specjax.eval import report
 from specjax.eval.specbench import (
   DRAFTER_NAMES,
   ROUTED,
@@ -42,6 +43,7 @@ from specjax.jobs import local_assets
 from specjax.jobs.common import job_mesh, load_target_and_drafters
 from specjax.jobs.local_assets import LOCAL_PRESETS
 from specjax.models.hf import check_checkpoint
+from specjax.train.acceptance import first_per_category
 
 # Fields that change no answer; every other field must match the journal's to resume.
 NOT_ECHOED = ("compilation_cache", "references")
@@ -131,7 +133,6 @@ def _check_config(config, paths: dict, drafter_paths: dict[str, str]) -> None:
 
 def _select_questions(questions: list[dict], per_category: int) -> list[dict]:
   """The first `per_category` questions of each category (0 = all), in file order."""
-  from specjax.train.acceptance import first_per_category
 
   return first_per_category(questions, per_category)
 
@@ -336,7 +337,6 @@ def _notes(config, drafter_paths: dict[str, str], num_questions: int) -> list[st
 
 
 def _write(workdir: str, files: dict[str, list[dict]], out: dict, title: str, notes: list[str]) -> None:
-  from specjax.eval import report
 
   answers_dir = fileio.join(workdir, "answers")
   fileio.makedirs(answers_dir, exist_ok=True)

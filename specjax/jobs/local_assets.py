@@ -12,7 +12,9 @@ import os
 
 import jax
 
+from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs
 from specjax.errors import SpecjaxError
+from specjax.models.hf import load_tokenizer
 from specjax.models.tokenizer_utils import make_random_checkpoint, train_tokenizer
 
 # The presets of the checkpoints that runlocal configs build, per role.
@@ -81,8 +83,6 @@ def ensure_checkpoints(paths_and_presets: list[tuple[str, str]], vocab_size: int
   if all(exists):
     return
   if any(exists):  # a checkpoint built earlier fixes the token ids
-    from specjax.models.hf import load_tokenizer
-
     tokenizer = load_tokenizer(paths_and_presets[exists.index(True)][0])
   else:
     tokenizer = train_tokenizer([TEMPLATE_TEXT] + [text for _, _, text in SENTENCES], vocab_size)
@@ -94,7 +94,6 @@ def ensure_checkpoints(paths_and_presets: list[tuple[str, str]], vocab_size: int
 def corpus_texts() -> list[str]:
   """Both sides of the embedded corpus's training split (specjax/assets/corpus), and the
   templates' fixed text: what a tokenizer for runlocal training and the demo is trained on."""
-  from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs
 
   texts = [TEMPLATE_TEXT]
   for lang in LANGS:
@@ -106,7 +105,6 @@ def corpus_texts() -> list[str]:
 def ensure_corpus_tokenizer(out_dir: str, vocab_size: int = 2048):
   """A byte-level BPE trained on the embedded corpus, saved at out_dir (kept when present)."""
   _single_process()
-  from specjax.models.hf import load_tokenizer
 
   if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
     return load_tokenizer(out_dir)

@@ -31,7 +31,9 @@ from specjax import console, fileio
 from specjax import sharding as shd
 from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
-from specjax.models.config import PRESETS
+from specjax.data.selfdistill import read_records
+from specjax.jobs import local_assets
+from specjax.models.config import PRESETS, LlamaConfig
 from specjax.models.draft_vocab import DRAFT_VOCAB_FILE, choose_token_ids, load_draft_vocab, save_draft_vocab
 from specjax.models.hf import check_checkpoint, load_model, load_tokenizer, save_hf_checkpoint
 from specjax.models.llama import init_model
@@ -90,8 +92,6 @@ def _drafter_config(config, paths, vocab_size: int):
       raise SpecjaxError(f"config field `drafter`={spec!r}: unknown preset; known: {', '.join(PRESETS)}")
     return PRESETS[name].replace(vocab_size=vocab_size), None
   if spec.startswith("run:"):
-    from specjax.models.config import LlamaConfig
-
     exported = fileio.join(spec[4:], "drafter", "config.json")
     run_config = fileio.join(spec[4:], "drafter_config.json")
     for path in (run_config, exported):
@@ -142,8 +142,6 @@ def _draft_vocab(config, workdir, paths, vocab_size: int, tokenizer) -> np.ndarr
   elif fileio.exists(fileio.join(spec, DRAFT_VOCAB_FILE)):
     ids = load_draft_vocab(spec)
   elif os.path.isdir(spec):
-    from specjax.data.selfdistill import read_records
-
     stops = [t for t in (tokenizer.eos_token_id,) if t is not None]
     ids = choose_token_ids(
       (r["response_token_ids"] for r in read_records(spec)), vocab_size, config.draft_vocab_coverage, always=stops
@@ -181,8 +179,6 @@ def run(config, workdir: str) -> dict:
   settings = TrainerSettings.from_config(config)  # checked: a mistake in a field fails here
   paths = {f: workdir_path(config, f, workdir) for f in ("drafter", "target", "tokenizer")}
   if config.get("local_assets"):
-    from specjax.jobs import local_assets
-
     local_assets.ensure_corpus_checkpoints(paths["target"])
   tokenizer_dir = paths["tokenizer"] or paths["target"]
   if not tokenizer_dir or tokenizer_dir.startswith("preset:"):

@@ -14,6 +14,8 @@ from typing import Sequence
 
 from specjax.errors import SpecjaxError
 from specjax.models.config import DTYPES
+from specjax.models.gguf import load_gguf_checkpoint, load_gguf_tokenizer
+from specjax.models.hf import save_hf_checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,8 +33,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def convert(src: str, dst: str, dtype: str = "float32") -> None:
   """Writes the Hugging Face directory `dst` from the GGUF file `src`."""
-  from specjax.models.gguf import load_gguf_checkpoint, load_gguf_tokenizer
-  from specjax.models.hf import save_hf_checkpoint
 
   model, config = load_gguf_checkpoint(src, dtype=dtype)
   tokenizer = load_gguf_tokenizer(src)

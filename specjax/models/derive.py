@@ -18,13 +18,13 @@ import sys
 from flax import nnx
 
 from specjax.errors import SpecjaxError
+from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
+from specjax.models.llama import init_model
 
 
 def drafter_from_target(target: str, layers: tuple[int, ...], out_dir: str, dtype: str = "float32") -> None:
   """Writes a Hugging Face checkpoint of the drafter (target's tokenizer beside it) to out_dir.
   target: a checkpoint directory, a .gguf file or an alias load_model knows (smollm2)."""
-  from specjax.models.hf import load_model, load_tokenizer, save_hf_checkpoint
-  from specjax.models.llama import init_model
 
   model, config = load_model(target, dtype)
   if not layers or min(layers) < 0 or max(layers) >= config.num_layers:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from specjax import fileio
 from specjax.errors import SpecjaxError
 
 DRAFT_VOCAB_FILE = "draft_vocab.json"
@@ -102,7 +103,6 @@ def draft_token_ids(model) -> np.ndarray | None:
 
 def save_draft_vocab(path: str, token_ids: np.ndarray, info: dict | None = None) -> None:
   """Writes draft_vocab.json (and token_map.pt when torch is installed) into directory `path`."""
-  from specjax import fileio
 
   fileio.makedirs(path, exist_ok=True)
   record = {"token_ids": [int(t) for t in token_ids], "size": int(len(token_ids)), **(info or {})}
@@ -118,7 +118,6 @@ def save_draft_vocab(path: str, token_ids: np.ndarray, info: dict | None = None)
 
 def load_draft_vocab(path: str) -> np.ndarray | None:
   """The token ids in directory `path`'s draft_vocab.json, None when it has none."""
-  from specjax import fileio
 
   file = fileio.join(path, DRAFT_VOCAB_FILE)
   if not fileio.exists(file):

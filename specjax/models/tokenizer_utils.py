@@ -12,6 +12,8 @@ from typing import Iterable
 
 from specjax.errors import SpecjaxError
 from specjax.models.config import LlamaConfig, get_preset
+from specjax.models.hf import save_hf_checkpoint
+from specjax.models.llama import init_model
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama's tokenizer
 
@@ -72,8 +74,6 @@ def make_random_checkpoint(
   otherwise one is trained on `texts` with at most `vocab_size` tokens.
   Returns the written model's config.
   """
-  from specjax.models.hf import save_hf_checkpoint
-  from specjax.models.llama import init_model
 
   if tokenizer is None:
     if texts is None:

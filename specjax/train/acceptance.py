@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from specjax.config_utils import workdir_path
 from specjax.decoding import metrics
+from specjax.data.parallel import load_pairs, translation_message
 from specjax.decoding.decoder import Decoder, stop_ids
 from specjax.models.draft_vocab import set_draft_vocab
 from specjax.decoding.prompts import apply_template, encode_prompt, read_prompt_files
@@ -29,7 +30,6 @@ def heldout_questions(config, workdir: str) -> list[dict]:
   spec = acceptance.prompts
   if not spec.startswith("heldout:"):
     return read_prompt_files(spec.replace("{workdir}", workdir))
-  from specjax.data.parallel import load_pairs, translation_message
 
   langs = [lang.strip() for lang in spec.split(":", 1)[1].split(",") if lang.strip()]
   if not langs:

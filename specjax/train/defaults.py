@@ -12,6 +12,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from specjax.data.parallel import EMBEDDED_CORPUS
 from specjax.train.settings import TrainerSettings
 
 
@@ -34,7 +35,6 @@ def trainer_config(job: str) -> ml_collections.ConfigDict:
 def shrink_for_cpu(c: ml_collections.ConfigDict, *, steps: int) -> None:
   """runlocal: the embedded corpus, a random tiny target built into the workdir, a tiny drafter;
   about a minute on a CPU."""
-  from specjax.data.parallel import EMBEDDED_CORPUS
 
   c.local_assets = True
   c.data_dir = EMBEDDED_CORPUS
