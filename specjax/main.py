@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from specjax import console
+from specjax import console, validate  # validate: no JAX behind it, so bad configs fail in a second
 from specjax.errors import SpecjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -84,7 +84,6 @@ def _load_config(spec: str):
 def _bad_override(argv) -> SpecjaxError | None:
   """The SpecjaxError for a `--config.FIELD` in argv that names no field of the config (with a
   did-you-mean), or None when every override names one (or the config itself did not load)."""
-  from specjax import validate
 
   spec = _config_arg(argv)
   if not spec:
@@ -121,7 +120,6 @@ def _parse_flags(argv):
 def _check_aliases(argv) -> None:
   """A nested field and its old flat name (config.acceptance.gamma, acceptance_gamma) given
   different values on one command line: refused (specjax.validate.check_aliases)."""
-  from specjax import validate
 
   try:
     config = _CONFIG.value
@@ -140,7 +138,6 @@ def run_job(config, workdir: str):
   job = config.get("job")
   if job not in JOBS:
     raise SpecjaxError(f"config field `job`={job!r}: unknown job; available: {', '.join(JOBS)}")
-  from specjax import validate  # fields, paths and the workdir, before any job imports JAX
 
   validate.check_job(config, workdir)
   module, function = JOBS[job].split(":")

@@ -20,6 +20,7 @@ import os
 import uuid
 from typing import Any, Callable
 
+from specjax.config_utils import workdir_path
 from specjax.errors import SpecjaxError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -242,7 +243,6 @@ def _remote(path: str) -> bool:
 
 
 def check_paths(config, workdir: str) -> None:
-  from specjax.config_utils import workdir_path
 
   for field in PATHS.get(config.get("job"), ()):
     if field not in config or not config[field]:

@@ -38,7 +38,8 @@ import tensorflow as tf
 
 from specjax.data.features import BATCH_FEATURES
 from specjax.data.parallel import LANGS, SPLITS, load_pairs, translation_message
-from specjax.data.vocab import HFVocabulary
+from specjax.data.selfdistill import read_records
+from specjax.data.vocab import HFVocabulary, check_vocabulary_matches_target
 from specjax.decoding.prompts import apply_template
 from specjax.errors import SpecjaxError
 
@@ -264,7 +265,6 @@ def _check_generating_tokenizer(paths: list[str], vocab) -> None:
   """Refuses self-distillation data made by a target whose tokenizer is not `vocab`: its
   response ids would mean other tokens. The distill_data workdir's manifest.json names the
   target (and tokenizer) that generated the shards; data without a manifest is not checked."""
-  from specjax.data.vocab import check_vocabulary_matches_target
 
   for workdir in sorted({os.path.dirname(os.path.dirname(p)) for p in paths}):
     manifest = os.path.join(workdir, "manifest.json")
@@ -292,7 +292,6 @@ def _selfdistill_columns(paths: tuple[str, ...], src: str, tgt: str, eos_id: int
   The target's own ids are used, not the response re-tokenised: the drafter must learn the
   exact ids the target emits (re-tokenising can merge differently at the prompt boundary).
   """
-  from specjax.data.selfdistill import read_records
 
   prompts, ids, truncated = [], [], []
   for path in paths:

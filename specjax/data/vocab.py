@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from specjax import console
 from specjax.errors import SpecjaxError
+from specjax.models.hf import load_tokenizer
 
 console.hide_gpus_from_tensorflow(tf)  # every seqio part of specjax.data imports this module first
 
@@ -60,8 +61,6 @@ class HFVocabulary(seqio.Vocabulary):
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      from specjax.models.hf import load_tokenizer
-
       self._tokenizer = load_tokenizer(self._path)
     return self._tokenizer
 

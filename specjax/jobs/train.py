@@ -67,7 +67,7 @@ class _Preempted:
 
 
 def _register_data(config, workdir: str, tokenizer_dir: str) -> None:
-  from specjax.data import tasks
+  from specjax.data import tasks  # seqio and TensorFlow: imported only when data is read
 
   tasks.register_tasks(
     workdir_path(config, "data_dir", workdir),

@@ -53,7 +53,7 @@ def _check_nonempty(name: str, split: str, sequence_length: int, shard_info) -> 
   """An endless stream of an empty task hangs a mixture forever (it waits for the task's first
   example): check that every task of `name` yields one at this length before training."""
   import seqio
-  from specjax.data import tasks
+  from specjax.data import tasks  # seqio and TensorFlow: imported only when data is read
 
   provider = seqio.get_mixture_or_task(name)
   for task in getattr(provider, "tasks", [provider]):
@@ -73,7 +73,7 @@ class Batches:
 
   def __init__(self, config, name: str, split: str, mesh, start_step: int, *, num_epochs=None, shuffle=True):
     import seqio
-    from specjax.data import tasks
+    from specjax.data import tasks  # seqio and TensorFlow: imported only when data is read
 
     shards, num = _data_shards(config)
     self.per_shard = config.batch_size // num
