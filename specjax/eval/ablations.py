@@ -35,14 +35,13 @@ import statistics
 import sys
 from typing import Callable, Sequence
 
-from specjax import fileio
+from specjax import fileio, sweeps
 from specjax.errors import SpecjaxError
 from specjax.eval import report
 from specjax.models.config import LlamaConfig
 from specjax.train.writers import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SWEEP_PY = os.path.join(REPO, "launch", "sweep.py")
 KINDS = ("finetune_tokens", "pretrain_vs_scratch", "drafter_size", "gamma")
 TITLES = {
   "finetune_tokens": "τ against finetuning tokens",
@@ -56,25 +55,10 @@ ARMS = ("pretrain + finetune", "finetune only")  # x = 0 and x = 1 of pretrain_v
 # --- the sweep's runs --------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _sweep_module():
-  """launch/sweep.py, imported from its path: its run names are the workdirs' names."""
-  if not os.path.isfile(SWEEP_PY):
-    raise SpecjaxError(f"{SWEEP_PY}: not found; ablations need launch/sweep.py from a specjax checkout")
-  spec = importlib.util.spec_from_file_location("_specjax_launch_sweep", SWEEP_PY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _runs(config_path: str) -> list[tuple[dict, dict]]:
   """(entry, expanded run) per sweep() entry, named exactly as launch/sweep.py names them."""
-  sweep = _sweep_module()
-  try:
-    entries = sweep.load_sweep(config_path)
-    return list(zip(entries, sweep.expand(config_path, entries)))
-  except sweep.SweepError as e:  # its messages name the config file
-    raise SpecjaxError(str(e)) from None
+  entries = sweeps.load_sweep(config_path)  # a SweepError (a SpecjaxError) names the config file
+  return list(zip(entries, sweeps.expand(config_path, entries)))
 
 
 def _arg(entry: dict) -> dict[str, str]:
@@ -204,10 +188,9 @@ class _Missing(Exception):
 
 def collect(config_path: str, sweep_dir: str) -> list[dict]:
   """One row per sweep() entry, in sweep order, with the numbers its run left (or status missing)."""
-  sweep = _sweep_module()
   rows = []
   for entry, run in _runs(config_path):
-    workdir = sweep._join(sweep_dir, run["name"])
+    workdir = sweeps.join(sweep_dir, run["name"])
     row = {
       "name": run["name"],
       "entry": dict(entry),
@@ -215,7 +198,7 @@ def collect(config_path: str, sweep_dir: str) -> list[dict]:
       "status": "missing",
       "reason": None,
       "kind": None,
-      "finished": fileio.exists(sweep._done_path(workdir)),
+      "finished": fileio.exists(sweeps.done_path(workdir)),
     }
     try:
       if fileio.exists(fileio.join(workdir, "metrics.json")):
