@@ -228,32 +228,7 @@ def run(config, workdir: str) -> dict:
   if not os.path.exists(os.path.join(drafter_init, "config.json")):
     make_random_checkpoint(drafter_init, _model_config(config.drafter_model), tokenizer=tokenizer, seed=config.seed + 1)
 
-  def general_stage():
-    c = _trainer_config(
-      config,
-      "pretrain",
-      drafter=drafter_init,
-      tokenizer=path("tokenizer"),
-      mixture="pretrain_multilingual",
-      num_train_steps=config.pretrain_steps,
-      batch_size=config.batch_size,
-      sequence_length=config.sequence_length,
-      learning_rate=config.drafter_lr,
-    )
-    train_job.run(c, path("drafters", "general"))
-
-  _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
-
-  # 5. One drafter per language: the general one finetuned on the target's outputs.
-  for lang in langs:
-    _stage(
-      f"finetune the {lang} drafter",
-      path("drafters", lang),
-      lambda lang=lang: train_job.run(
-        _finetune_config(config, path, target_dir, lang, config.finetune_steps, f"run:{path('drafters', 'general')}"),
-        path("drafters", lang),
-      ),
-    )
+  _train_drafters(config, langs, path, target_dir, drafter_init, tokenizer_dir=path("tokenizer"))
 
   return _evaluate_and_report(config, langs, data_dir, path, started, target_dir)
 
@@ -316,14 +291,22 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
   drafter_init = path("drafter_init")
   if not os.path.exists(os.path.join(drafter_init, "config.json")):
     drafter_from_target(target_dir, tuple(config.drafter_layers), drafter_init)
-  vocab = lambda name: path("draft_vocab", name) if config.draft_vocab_coverage else ""
+
+  _train_drafters(config, langs, path, target_dir, drafter_init, tokenizer_dir=target_dir, with_vocab=True)
+
+
+def _train_drafters(config, langs, path, target_dir, drafter_init, *, tokenizer_dir, with_vocab=False) -> None:
+  """The recipe's P and F: the general drafter pretrained from `drafter_init` on monolingual text
+  of every language, then one drafter per language finetuned from it on the target's outputs
+  (each over its reduced vocabulary when `with_vocab` and config.draft_vocab_coverage)."""
+  vocab = lambda name: path("draft_vocab", name) if with_vocab and config.draft_vocab_coverage else ""
 
   def general_stage():
     c = _trainer_config(
       config,
       "pretrain",
       drafter=drafter_init,
-      tokenizer=target_dir,
+      tokenizer=tokenizer_dir,
       mixture="pretrain_multilingual",
       num_train_steps=config.pretrain_steps,
       batch_size=config.batch_size,
@@ -334,20 +317,13 @@ def _real_target_pipeline(config, langs, data_dir, path, started) -> None:
     train_job.run(c, path("drafters", "general"))
 
   _stage("pretrain the general drafter", path("drafters", "general"), general_stage)
+  general = f"run:{path('drafters', 'general')}"
   for lang in langs:
     _stage(
       f"finetune the {lang} drafter",
       path("drafters", lang),
       lambda lang=lang: train_job.run(
-        _finetune_config(
-          config,
-          path,
-          target_dir,
-          lang,
-          config.finetune_steps,
-          f"run:{path('drafters', 'general')}",
-          draft_vocab=vocab(lang),
-        ),
+        _finetune_config(config, path, target_dir, lang, config.finetune_steps, general, draft_vocab=vocab(lang)),
         path("drafters", lang),
       ),
     )
