@@ -57,7 +57,6 @@ def main(argv=None) -> int:
   from specjax.data.parallel import LANGS
   from specjax.errors import SpecjaxError
   from specjax.eval import report, specbench
-  from specjax.decoding.decoder import stop_ids
   from specjax.models.hf import load_model, load_tokenizer
 
   data_dir = os.path.abspath(args.data_dir)
@@ -93,14 +92,7 @@ def main(argv=None) -> int:
       sampled_cap = SAMPLED_PROMPTS_PER_LANGUAGE[args.preset]
     greedy_questions = first_per_category(questions, greedy_cap)
     sampled_questions = first_per_category(greedy_questions, sampled_cap)
-    common = dict(
-      gamma=config.gamma,
-      max_new_tokens=config.max_new_tokens,
-      template=config.template,
-      batch_size=1,
-      eos_id=stop_ids(target.config, tokenizer),
-      prompt_bucket=config.prompt_bucket,
-    )
+    common = demo.evaluation_settings(config, target, tokenizer)
 
     def evaluated(name, fn):  # kept per temperature and prompt count: a rerun does not redo them
       cache = os.path.join(workdir, "specbench", f"{name}.json")

@@ -354,14 +354,10 @@ def _choose_vocabularies(config, langs, path, target_dir) -> dict:
   return info
 
 
-def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> dict:
-  """Stage 6: every method on the held-out prompts at T=0 and T=1, the report and summary.json."""
-
-  tokenizer = load_tokenizer(target_dir)
-  questions = _heldout_questions(config, data_dir)
-  target, _ = load_model(target_dir, "float32")
-  drafters = {name: load_model(path("drafters", name, "drafter"), "float32")[0] for name in ("general",) + langs}
-  common = dict(
+def evaluation_settings(config, target, tokenizer) -> dict:
+  """specbench.evaluate's keyword settings for a demo config (benchmarks/mini_paper.py uses them
+  for the Spec-Bench prompts too): batch 1, the config's γ, budget, template and lookup_drafts."""
+  return dict(
     gamma=config.gamma,
     max_new_tokens=config.max_new_tokens,
     template=config.template,
@@ -370,6 +366,16 @@ def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> 
     prompt_bucket=config.prompt_bucket,
     lookup_drafts=config.lookup_drafts,
   )
+
+
+def _evaluate_and_report(config, langs, data_dir, path, started, target_dir) -> dict:
+  """Stage 6: every method on the held-out prompts at T=0 and T=1, the report and summary.json."""
+
+  tokenizer = load_tokenizer(target_dir)
+  questions = _heldout_questions(config, data_dir)
+  target, _ = load_model(target_dir, "float32")
+  drafters = {name: load_model(path("drafters", name, "drafter"), "float32")[0] for name in ("general",) + langs}
+  common = evaluation_settings(config, target, tokenizer)
   sampled_questions = first_per_category(questions, config.sampled_prompts_per_language)
 
   def evaluate_stage():  # minutes at the mini paper's scale: kept, so a rerun goes straight to the report
