@@ -553,10 +553,10 @@ def roofline(args, mesh, method: str, target_cfg: LlamaConfig, drafter_cfg: Llam
 
     def draft_step(ds, cache, prev_B, pos_B, x):
       drafter = engine.DraftModel.of(nnx.merge(d.drafter_graph, ds))
-      logits_B1K, cache = drafter.forward(prev_B[:, None], cache, pos_B[:, None])
+      logits_B1W, cache = drafter.forward(prev_B[:, None], cache, pos_B[:, None])
       keys_B = smp.row_keys(x.seed, x.row_ids_B, pos_B, smp.TAG_DRAFT)
-      index_B, q_BK = smp.choose_tokens(logits_B1K[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
-      return drafter.tokens(index_B), drafter.full_probs(q_BK), cache
+      index_B, q_BW = smp.choose_tokens(logits_B1W[:, 0], keys_B, x.temperature_B, x.top_k_B, x.top_p_B, spec.mode)
+      return drafter.tokens(index_B), drafter.full_probs(q_BW), cache
 
     row = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=shd.batch_sharding((args.batch,), mesh))
     step = (

@@ -288,3 +288,50 @@ def test_decoding_settings_from_config_and_overrides(target):
     DecodingSettings.from_config(config, prefix="acceptance_", batch_size=0)
   with pytest.raises(TypeError, match="gama"):
     Decoder(target, target, gama=3)
+
+
+# --- a routed loop: several drafters, each row drafting with its own ------------------------
+
+
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_routed_drafters_each_row_decodes_as_with_its_own_drafter(target, prompts, reference, draft_vocab):
+  """Rows of one batch draft with different drafters (drafter_index): greedy output equals plain
+  decoding, and every row's tokens and counters, greedy and sampled, equal what its own drafter
+  alone gives, so the routed loop inherits each drafter's exactness (tests above and
+  test_speculative_sampling). Reduced vocabularies: each drafter over its own token subset."""
+  from specjax.models.draft_vocab import set_draft_vocab
+
+  drafters = [noisy_copy(target, scale, seed) for scale, seed in ((0.01, 7), (0.03, 8), (0.003, 9))]
+  if draft_vocab:
+    V = target.config.vocab_size
+    rng = np.random.RandomState(1)
+    for d in drafters:  # one size W, different tokens; the prompts' tokens (3..255) mostly inside
+      set_draft_vocab(d, np.sort(rng.choice(V, size=V // 2, replace=False)))
+  subset = prompts[:18]
+  index = [i % 3 for i in range(len(subset))]
+  settings = dict(method="sps", gamma=4, max_new_tokens=MAX_NEW, batch_size=6)
+  routed = Decoder(target, drafters, **settings)
+  greedy = routed.generate(subset, eos_id=NO_EOS, drafter_index=index)
+  assert greedy.new_tokens == reference.new_tokens[: len(subset)]
+  for temperature in (0.0, 1.0):
+    got = greedy if temperature == 0 else routed.generate(subset, eos_id=NO_EOS, drafter_index=index, temperature=1.0)
+    for k, drafter in enumerate(drafters):
+      rows = [i for i in range(len(subset)) if index[i] == k]
+      alone = Decoder(target, drafter, **settings).generate(
+        [subset[i] for i in rows], eos_id=NO_EOS, row_ids=rows, temperature=temperature
+      )
+      assert [got.new_tokens[i] for i in rows] == alone.new_tokens, (k, temperature)
+      assert [int(got.accepted[i]) for i in rows] == [int(a) for a in alone.accepted], (k, temperature)
+      assert [int(got.steps[i]) for i in rows] == [int(s) for s in alone.steps], (k, temperature)
+  taus = [int(greedy.accepted[i]) / int(greedy.steps[i]) for i in range(len(subset))]
+  by_drafter = [np.mean([t for t, k in zip(taus, index) if k == j]) for j in range(3)]
+  assert len({round(t, 6) for t in by_drafter}) == 3  # the drafters really differ row by row
+
+
+def test_routed_drafters_must_share_one_structure(target):
+  other = init_model(get_preset("tiny").replace(num_layers=1), 3)
+  with pytest.raises(SpecjaxError, match="share one architecture"):
+    Decoder(target, [noisy_copy(target, 0.01, 7), other], method="sps")
+  decoder = Decoder(target, [noisy_copy(target, 0.01, 7)] * 2, method="sps", max_new_tokens=4)
+  with pytest.raises(SpecjaxError, match="drafter_index"):
+    decoder.generate([[5, 6]], drafter_index=[2])

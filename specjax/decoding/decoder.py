@@ -153,19 +153,28 @@ class Decoder:
   """
 
   def __init__(
-    self, target: Llama, drafter: Llama | None = None, settings: DecodingSettings | None = None, *, mesh=None, **fields
+    self,
+    target: Llama,
+    drafter: Llama | Sequence[Llama] | None = None,
+    settings: DecodingSettings | None = None,
+    *,
+    mesh=None,
+    **fields,
   ):
     unknown = set(fields) - {f.name for f in dataclasses.fields(DecodingSettings)}
     if unknown:
       raise TypeError(f"Decoder: unknown settings {sorted(unknown)}")
     settings = (settings or DecodingSettings()).replace(**fields)
-    if settings.method == "sps" and drafter is None:
+    # Several drafters: a routed loop, each row drafting with the one `generate(drafter_index=)` names.
+    drafters = (drafter,) if drafter is None or isinstance(drafter, Llama) else tuple(drafter)
+    if settings.method == "sps" and (not drafters or drafters[0] is None):
       raise SpecjaxError("method='sps' needs a drafter model (config field `drafter`)")
-    if settings.method == "sps" and drafter.config.vocab_size != target.config.vocab_size:
-      raise SpecjaxError(
-        f"the drafter's vocabulary ({drafter.config.vocab_size} tokens) differs from the "
-        f"target's ({target.config.vocab_size}); a drafter must share the target's tokenizer"
-      )
+    for d in drafters if settings.method == "sps" else ():
+      if d.config.vocab_size != target.config.vocab_size:
+        raise SpecjaxError(
+          f"the drafter's vocabulary ({d.config.vocab_size} tokens) differs from the "
+          f"target's ({target.config.vocab_size}); a drafter must share the target's tokenizer"
+        )
     if settings.method == "ar":
       settings = dataclasses.replace(settings, gamma=1, dynamic_gamma=False)
     elif settings.method != "sps":
@@ -175,8 +184,19 @@ class Decoder:
     self.max_cache_len = settings.max_cache_len or target.config.max_position_embeddings
     self.target_graph, self.target_state = nnx.split(target)
     self.target_config = target.config
-    self.drafter_config = drafter.config if settings.method == "sps" else None
-    self.drafter_graph, self.drafter_state = nnx.split(drafter) if settings.method == "sps" else (None, None)
+    self.drafter_config = drafters[0].config if settings.method == "sps" else None
+    self.drafter_graph, self.drafter_state = None, None
+    self.num_drafters = len(drafters) if settings.method == "sps" else 0
+    if settings.method == "sps":
+      graphs, states = zip(*(nnx.split(d) for d in drafters))
+      shapes = [jax.tree.map(np.shape, state) for state in states]
+      if any(g != graphs[0] or shape != shapes[0] for g, shape in zip(graphs[1:], shapes[1:])):
+        raise SpecjaxError(
+          "drafters of one routed loop must share one architecture and one draft-vocabulary size "
+          f"(got {len(drafters)} drafters of different structure); decode the others with their own Decoder"
+        )
+      self.drafter_graph = graphs[0]
+      self.drafter_state = states[0] if len(states) == 1 else tuple(states)
     self.program_keys: set[tuple] = set()  # the _PROGRAMS entries this decoder has used
 
   # Read-only views of the settings under the names callers have used.
@@ -210,7 +230,10 @@ class Decoder:
       abstract = jax.eval_shape(lambda: KVCache.zeros(config, self.batch_size, spec.buffer_len))
       return shd.cache_sharding(abstract, self.mesh)
 
-    return (sharding_of(self.target_config), sharding_of(self.drafter_config) if self.drafter_config else None)
+    drafter = sharding_of(self.drafter_config) if self.drafter_config else None
+    if self.num_drafters > 1:
+      drafter = (drafter,) * self.num_drafters
+    return (sharding_of(self.target_config), drafter)
 
   def loop_spec(self, prompt_len: int, mode: SamplingMode) -> engine.LoopSpec:
     """The static program a batch whose longest prompt has `prompt_len` tokens runs."""
@@ -276,9 +299,12 @@ class Decoder:
     return self._program(spec).lower(self.target_state, self.drafter_state, self.abstract_inputs(prompt_len, mode))
 
   @staticmethod
-  def _inputs(prompt_BP, lens_B, row_ids_B, active_B, max_new_B, temperature, top_k, top_p, seed, eos_X):
+  def _inputs(
+    prompt_BP, lens_B, row_ids_B, active_B, max_new_B, temperature, top_k, top_p, seed, eos_X, drafter_B=None
+  ):
     B = prompt_BP.shape[0]
     return engine.Inputs(
+      drafter_B=np.zeros((B,), np.int32) if drafter_B is None else drafter_B,
       prompt_BP=prompt_BP,
       prompt_lens_B=lens_B,
       row_ids_B=row_ids_B,
@@ -309,15 +335,23 @@ class Decoder:
     eos_id: int | Sequence[int] | None = None,
     max_new_tokens: int | Sequence[int] | None = None,
     names: Sequence[str] | None = None,
+    drafter_index: Sequence[int] | None = None,
   ) -> DecodeResult:
     """Decodes every prompt (token id lists); batches of `batch_size`, one transfer per batch.
 
     row_ids: each prompt's stable id (default: its index); sampled outputs depend on (seed,
     row id, position) only. names: labels for error messages (e.g. question ids).
     eos_id: a stop id or several (default: the target config's stop_token_ids); negative ids stop nothing.
+    drafter_index: with several drafters, which one drafts for each prompt (default: the first).
     """
     if len(prompts) == 0:
       raise SpecjaxError("no prompts to decode")
+    drafter_index = [0] * len(prompts) if drafter_index is None else [int(k) for k in drafter_index]
+    if len(drafter_index) != len(prompts) or any(not 0 <= k < max(self.num_drafters, 1) for k in drafter_index):
+      raise SpecjaxError(
+        f"drafter_index: expected one index in [0, {max(self.num_drafters, 1)}) per prompt "
+        f"({len(prompts)} prompts), got {drafter_index}"
+      )
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
       raise SpecjaxError(
         f"sampling values temperature={temperature}, top_k={top_k}, top_p={top_p}: need "
@@ -361,6 +395,7 @@ class Decoder:
           seed,
           eos,
           mode,
+          drafter_index[lo : lo + self.batch_size],
         )
       )
     wall = time.perf_counter() - start
@@ -372,7 +407,7 @@ class Decoder:
       wall_s=wall,
     )
 
-  def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode):
+  def _generate_batch(self, prompts, row_ids, budgets, temperature, top_k, top_p, seed, eos, mode, drafter_index):
     n, B = len(prompts), self.batch_size
     longest = max(len(p) for p in prompts)
     spec = self.loop_spec(longest, mode)
@@ -394,6 +429,7 @@ class Decoder:
       top_p,
       seed,
       eos,
+      np.array(list(drafter_index) + [0] * pad, np.int32),
     )
     if self.mesh is not None:
       x = self._place(x, jax.device_put)

@@ -62,6 +62,7 @@ class Inputs:
   top_p_B: jax.Array
   seed: jax.Array  # int32 scalar
   eos_ids_X: jax.Array  # int32 [X]: generation stops after any of them; -1 pads
+  drafter_B: jax.Array  # int32: which of a routed loop's K drafters drafts for the row (0 with one drafter)
 
 
 @flax.struct.dataclass
@@ -123,7 +124,7 @@ class State:
   num_new_B: jax.Array
   done_B: jax.Array
   target_cache: KVCache
-  drafter_cache: KVCache | None
+  drafter_cache: KVCache | tuple[KVCache, ...] | None  # a tuple: one cache per drafter of a routed loop
   gamma_B: jax.Array
   stats: RoundStats
   target_calls: jax.Array  # forwards of the whole batch
@@ -175,7 +176,9 @@ def _init_state(x: Inputs, spec: LoopSpec, target, drafter) -> State:
     num_new_B=zeros_B,
     done_B=~x.active_B | (x.max_new_B <= 0),
     target_cache=prefill(target, x.prompt_BP, x.prompt_lens_B, N),
-    drafter_cache=None if drafter is None else prefill(drafter, x.prompt_BP, x.prompt_lens_B, N),
+    drafter_cache=jax.tree.map(
+      lambda d: prefill(d, x.prompt_BP, x.prompt_lens_B, N), drafter, is_leaf=lambda d: isinstance(d, nnx.Module)
+    ),
     gamma_B=jnp.full((B,), min(spec.gamma_start, G) if spec.dynamic_gamma else G, jnp.int32),
     stats=RoundStats.zeros(B, G),
     target_calls=jnp.zeros((), jnp.int32),
@@ -248,6 +251,49 @@ class DraftModel:
     if q_BW is None or self.ids_W is None:
       return q_BW
     return jnp.zeros(q_BW.shape[:-1] + (self.vocab_size,), q_BW.dtype).at[..., self.ids_W].set(q_BW)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedDraftModel:
+  """K drafters of one architecture and draft-vocabulary size in one loop: row b drafts with
+  drafter drafter_B[b] (each language's prompts with their own drafter, in one batch).
+
+  Every drafter runs on every row and each row keeps its own drafter's scores: K drafter
+  forwards per draft step, each over the whole batch. On a memory-bound device one forward over
+  B rows costs about what one over a single row costs, so this is K draft steps, not K x B; the
+  alternative, gathering each row's weights, would read B drafters' weights per step. Caches: a
+  tuple, one per drafter, each holding every row's keys/values."""
+
+  models: tuple[DraftModel, ...]
+  drafter_B: jax.Array
+
+  @classmethod
+  def of(cls, drafters, drafter_B) -> "RoutedDraftModel":
+    return cls(tuple(DraftModel.of(d) for d in drafters), drafter_B)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.models[0].vocab_size
+
+  def forward(self, tokens_BT, caches, positions_BT):
+    outputs = [m.forward(tokens_BT, cache, positions_BT) for m, cache in zip(self.models, caches)]
+    scores_KBTW = jnp.stack([scores for scores, _ in outputs])
+    scores_BTW = jnp.take_along_axis(scores_KBTW, self.drafter_B[None, :, None, None], axis=0)[0]
+    return scores_BTW, tuple(cache for _, cache in outputs)
+
+  def _ids_BW(self):
+    return None if self.models[0].ids_W is None else jnp.stack([m.ids_W for m in self.models])[self.drafter_B]
+
+  def tokens(self, index_B):
+    ids_BW = self._ids_BW()
+    return index_B if ids_BW is None else jnp.take_along_axis(ids_BW, index_B[:, None], axis=1)[:, 0]
+
+  def full_probs(self, q_BW):
+    ids_BW = self._ids_BW()
+    if q_BW is None or ids_BW is None:
+      return q_BW
+    rows_B1 = jnp.arange(q_BW.shape[0])[:, None]
+    return jnp.zeros((q_BW.shape[0], self.vocab_size), q_BW.dtype).at[rows_B1, ids_BW].set(q_BW)
 
 
 def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, gamma_B, lookup=None):
@@ -414,8 +460,13 @@ def _spec_round(s: State, x: Inputs, spec: LoopSpec, target, drafter) -> State:
   # Roll back by moving lengths: both caches hold every committed token but the last.
   s = s.replace(target_cache=tcache.replace(lengths_B=s.lengths_B - 1))
   if s.drafter_cache is not None:
-    s = s.replace(drafter_cache=s.drafter_cache.replace(lengths_B=s.lengths_B - 1))
+    s = s.replace(drafter_cache=_with_lengths(s.drafter_cache, s.lengths_B - 1))
   return s
+
+
+def _with_lengths(cache, lengths_B):
+  """A KV cache (or a routed loop's tuple of them) with every row's length set to lengths_B."""
+  return jax.tree.map(lambda c: c.replace(lengths_B=lengths_B), cache, is_leaf=lambda c: isinstance(c, KVCache))
 
 
 def decode_loop(
@@ -428,7 +479,14 @@ def decode_loop(
 
 def _decode_loop(target_graph, target_state, drafter_graph, drafter_state, x, spec, cache_sharding):
   target = nnx.merge(target_graph, target_state)
-  drafter = None if drafter_graph is None else nnx.merge(drafter_graph, drafter_state)
+  # One drafter, or a routed loop's tuple of them (one graph: the drafters share an architecture).
+  drafter = (
+    None
+    if drafter_graph is None
+    else jax.tree.map(
+      lambda state: nnx.merge(drafter_graph, state), drafter_state, is_leaf=lambda a: isinstance(a, nnx.State)
+    )
+  )
   s = _init_state(x, spec, target, drafter)
   if cache_sharding is not None:
     s = s.replace(target_cache=jax.lax.with_sharding_constraint(s.target_cache, cache_sharding[0]))
@@ -437,7 +495,11 @@ def _decode_loop(target_graph, target_state, drafter_graph, drafter_state, x, sp
   if spec.method == "ar":
     body = functools.partial(_ar_round, x=x, spec=spec, target=target)
   else:
-    body = functools.partial(
-      _spec_round, x=x, spec=spec, target=target, drafter=None if drafter is None else DraftModel.of(drafter)
-    )
+    if drafter is None:
+      draft_model = None
+    elif isinstance(drafter, tuple):
+      draft_model = RoutedDraftModel.of(drafter, x.drafter_B)
+    else:
+      draft_model = DraftModel.of(drafter)
+    body = functools.partial(_spec_round, x=x, spec=spec, target=target, drafter=draft_model)
   return jax.lax.while_loop(lambda s: jnp.any(~s.done_B), body, s)
