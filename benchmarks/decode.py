@@ -5,6 +5,8 @@ and against the machine's limits (memory copy bandwidth, a bare jitted matrix-ve
     python benchmarks/decode.py --out bench_decode.json            # both sizes, a few minutes on 2 cores
     python benchmarks/decode.py --sizes small --prompts 4 --out x.json
     python benchmarks/decode.py --target smollm2 --drafter runs/demo/drafters/de/drafter --out real.json
+    python benchmarks/decode.py --target smollm2 --routed-drafters runs/demo/drafters --prompts 2 \
+        --max-new 40 --gamma 3 --batch-sizes 1 4 8 --out mixed.json       # mixed languages, one routed loop
 
 --target (a checkpoint directory, a .gguf file or smollm2) benchmarks a real model instead of
 the synthetic sizes: held-out sentences of the embedded corpus (--lang) rendered in the target's
@@ -84,6 +86,7 @@ class Args:
   data_dir: str = ""
   batch_sizes: tuple = (1,)
   sweep_gammas: tuple = ()
+  routed_drafters: str = ""
 
 
 def weight_bytes_per_token(config: LlamaConfig) -> int:
@@ -224,7 +227,18 @@ def distill_drafter(target, drafter, prompts, max_new, steps, log):
 
 
 def timed_generate(decoder: Decoder, prompts, eos_id=-1, **kw):
-  decoder.generate(prompts[: decoder.batch_size], eos_id=eos_id, **kw)  # compile outside the timing
+  """(DecodeResult, tokens/s) of one call over every prompt, each batch's program compiled first
+  (a one-token call on the batch's longest prompt), so no compile time is timed."""
+  index, compiled = kw.pop("drafter_index", None), set()
+  for lo in range(0, len(prompts), decoder.batch_size):
+    longest = max(range(lo, min(lo + decoder.batch_size, len(prompts))), key=lambda i: len(prompts[i]))
+    bucket = -(-len(prompts[longest]) // decoder.prompt_bucket)
+    if bucket not in compiled:
+      compiled.add(bucket)
+      one = {} if index is None else {"drafter_index": [index[longest]]}
+      decoder.generate([prompts[longest]], eos_id=eos_id, max_new_tokens=1, **one, **kw)
+  if index is not None:
+    kw["drafter_index"] = index
   result = decoder.generate(prompts, eos_id=eos_id, **kw)
   return result, sum(len(t) for t in result.new_tokens) / result.wall_s
 
@@ -482,6 +496,72 @@ def bench_checkpoint(args: Args, bandwidth: float, log) -> dict:
   }
 
 
+def bench_mixed_languages(args: Args, log) -> dict:
+  """Ragged batches of mixed languages on a real target (--routed-drafters DIR, holding
+  LANG/drafter for each language, as make demo writes runs/demo/drafters): --prompts held-out
+  prompts per language, interleaved so that each batch mixes languages and prompt lengths. At
+  each --batch-sizes, plain decoding against (a) one routed loop, each row drafting with its own
+  language's drafter (`drafter_index`), (b) the same with lookup_drafts, and (c) grouped: each
+  language's rows in batches of their own, with that language's drafter alone (what a routed
+  evaluation without a routed loop does). Every output equals plain decoding's."""
+  from specjax.data.parallel import EMBEDDED_CORPUS, LANGS, load_pairs, translation_message
+  from specjax.decoding.decoder import stop_ids
+  from specjax.decoding.prompts import apply_template, encode_prompt
+  from specjax.models.hf import load_model, load_tokenizer
+
+  target, target_cfg = load_model(args.target, "float32")
+  tokenizer = load_tokenizer(args.target)
+  stops = stop_ids(target_cfg, tokenizer)
+  langs = [lang for lang in LANGS if os.path.isdir(os.path.join(args.routed_drafters, lang, "drafter"))]
+  if len(langs) < 2:
+    raise SystemExit(f"--routed-drafters {args.routed_drafters}: expected LANG/drafter for two or more of {LANGS}")
+  drafters = [load_model(os.path.join(args.routed_drafters, lang, "drafter"), "float32")[0] for lang in langs]
+  per_lang = {
+    lang: [
+      encode_prompt(tokenizer, apply_template("auto", translation_message(lang, "en", x), (), None, tokenizer))
+      for x, _ in load_pairs(args.data_dir or EMBEDDED_CORPUS, lang, "eval", args.prompts)
+    ]
+    for lang in langs
+  }
+  prompts, index = [], []
+  for i in range(args.prompts):  # de fr ja ru zh de fr ...: every batch of 2+ rows mixes languages
+    for k, lang in enumerate(langs):
+      if i < len(per_lang[lang]):
+        prompts.append(per_lang[lang][i])
+        index.append(k)
+  lengths = [len(p) for p in prompts]
+  log(
+    f"[{args.target}] mixed languages {'+'.join(langs)}: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} "
+    f"tokens, {args.max_new} new tokens, γ={args.gamma}"
+  )
+  common = dict(max_new_tokens=args.max_new, prompt_bucket=32, gamma=args.gamma)
+  out = {"target": args.target, "langs": langs, "prompts": len(prompts), "gamma": args.gamma, "per_batch_size": {}}
+  for batch in args.batch_sizes:
+    plain, ar_tps = timed_generate(Decoder(target, method="ar", batch_size=batch, **common), prompts, eos_id=stops)
+    row = {"ar_tps": ar_tps}
+    for name, lookup in (("routed", False), ("routed_lookup", True)):
+      decoder = Decoder(target, drafters, method="sps", batch_size=batch, lookup_drafts=lookup, **common)
+      result, tps = timed_generate(decoder, prompts, eos_id=stops, drafter_index=index)
+      assert result.new_tokens == plain.new_tokens, f"{name} at batch {batch} differs from plain decoding"
+      row[f"{name}_speedup"] = tps / ar_tps
+      row[f"{name}_tau"] = 1.0 + float(result.accepted.sum() / result.steps.sum())
+    new_tokens, wall = 0, 0.0
+    for k, drafter in enumerate(drafters):  # grouped: a language's rows only, its drafter alone
+      rows = [i for i in range(len(prompts)) if index[i] == k]
+      decoder = Decoder(target, drafter, method="sps", batch_size=batch, **common)
+      result, _ = timed_generate(decoder, [prompts[i] for i in rows], eos_id=stops)
+      assert result.new_tokens == [plain.new_tokens[i] for i in rows], f"grouped {langs[k]} differs from plain"
+      new_tokens, wall = new_tokens + sum(len(t) for t in result.new_tokens), wall + result.wall_s
+    row["grouped_speedup"] = new_tokens / wall / ar_tps
+    out["per_batch_size"][str(batch)] = row
+    log(
+      f"  batch {batch}: plain {ar_tps:.1f} tok/s; routed loop {row['routed_speedup']:.2f}x (τ {row['routed_tau']:.2f}), "
+      f"with lookup {row['routed_lookup_speedup']:.2f}x (τ {row['routed_lookup_tau']:.2f}); "
+      f"grouped by language {row['grouped_speedup']:.2f}x"
+    )
+  return out
+
+
 def _hf_dir(source: str, model, config, tokenizer) -> str:
   """A Hugging Face directory for transformers to load: the target itself, or its conversion."""
   from specjax.models.hf import save_hf_checkpoint
@@ -511,7 +591,18 @@ def main(argv=None):
   parser.add_argument(
     "--sweep-gammas", nargs="*", type=int, default=[], help="with --target: drafter speedup and τ at each γ (batch 1)"
   )
+  parser.add_argument(
+    "--routed-drafters",
+    default="",
+    help="with --target: a directory of LANG/drafter (runs/demo/drafters): mixed-language batches, one routed loop",
+  )
   args = Args(**vars(parser.parse_args(argv)))
+  if args.target and args.routed_drafters:
+    record = bench_mixed_languages(args, lambda msg: print(msg, flush=True))
+    with open(args.out, "w") as f:
+      json.dump([record], f, indent=2)
+    print(f"wrote {args.out}")
+    return
   if args.target and not args.drafter:
     parser.error(
       "--target needs --drafter, a drafter trained for it (make demo writes runs/demo/drafters/LANG/drafter)"
