@@ -13,6 +13,12 @@ The paper's setting (Vicuna 7B v1.3 target, a 68M drafter, greedy, five language
       --config.target=/ckpt/vicuna-7b-v1.3 --config.drafter=/ckpt/vicuna-68m-deen \
       --workdir /tmp/specjax_sps_deen
 
+Mixed-language prompts, each question drafted by its own language's drafter in one compiled loop:
+
+  python -m specjax.main --config configs/generate.py:method=sps,batch_size=8 --config.drafter=auto \
+      --config.drafters=general=runs/demo/drafters/general/drafter,de=runs/demo/drafters/de/drafter,... \
+      --config.target=smollm2 --workdir /tmp/specjax_routed
+
 Plain decoding on the same prompts (the speedup's denominator) and prompt lookup:
 
   python -m specjax.main --config configs/generate.py:method=ar --config.target=... --workdir ...
@@ -48,7 +54,10 @@ def get_config(arg=None):
   # Models: a Hugging Face checkpoint directory (with its tokenizer), or preset:NAME (random
   # weights; then `tokenizer` must name a directory with a tokenizer).
   c.target = config_dict.placeholder(str)
-  c.drafter = config_dict.placeholder(str)  # needed by method=sps only
+  c.drafter = config_dict.placeholder(str)  # needed by method=sps only; "auto": route by language (below)
+  # drafter=auto: name=path,... (general, de, fr, ja, ru, zh); each question drafts with its
+  # language's drafter (else general), all in one compiled loop (the rows of a batch may differ).
+  c.drafters = config_dict.placeholder(str)
   c.tokenizer = config_dict.placeholder(str)  # default: the target's directory
   c.dtype = "bfloat16"  # weights and activations: float32, bfloat16 or float16
 

@@ -368,6 +368,35 @@ def test_generate_is_the_harness_single_run_case(plain_run, tmp_path):
     assert sum(len(ids) for ids in harness.values()) > len(harness)  # answers, not empty turns
 
 
+def test_routed_drafters_in_one_loop(plain_run, tmp_path):
+  """drafter=auto: each question drafts with its language's drafter (general for the others),
+  the rows of one batch with different drafters; greedy output equals plain decoding's."""
+  assets = plain_run[0] / "local_assets"
+  drafters = ",".join(f"{name}={assets}/drafter" for name in ("general", "de", "fr"))
+  proc = _cli(
+    tmp_path,
+    "--config",
+    "configs/generate.py:runlocal,method=sps",
+    f"--config.target={assets}/target",
+    "--config.drafter=auto",
+    f"--config.drafters={drafters}",
+    f"--config.prompts={assets}/question.jsonl",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "answers.jsonl", encoding="utf-8") as f:
+    answers = [json.loads(line) for line in f]
+  key = lambda a: (a["question_id"], a["turn"])
+  assert {key(a): a["token_ids"] for a in answers} == {key(a): a["token_ids"] for a in plain_run[1]}
+  from specjax.eval.routing import route
+
+  questions = {q["question_id"]: q for q in read_questions(str(assets / "question.jsonl"))}
+  assert {a["drafter"] for a in answers} == {"de", "fr", "general"}  # ru, ja, zh: general
+  for a in answers:
+    assert a["drafter"] == route(questions[a["question_id"]], ["general", "de", "fr"]), a
+  proc = _cli(tmp_path / "x", "--config", "configs/generate.py:runlocal,method=sps", "--config.drafter=auto")
+  assert proc.returncode == 2 and "config field `drafters`" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cli_reports_bad_prompt_line(tmp_path):
   bad = _write(tmp_path / "broken_question.jsonl", _question("a") + "\n" + _question("b") + "\n{not json\n")
   proc = _cli(tmp_path / "work", "--config", "configs/generate.py:runlocal", f"--config.prompts={bad}")

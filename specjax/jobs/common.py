@@ -1,4 +1,5 @@
-"""What several jobs do the same way: the mesh they decode on and loading a target with its drafters."""
+"""What several jobs do the same way: the mesh they decode on, loading a target with its drafters,
+and reading name=path lists of drafters."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from specjax.config_utils import workdir_path
+from specjax.errors import SpecjaxError
 from specjax.models.hf import load_model, target_tokenizer
 from specjax.sharding import make_mesh, replicate_model
 
@@ -43,3 +46,26 @@ def load_target_and_drafters(
       replicate_model(drafter, mesh)
     drafters[name] = drafter
   return tokenizer, target, target_config, drafters
+
+
+def named_paths(value, field: str, workdir: str) -> dict[str, str]:
+  """Parses "name=path,name=path" or a ConfigDict/dict as {name: path}, with {workdir} replaced."""
+  if not value:
+    return {}
+  if isinstance(value, str):
+    pairs = []
+    for item in (p.strip() for p in value.split(",")):
+      if not item:
+        continue
+      name, has_path, path = item.partition("=")
+      if not has_path or not name.strip() or not path.strip():
+        raise SpecjaxError(f"config field `{field}`: {item!r}: expected name=path (e.g. de=/ckpt/drafter-de)")
+      pairs.append((name.strip(), path.strip()))
+  else:
+    pairs = [(str(k), str(v)) for k, v in dict(value).items()]
+  out = {}
+  for name, path in pairs:
+    if name in out:
+      raise SpecjaxError(f"config field `{field}`: {name!r} is given twice")
+    out[name] = workdir_path({"path": path}, "path", workdir)
+  return out

@@ -40,36 +40,13 @@ from specjax.eval.specbench import (
   work_units,
 )
 from specjax.jobs import local_assets
-from specjax.jobs.common import job_mesh, load_target_and_drafters
+from specjax.jobs.common import job_mesh, load_target_and_drafters, named_paths
 from specjax.jobs.local_assets import LOCAL_PRESETS
 from specjax.models.hf import check_checkpoint
 from specjax.train.acceptance import first_per_category
 
 # Fields that change no answer; every other field must match the journal's to resume.
 NOT_ECHOED = ("compilation_cache", "references")
-
-
-def _named_paths(value, field: str, workdir: str) -> dict[str, str]:
-  """Parses "name=path,name=path" or a ConfigDict/dict as {name: path}, with {workdir} replaced."""
-  if not value:
-    return {}
-  if isinstance(value, str):
-    pairs = []
-    for item in (p.strip() for p in value.split(",")):
-      if not item:
-        continue
-      name, has_path, path = item.partition("=")
-      if not has_path or not name.strip() or not path.strip():
-        raise SpecjaxError(f"config field `{field}`: {item!r}: expected name=path (e.g. de=/ckpt/drafter-de)")
-      pairs.append((name.strip(), path.strip()))
-  else:
-    pairs = [(str(k), str(v)) for k, v in dict(value).items()]
-  out = {}
-  for name, path in pairs:
-    if name in out:
-      raise SpecjaxError(f"config field `{field}`: {name!r} is given twice")
-    out[name] = workdir_path({"path": path}, "path", workdir)
-  return out
 
 
 def _split_list(value, field: str) -> list[str]:
@@ -166,10 +143,10 @@ def answers_file_name(answer: dict) -> str:
 def run(config, workdir: str) -> dict:
   """Runs the job; returns what it writes to WORKDIR/metrics.json."""
   paths = {field: workdir_path(config, field, workdir) for field in ("target", "tokenizer", "prompts")}
-  drafter_paths = _named_paths(config.drafters, "drafters", workdir)
+  drafter_paths = named_paths(config.drafters, "drafters", workdir)
   _check_config(config, paths, drafter_paths)
   runs = runs_from_config(config, list(drafter_paths))
-  reference_paths = _named_paths(config.references, "references", workdir)
+  reference_paths = named_paths(config.references, "references", workdir)
   if config.local_assets and not glob.has_magic(paths["prompts"]) and "," not in paths["prompts"]:
     local_assets.ensure_question_file(paths["prompts"])  # a glob or list names real files: never write there
   try:  # before the models load: a bad file fails fast

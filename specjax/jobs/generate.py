@@ -33,7 +33,9 @@ from specjax.decoding.decoder import Decoder, DecodingSettings, stop_ids
 from specjax.decoding.prompts import check_template, read_prompt_files
 from specjax.errors import SpecjaxError
 from specjax.jobs import local_assets
-from specjax.jobs.common import job_mesh, load_target_and_drafters
+from specjax.eval.routing import route
+from specjax.eval.specbench import DRAFTER_NAMES, ROUTED
+from specjax.jobs.common import job_mesh, load_target_and_drafters, named_paths
 from specjax.jobs.local_assets import LOCAL_PRESETS
 from specjax.models.hf import check_checkpoint
 
@@ -56,6 +58,14 @@ def _check_config(config, paths: dict[str, str | None]) -> None:
     raise SpecjaxError(
       "method 'sps' needs a drafter: set config field `drafter` (--config.drafter=DIR), or use method=ar or method=pld"
     )
+  if config.method == "sps" and paths["drafter"] == ROUTED and not paths["drafters"]:
+    raise SpecjaxError(
+      f"config field `drafter`={ROUTED!r} routes each question to a drafter of config field `drafters`, "
+      "which is not set: give --config.drafters=general=DIR,de=DIR,..."
+    )
+  for name in paths["drafters"]:
+    if name not in DRAFTER_NAMES:
+      raise SpecjaxError(f"config field `drafters`: drafter name {name!r}: expected one of {', '.join(DRAFTER_NAMES)}")
   if not paths["prompts"]:
     raise SpecjaxError("config field `prompts` is not set: give a Spec-Bench question.jsonl path or glob")
   check_template(config.template)
@@ -71,6 +81,7 @@ def run(config, workdir: str) -> dict:
   """Runs the job (resuming a killed run of the same command); returns the metrics that it
   writes to WORKDIR/metrics.json."""
   paths = {field: workdir_path(config, field, workdir) for field in ("target", "drafter", "tokenizer", "prompts")}
+  paths["drafters"] = named_paths(config.get("drafters"), "drafters", workdir)
   _check_config(config, paths)
   if config.local_assets:
     local_assets.ensure_question_file(paths["prompts"])
@@ -93,17 +104,17 @@ def run(config, workdir: str) -> dict:
 
   answers, results, categories = [], [], []
   compile_s = sum(b["compile_s"] for b in progress.batches.values())
-  decoder = tokenizer = None
+  decoder = tokenizer = routed = None
   if todo:
     if config.local_assets:
+      checkpoints = [(paths["target"], LOCAL_PRESETS["target"])]
+      checkpoints += [(path, LOCAL_PRESETS["drafter"]) for path in _drafter_paths(config, paths).values()]
       local_assets.ensure_checkpoints(
-        [
-          (paths[role], LOCAL_PRESETS[role])
-          for role in ("target", "drafter")
-          if paths[role] and not paths[role].startswith("preset:")
-        ]
+        [(path, preset) for path, preset in checkpoints if not path.startswith("preset:")]
       )
-    tokenizer, decoder = _load(config, paths)
+    tokenizer, decoder, decoder_names = _load(config, paths)
+    if config.method == "sps" and paths["drafter"] == ROUTED:  # each question's drafter, by its language
+      routed = {i: decoder_names.index(_route(q, decoder_names)) for i, q in enumerate(questions)}
   conversations = Conversations(questions, tokenizer, config.template, config.system_prompt)
   sampling = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, seed=config.seed)
   if decoder is not None:
@@ -136,7 +147,11 @@ def run(config, workdir: str) -> dict:
       done = progress.batches.get((turn, b["lo"]))
       if done is None:
         rows = slice(b["lo"], b["lo"] + len(b["rows"]))
-        done = _decode_batch(decoder, conversations, questions, b, prompts[rows], names[rows], sampling, warm)
+        batch_sampling = sampling if routed is None else {**sampling, "drafter_index": [routed[i] for i in b["rows"]]}
+        done = _decode_batch(decoder, conversations, questions, b, prompts[rows], names[rows], batch_sampling, warm)
+        if routed is not None:
+          for i, answer in zip(b["rows"], done["answers"]):
+            answer["drafter"] = decoder_names[routed[i]]
         warm = 0.0  # the turn's compile time is journaled with its first decoded batch
         progress.append(done)
         bar.update(len(b["rows"]))
@@ -183,20 +198,37 @@ def run(config, workdir: str) -> dict:
   return out
 
 
+def _drafter_paths(config, paths) -> dict[str, str]:
+  """The drafters to load by name: none (ar, pld), config field `drafter`, or with drafter=auto
+  every one of config field `drafters`."""
+  if config.method != "sps":
+    return {}
+  return dict(paths["drafters"]) if paths["drafter"] == ROUTED else {"drafter": paths["drafter"]}
+
+
+def _route(question: dict, names: list[str]) -> str:
+  name = route(question, available=names)
+  if name not in names:
+    raise SpecjaxError(
+      f"{question['source']}: drafter=auto routes question {question['question_id']!r} to drafter "
+      f"{name!r}, which config field `drafters` does not name ({', '.join(names)}); add a {name!r} drafter"
+    )
+  return name
+
+
 def _load(config, paths):
-  if config.method == "sps":
-    check_checkpoint(paths["drafter"], "config field `drafter`")  # both checked before either loads
+  """(tokenizer, Decoder, drafter names): with drafter=auto one routed Decoder over all of them."""
+  drafter_paths = _drafter_paths(config, paths)
+  for name, path in drafter_paths.items():  # every checkpoint checked before any loads
+    check_checkpoint(path, "config field `drafter`" if name == "drafter" else f"config field `drafters` ({name})")
   mesh = job_mesh(config)
   tokenizer, target, _, drafters = load_target_and_drafters(
-    config,
-    paths["target"],
-    {"drafter": paths["drafter"]} if config.method == "sps" else {},
-    mesh,
-    tokenizer_path=paths["tokenizer"],
+    config, paths["target"], drafter_paths, mesh, tokenizer_path=paths["tokenizer"]
   )
-  drafter = drafters.get("drafter")
+  names = list(drafters)
+  drafter = None if not names else drafters[names[0]] if len(names) == 1 else [drafters[n] for n in names]
   decoder = Decoder(target, drafter, DecodingSettings.from_config(config), mesh=mesh)
-  return tokenizer, decoder
+  return tokenizer, decoder, names
 
 
 def _plan(questions: list[dict], batch_size: int) -> list[dict]:
