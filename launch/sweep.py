@@ -55,7 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # works from a checkout without pip install
   sys.path.insert(0, REPO)
 
-from specjax.sweeps import SweepError, done_path, expand, join, load_sweep, render  # noqa: E402, F401 (the tests call them here)
+from specjax.sweeps import MAX_NAME, SweepError, done_path, expand, join, load_sweep, render  # noqa: E402, F401 (the tests use them here)
 
 TPU_SH = os.path.join(REPO, "launch", "tpu.sh")
 
