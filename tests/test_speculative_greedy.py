@@ -293,20 +293,19 @@ def test_decoding_settings_from_config_and_overrides(target):
 # --- a routed loop: several drafters, each row drafting with its own ------------------------
 
 
-@pytest.mark.parametrize("draft_vocab", [False, True])
-def test_routed_drafters_each_row_decodes_as_with_its_own_drafter(target, prompts, reference, draft_vocab):
+def test_routed_drafters_each_row_decodes_as_with_its_own_drafter(target, prompts, reference):
   """Rows of one batch draft with different drafters (drafter_index): greedy output equals plain
   decoding, and every row's tokens and counters, greedy and sampled, equal what its own drafter
   alone gives, so the routed loop inherits each drafter's exactness (tests above and
-  test_speculative_sampling). Reduced vocabularies: each drafter over its own token subset."""
+  test_speculative_sampling). Reduced vocabularies, each drafter over its own token subset
+  (the full-vocabulary routed loop: the next test)."""
   from specjax.models.draft_vocab import set_draft_vocab
 
   drafters = [noisy_copy(target, scale, seed) for scale, seed in ((0.01, 7), (0.03, 8), (0.003, 9))]
-  if draft_vocab:
-    V = target.config.vocab_size
-    rng = np.random.RandomState(1)
-    for d in drafters:  # one size W, different tokens; the prompts' tokens (3..255) mostly inside
-      set_draft_vocab(d, np.sort(rng.choice(V, size=V // 2, replace=False)))
+  V = target.config.vocab_size
+  rng = np.random.RandomState(1)
+  for d in drafters:  # one size W, different tokens; the prompts' tokens (3..255) mostly inside
+    set_draft_vocab(d, np.sort(rng.choice(V, size=V // 2, replace=False)))
   subset = prompts[:18]
   index = [i % 3 for i in range(len(subset))]
   settings = dict(method="sps", gamma=4, max_new_tokens=MAX_NEW, batch_size=6)
@@ -328,10 +327,15 @@ def test_routed_drafters_each_row_decodes_as_with_its_own_drafter(target, prompt
   assert len({round(t, 6) for t in by_drafter}) == 3  # the drafters really differ row by row
 
 
-def test_routed_drafters_must_share_one_structure(target):
+def test_routed_full_vocabulary_drafters_and_their_checks(target, prompts, reference):
+  """Full-vocabulary drafters in a routed loop: greedy output equals plain decoding's; drafters
+  of different structure, and an index past the drafters, are one clear error each."""
   other = init_model(get_preset("tiny").replace(num_layers=1), 3)
   with pytest.raises(SpecjaxError, match="share one architecture"):
     Decoder(target, [noisy_copy(target, 0.01, 7), other], method="sps")
-  decoder = Decoder(target, [noisy_copy(target, 0.01, 7)] * 2, method="sps", max_new_tokens=4)
+  drafters = [noisy_copy(target, 0.01, 7), noisy_copy(target, 0.03, 8)]
+  decoder = Decoder(target, drafters, method="sps", gamma=3, max_new_tokens=8, batch_size=4)
+  out = decoder.generate(prompts[:8], eos_id=NO_EOS, drafter_index=[0, 1] * 4)
+  assert out.new_tokens == [t[:8] for t in reference.new_tokens[:8]]
   with pytest.raises(SpecjaxError, match="drafter_index"):
     decoder.generate([[5, 6]], drafter_index=[2])
