@@ -337,5 +337,10 @@ def test_routed_full_vocabulary_drafters_and_their_checks(target, prompts, refer
   decoder = Decoder(target, drafters, method="sps", gamma=3, max_new_tokens=8, batch_size=4)
   out = decoder.generate(prompts[:8], eos_id=NO_EOS, drafter_index=[0, 1] * 4)
   assert out.new_tokens == [t[:8] for t in reference.new_tokens[:8]]
+  # Batches in which no row uses drafter 0 skip it; their rows decode as with drafter 1 alone.
+  one = decoder.generate(prompts[:8], eos_id=NO_EOS, drafter_index=[1] * 8)
+  alone = Decoder(target, drafters[1], method="sps", gamma=3, max_new_tokens=8, batch_size=4)
+  expected = alone.generate(prompts[:8], eos_id=NO_EOS)
+  assert one.new_tokens == expected.new_tokens and [int(a) for a in one.accepted] == [int(a) for a in expected.accepted]
   with pytest.raises(SpecjaxError, match="drafter_index"):
     decoder.generate([[5, 6]], drafter_index=[2])

@@ -258,11 +258,12 @@ class RoutedDraftModel:
   """K drafters of one architecture and draft-vocabulary size in one loop: row b drafts with
   drafter drafter_B[b] (each language's prompts with their own drafter, in one batch).
 
-  Every drafter runs on every row and each row keeps its own drafter's scores: K drafter
-  forwards per draft step, each over the whole batch. On a memory-bound device one forward over
-  B rows costs about what one over a single row costs, so this is K draft steps, not K x B; the
-  alternative, gathering each row's weights, would read B drafters' weights per step. Caches: a
-  tuple, one per drafter, each holding every row's keys/values."""
+  Every drafter some row uses runs on every row (a drafter no row uses is skipped, `lax.cond`)
+  and each row keeps its own drafter's scores: up to K drafter forwards per draft step, each over
+  the whole batch. On a memory-bound device one forward over B rows costs about what one over a
+  single row costs, so this is K draft steps, not K x B; the alternative, gathering each row's
+  weights, would read B drafters' weights per step. Caches: a tuple, one per drafter, each
+  holding every row's keys/values (a skipped drafter's are not read)."""
 
   models: tuple[DraftModel, ...]
   drafter_B: jax.Array
@@ -276,7 +277,13 @@ class RoutedDraftModel:
     return self.models[0].vocab_size
 
   def forward(self, tokens_BT, caches, positions_BT):
-    outputs = [m.forward(tokens_BT, cache, positions_BT) for m, cache in zip(self.models, caches)]
+    def run(k, model, cache):  # skipped (zeros, cache unchanged) when no row drafts with drafter k
+      call = lambda c: model.forward(tokens_BT, c, positions_BT)
+      scores = jax.eval_shape(call, cache)[0]
+      skip = lambda c: (jnp.zeros(scores.shape, scores.dtype), c)
+      return jax.lax.cond(jnp.any(self.drafter_B == k), call, skip, cache)
+
+    outputs = [run(k, m, cache) for k, (m, cache) in enumerate(zip(self.models, caches))]
     scores_KBTW = jnp.stack([scores for scores, _ in outputs])
     scores_BTW = jnp.take_along_axis(scores_KBTW, self.drafter_B[None, :, None, None], axis=0)[0]
     return scores_BTW, tuple(cache for _, cache in outputs)
