@@ -149,7 +149,8 @@ class Decoder:
 
   `Decoder(target, drafter, settings, mesh=mesh)`; keyword fields override the settings'
   (`Decoder(target, method="ar", max_new_tokens=16)`). `abstract_inputs` and `lower` give the
-  exact program a call runs, for ahead-of-time compilation (specjax.aot).
+  exact program a call runs, for ahead-of-time compilation (specjax.aot). A list of drafters
+  of one structure makes a routed loop: `generate(drafter_index=)` picks each prompt's.
   """
 
   def __init__(
@@ -167,7 +168,7 @@ class Decoder:
     settings = (settings or DecodingSettings()).replace(**fields)
     # Several drafters: a routed loop, each row drafting with the one `generate(drafter_index=)` names.
     drafters = (drafter,) if drafter is None or isinstance(drafter, Llama) else tuple(drafter)
-    if settings.method == "sps" and (not drafters or drafters[0] is None):
+    if settings.method == "sps" and (drafter is None or not drafters):
       raise SpecjaxError("method='sps' needs a drafter model (config field `drafter`)")
     for d in drafters if settings.method == "sps" else ():
       if d.config.vocab_size != target.config.vocab_size:

@@ -267,10 +267,13 @@ class RoutedDraftModel:
 
   models: tuple[DraftModel, ...]
   drafter_B: jax.Array
+  ids_BW: jax.Array | None  # each row's drafter's score index -> token id (None: W = V)
 
   @classmethod
   def of(cls, drafters, drafter_B) -> "RoutedDraftModel":
-    return cls(tuple(DraftModel.of(d) for d in drafters), drafter_B)
+    models = tuple(DraftModel.of(d) for d in drafters)
+    ids_BW = None if models[0].ids_W is None else jnp.stack([m.ids_W for m in models])[drafter_B]
+    return cls(models, drafter_B, ids_BW)
 
   @property
   def vocab_size(self) -> int:
@@ -288,19 +291,14 @@ class RoutedDraftModel:
     scores_BTW = jnp.take_along_axis(scores_KBTW, self.drafter_B[None, :, None, None], axis=0)[0]
     return scores_BTW, tuple(cache for _, cache in outputs)
 
-  def _ids_BW(self):
-    return None if self.models[0].ids_W is None else jnp.stack([m.ids_W for m in self.models])[self.drafter_B]
-
   def tokens(self, index_B):
-    ids_BW = self._ids_BW()
-    return index_B if ids_BW is None else jnp.take_along_axis(ids_BW, index_B[:, None], axis=1)[:, 0]
+    return index_B if self.ids_BW is None else jnp.take_along_axis(self.ids_BW, index_B[:, None], axis=1)[:, 0]
 
   def full_probs(self, q_BW):
-    ids_BW = self._ids_BW()
-    if q_BW is None or ids_BW is None:
+    if q_BW is None or self.ids_BW is None:
       return q_BW
     rows_B1 = jnp.arange(q_BW.shape[0])[:, None]
-    return jnp.zeros((q_BW.shape[0], self.vocab_size), q_BW.dtype).at[rows_B1, ids_BW].set(q_BW)
+    return jnp.zeros((q_BW.shape[0], self.vocab_size), q_BW.dtype).at[rows_B1, self.ids_BW].set(q_BW)
 
 
 def _draft_with_model(s: State, x: Inputs, spec: LoopSpec, drafter: DraftModel, gamma_B, lookup=None):
